@@ -1,0 +1,48 @@
+"""The embedded service: artifacts loaded once, one pipeline behind HTTP and gRPC."""
+
+import logging
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+
+from service.api.grpc_server import GrpcServer
+from service.api.http import create_app
+from service.artifacts import ModelBundle
+from service.metrics import READY
+from service.pipeline import PipelineOptions, RecommendPipeline
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_pipeline(settings: Settings) -> RecommendPipeline:
+    bundle = ModelBundle.load(settings.artifacts)
+    log.info("serving artifact %s (%d items, %d users)", bundle.version, len(bundle.index), len(bundle.histories))
+    options = PipelineOptions(default_candidates=settings.default_candidates, history_length=settings.history_length)
+    return RecommendPipeline(bundle, options=options)
+
+
+def build_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        torch.set_num_threads(settings.torch_threads)
+        app.state.pipeline = None
+        grpc_server = None
+        if settings.grpc_port:
+            grpc_server = GrpcServer(lambda: app.state.pipeline, f"{settings.host}:{settings.grpc_port}", settings.grpc_workers)
+            grpc_server.start()
+            log.info("gRPC listening on %s:%d", settings.host, grpc_server.port)
+        app.state.grpc_server = grpc_server
+        try:
+            app.state.pipeline = load_pipeline(settings)
+            READY.set(1)
+            if grpc_server is not None:
+                grpc_server.set_serving(True)
+            yield
+        finally:
+            READY.set(0)
+            if grpc_server is not None:
+                grpc_server.stop()
+
+    return create_app(lifespan)

@@ -1,0 +1,72 @@
+"""HTTP/JSON transport (FastAPI). Handlers stay thin: validate, call the pipeline, answer."""
+
+import time
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.metrics import REQUEST_LATENCY, REQUESTS
+from service.pipeline import RecommendPipeline
+from service.schemas import CandidatesResponse, RecommendRequest, RecommendResponse
+
+
+def get_pipeline(request: Request) -> RecommendPipeline:
+    pipeline = getattr(request.app.state, "pipeline", None)
+    if pipeline is None:
+        raise HTTPException(status_code=503, detail="models are not loaded yet")
+    return pipeline
+
+
+PipelineDep = Annotated[RecommendPipeline, Depends(get_pipeline)]
+
+
+def create_app(lifespan: Callable | None = None) -> FastAPI:
+    """The HTTP app; `lifespan` loads the pipeline into `app.state.pipeline`."""
+    app = FastAPI(
+        title="recsys",
+        summary="Top-k recommendations: two-tower retrieval over FAISS, DeepFM ranking.",
+        version="1",
+        lifespan=lifespan,
+    )
+
+    @app.middleware("http")
+    async def record_metrics(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = route.path if route is not None else "unmatched"
+        REQUESTS.labels("http", endpoint, str(response.status_code)).inc()
+        REQUEST_LATENCY.labels("http", endpoint).observe(time.perf_counter() - started)
+        return response
+
+    @app.post("/v1/recommend", response_model=RecommendResponse, tags=["recommend"])
+    def recommend(body: RecommendRequest, pipeline: PipelineDep) -> RecommendResponse:
+        """Top-k items for a user, ranked; items the user already interacted with are left out."""
+        return pipeline.recommend(body)
+
+    @app.post("/v1/candidates", response_model=CandidatesResponse, tags=["recommend"])
+    def candidates(body: RecommendRequest, pipeline: PipelineDep) -> CandidatesResponse:
+        """The candidate set before ranking, with retrieval scores and sources."""
+        return pipeline.candidates(body)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz(request: Request, response: Response) -> dict:
+        """Models and index are loaded."""
+        pipeline = getattr(request.app.state, "pipeline", None)
+        if pipeline is None:
+            response.status_code = 503
+            return {"status": "loading"}
+        return {"status": "ready", "model_version": pipeline.model_version}
+
+    @app.get("/metrics", tags=["health"], include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

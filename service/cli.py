@@ -1,0 +1,130 @@
+"""`recsys`: train, evaluate and serve."""
+
+import json
+import logging
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from service.data.schema import DataError, Dataset
+
+app = typer.Typer(help="Recommendation serving: train artifacts, evaluate them, serve them.", no_args_is_help=True)
+
+DatasetOption = Annotated[
+    Optional[str],
+    typer.Option(help="synthetic[:users=N,items=N,categories=N,seed=N] or movielens-100k:PATH"),
+]
+InteractionsOption = Annotated[
+    Optional[Path], typer.Option(help="CSV/Parquet with user_id,item_id,timestamp[,weight]")
+]
+ItemsOption = Annotated[Optional[Path], typer.Option(help="CSV/Parquet with item_id and attribute columns")]
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _load(dataset: str | None, interactions: Path | None, items: Path | None) -> Dataset:
+    from service.data.files import load_dataset, load_files
+
+    try:
+        if interactions is not None:
+            if dataset is not None:
+                raise DataError("give either --dataset or --interactions, not both")
+            return load_files(interactions, items)
+        return load_dataset(dataset or "synthetic")
+    except DataError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _train_config(two_tower_epochs: int | None, ranker_epochs: int | None, seed: int, index_factory: str):
+    from service.training import TrainConfig
+
+    config = TrainConfig(index_factory=index_factory)
+    two_tower = replace(config.two_tower, seed=seed, **({"epochs": two_tower_epochs} if two_tower_epochs else {}))
+    ranker = replace(config.ranker, seed=seed, **({"epochs": ranker_epochs} if ranker_epochs else {}))
+    return replace(config, two_tower=two_tower, ranker=ranker)
+
+
+@app.command()
+def train(
+    dataset: DatasetOption = None,
+    interactions: InteractionsOption = None,
+    items: ItemsOption = None,
+    out: Annotated[Path, typer.Option(help="Artifact root; each run adds a version.")] = Path("artifacts"),
+    two_tower_epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
+    ranker_epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
+    index_factory: Annotated[str, typer.Option(help="FAISS factory string, or auto.")] = "auto",
+    seed: int = 0,
+    if_missing: Annotated[bool, typer.Option(help="Do nothing when --out already holds a version.")] = False,
+) -> None:
+    """Train two-tower retrieval, the item index and the DeepFM ranker into a new artifact version."""
+    _setup_logging()
+    from service.artifacts import ArtifactError, resolve_version
+    from service.training import train_and_save
+
+    if if_missing:
+        try:
+            typer.echo(f"artifact present, not training: {resolve_version(out)}")
+            return
+        except ArtifactError:
+            pass
+
+    data = _load(dataset, interactions, items)
+    folder = train_and_save(data, str(out), _train_config(two_tower_epochs, ranker_epochs, seed, index_factory))
+    typer.echo(f"artifact written: {folder}")
+
+
+@app.command()
+def serve(
+    artifacts: Annotated[Optional[Path], typer.Option(help="Artifact root or version folder.")] = None,
+    host: Annotated[Optional[str], typer.Option()] = None,
+    port: Annotated[Optional[int], typer.Option(help="HTTP port.")] = None,
+    grpc_port: Annotated[Optional[int], typer.Option(help="gRPC port; 0 turns gRPC off.")] = None,
+) -> None:
+    """Serve HTTP and gRPC in one process (embedded mode). Flags override RECSYS_* settings."""
+    import uvicorn
+
+    from service.api.app import build_app
+    from service.settings import Settings
+
+    overrides = {"artifacts": artifacts, "host": host, "http_port": port, "grpc_port": grpc_port}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    _setup_logging(settings.log_level)
+    uvicorn.run(build_app(settings), host=settings.host, port=settings.http_port, log_level=settings.log_level.lower())
+
+
+@app.command("eval")
+def evaluate(
+    dataset: DatasetOption = None,
+    interactions: InteractionsOption = None,
+    items: ItemsOption = None,
+    holdout: Annotated[float, typer.Option(min=0.01, max=0.9, help="Share of each user's latest interactions held out.")] = 0.2,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    artifacts_out: Annotated[Optional[Path], typer.Option(help="Keep the trained artifact here.")] = None,
+    two_tower_epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
+    ranker_epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
+    seed: int = 0,
+) -> None:
+    """Train on each user's past, then measure Recall@{10,50,100} on their later interactions."""
+    _setup_logging()
+    from service.data.split import temporal_split
+    from service.evaluation import evaluate_artifact, format_table
+    from service.training import train_and_save
+
+    data = _load(dataset, interactions, items)
+    train_part, test_part = temporal_split(data, holdout)
+    config = _train_config(two_tower_epochs, ranker_epochs, seed, "auto")
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = train_and_save(train_part, str(artifacts_out or scratch), config)
+        results = evaluate_artifact(folder, test_part)
+    results["dataset"] = data.name
+    results["holdout_fraction"] = holdout
+    typer.echo(format_table(results))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=2))
+        typer.echo(f"results written: {json_out}")

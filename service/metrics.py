@@ -1,0 +1,19 @@
+"""Prometheus metrics, all under the `recsys_` prefix, in base units, no ids as labels."""
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+REQUESTS = Counter("recsys_requests_total", "Requests answered.", ["transport", "endpoint", "code"])
+REQUEST_LATENCY = Histogram(
+    "recsys_request_duration_seconds", "Time to answer a request.", ["transport", "endpoint"], buckets=LATENCY_BUCKETS
+)
+STAGE_LATENCY = Histogram(
+    "recsys_stage_duration_seconds", "Time spent in a pipeline stage.", ["stage"], buckets=LATENCY_BUCKETS
+)
+CANDIDATES = Histogram(
+    "recsys_candidates", "Candidates per request by source.", ["source"], buckets=(0, 10, 50, 100, 200, 500, 1000, 2000)
+)
+COLD_START = Counter("recsys_cold_start_total", "Requests for users with no vector and no history.")
+MODEL_INFO = Info("recsys_model", "The artifact version being served.")
+READY = Gauge("recsys_ready", "1 when models and index are loaded.")

@@ -1,0 +1,95 @@
+"""The one pipeline HTTP and gRPC both call: retrieve candidates, rank them, answer."""
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.artifacts import ModelBundle
+from service.embeddings.memory import InMemoryEmbeddingStore
+from service.embeddings.store import EmbeddingStore, TableConfig
+from service.metrics import CANDIDATES, COLD_START, MODEL_INFO, STAGE_LATENCY
+from service.ranking.ranker import Ranker
+from service.retrieval.generator import ITEM_TABLE, SOURCE_POPULAR, USER_TABLE, CandidateGenerator, Candidates
+from service.schemas import Candidate, CandidatesResponse, RecommendRequest, RecommendResponse, ScoredItem
+
+log = logging.getLogger(__name__)
+
+
+def load_store(bundle: ModelBundle) -> InMemoryEmbeddingStore:
+    """An in-process table filled with the artifact's user and item id vectors."""
+    dim = bundle.two_tower.config.id_dim
+    store = InMemoryEmbeddingStore([TableConfig(USER_TABLE, dim), TableConfig(ITEM_TABLE, dim)])
+    state = bundle.two_tower.state_dict()
+    store.put_many(USER_TABLE, bundle.features.users.ids, state["user_id.weight"][1:].numpy())
+    store.put_many(ITEM_TABLE, bundle.features.items.ids, state["item_id.weight"][1:].numpy())
+    return store
+
+
+@dataclass
+class PipelineOptions:
+    default_candidates: int = 200
+    history_length: int = 50
+
+
+class RecommendPipeline:
+    def __init__(self, bundle: ModelBundle, store: EmbeddingStore | None = None, options: PipelineOptions = PipelineOptions()):
+        self.bundle = bundle
+        self.options = options
+        self.generator = CandidateGenerator(
+            bundle.two_tower,
+            bundle.index,
+            store if store is not None else load_store(bundle),
+            bundle.histories,
+            bundle.popular_items,
+            bundle.popular_counts,
+            min(options.history_length, bundle.two_tower.config.history_length),
+        )
+        self.ranker = Ranker(bundle.ranker, bundle.features)
+        MODEL_INFO.info({"version": bundle.version, "retrieval": "two_tower", "ranker": "deepfm"})
+
+    @property
+    def model_version(self) -> str:
+        return self.bundle.version
+
+    def _retrieve(self, request: RecommendRequest) -> Candidates:
+        n = max(request.k, request.candidates or self.options.default_candidates)
+        with STAGE_LATENCY.labels("retrieve").time():
+            candidates = self.generator.generate(request.user_id, n, np.array(request.exclude_item_ids, dtype=np.uint64))
+        popular = sum(s == SOURCE_POPULAR for s in candidates.sources)
+        if popular == len(candidates.sources):
+            COLD_START.inc()
+        CANDIDATES.labels(SOURCE_POPULAR).observe(popular)
+        CANDIDATES.labels("two_tower").observe(len(candidates.sources) - popular)
+        return candidates
+
+    def candidates(self, request: RecommendRequest) -> CandidatesResponse:
+        found = self._retrieve(request)
+        return CandidatesResponse(
+            user_id=request.user_id,
+            candidates=[
+                Candidate(item_id=int(i), score=float(s), source=src)
+                for i, s, src in zip(found.item_ids, found.scores, found.sources)
+            ],
+            degraded=False,
+            model_version=self.model_version,
+        )
+
+    def recommend(self, request: RecommendRequest) -> RecommendResponse:
+        found = self._retrieve(request)
+        context = request.context
+        with STAGE_LATENCY.labels("rank").time():
+            scores = self.ranker.score(
+                request.user_id,
+                found.item_ids,
+                found.scores,
+                hour=context.hour if context else None,
+                weekday=context.weekday if context else None,
+            )
+        order = np.lexsort((found.item_ids, -scores))[: request.k]  # by score, ties by id
+        return RecommendResponse(
+            user_id=request.user_id,
+            items=[ScoredItem(item_id=int(found.item_ids[i]), score=float(scores[i])) for i in order],
+            degraded=False,
+            model_version=self.model_version,
+        )

@@ -1,0 +1,73 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Context(_message.Message):
+    __slots__ = ("hour", "weekday")
+    HOUR_FIELD_NUMBER: _ClassVar[int]
+    WEEKDAY_FIELD_NUMBER: _ClassVar[int]
+    hour: int
+    weekday: int
+    def __init__(self, hour: _Optional[int] = ..., weekday: _Optional[int] = ...) -> None: ...
+
+class RecommendRequest(_message.Message):
+    __slots__ = ("user_id", "k", "context", "exclude_item_ids", "strategy", "candidates")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    user_id: int
+    k: int
+    context: Context
+    exclude_item_ids: _containers.RepeatedScalarFieldContainer[int]
+    strategy: str
+    candidates: int
+    def __init__(self, user_id: _Optional[int] = ..., k: _Optional[int] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., exclude_item_ids: _Optional[_Iterable[int]] = ..., strategy: _Optional[str] = ..., candidates: _Optional[int] = ...) -> None: ...
+
+class ScoredItem(_message.Message):
+    __slots__ = ("item_id", "score")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    item_id: int
+    score: float
+    def __init__(self, item_id: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+
+class RecommendResponse(_message.Message):
+    __slots__ = ("user_id", "items", "degraded", "model_version")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    user_id: int
+    items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
+    degraded: bool
+    model_version: str
+    def __init__(self, user_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class Candidate(_message.Message):
+    __slots__ = ("item_id", "score", "source")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    item_id: int
+    score: float
+    source: str
+    def __init__(self, item_id: _Optional[int] = ..., score: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
+
+class CandidatesResponse(_message.Message):
+    __slots__ = ("user_id", "candidates", "degraded", "model_version")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    user_id: int
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    degraded: bool
+    model_version: str
+    def __init__(self, user_id: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...

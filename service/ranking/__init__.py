@@ -1,0 +1,1 @@
+"""Ranking: CTR models that score every candidate of a request in one forward pass."""

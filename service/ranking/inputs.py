@@ -1,0 +1,75 @@
+"""Ranking features for (user, item, context, retrieval score) rows.
+
+Categorical fields: user id, item id, hour of day, weekday (row 0 = unknown, so a missing
+context or an id the model never saw is a default). Multi-valued: the item's attributes.
+Numeric: the retrieval score and the item's log popularity.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from service.features import FeatureSpace
+
+HOUR_ROWS, WEEKDAY_ROWS = 25, 8
+NUMERIC_FIELDS = ("retrieval_score", "item_log_popularity")
+
+
+@dataclass
+class RankingBatch:
+    categorical: torch.Tensor
+    attributes: torch.Tensor
+    numeric: torch.Tensor
+
+
+def field_sizes(features: FeatureSpace) -> tuple[int, ...]:
+    return (features.users.size, features.items.size, HOUR_ROWS, WEEKDAY_ROWS)
+
+
+def context_rows(timestamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hour and weekday rows (1-based) of epoch seconds, in UTC."""
+    timestamps = np.asarray(timestamps, dtype=np.int64)
+    hour = (timestamps // 3600) % 24
+    weekday = (timestamps // 86_400 + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+    return hour + 1, weekday + 1
+
+
+class RankingEncoder:
+    def __init__(self, features: FeatureSpace):
+        self.features = features
+        self._log_popularity = features.item_log_popularity / max(features.item_log_popularity.max(), 1.0)
+
+    def encode_rows(
+        self,
+        user_rows: np.ndarray,
+        item_rows: np.ndarray,
+        hour_rows: np.ndarray,
+        weekday_rows: np.ndarray,
+        retrieval_scores: np.ndarray,
+    ) -> RankingBatch:
+        categorical = np.stack([user_rows, item_rows, hour_rows, weekday_rows], axis=1)
+        numeric = np.stack([retrieval_scores, self._log_popularity[item_rows]], axis=1)
+        return RankingBatch(
+            torch.from_numpy(categorical.astype(np.int64)),
+            torch.from_numpy(self.features.item_attributes[item_rows]),
+            torch.from_numpy(numeric.astype(np.float32)),
+        )
+
+    def encode_request(
+        self,
+        user_id: int,
+        item_ids: np.ndarray,
+        retrieval_scores: np.ndarray,
+        hour: int | None,
+        weekday: int | None,
+    ) -> RankingBatch:
+        n = len(item_ids)
+        user_row = self.features.users.rows(np.array([user_id], dtype=np.uint64))[0]
+        return self.encode_rows(
+            np.full(n, user_row),
+            self.features.items.rows(item_ids),
+            np.full(n, 0 if hour is None else hour + 1),
+            np.full(n, 0 if weekday is None else weekday + 1),
+            np.asarray(retrieval_scores, dtype=np.float32),
+        )

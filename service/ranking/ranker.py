@@ -1,0 +1,30 @@
+"""The serving-side ranker: one forward pass over all candidates of a request."""
+
+import numpy as np
+import torch
+
+from service.features import FeatureSpace
+from service.ranking.deepfm import DeepFM
+from service.ranking.inputs import RankingEncoder
+
+
+class Ranker:
+    def __init__(self, model: DeepFM, features: FeatureSpace):
+        self.model = model.eval()
+        self.encoder = RankingEncoder(features)
+
+    def score(
+        self,
+        user_id: int,
+        item_ids: np.ndarray,
+        retrieval_scores: np.ndarray,
+        hour: int | None = None,
+        weekday: int | None = None,
+    ) -> np.ndarray:
+        """Click probabilities (float32), aligned with `item_ids`."""
+        if len(item_ids) == 0:
+            return np.empty(0, dtype=np.float32)
+        batch = self.encoder.encode_request(user_id, item_ids, retrieval_scores, hour, weekday)
+        with torch.inference_mode():
+            logits = self.model(batch.categorical, batch.attributes, batch.numeric)
+        return torch.sigmoid(logits).numpy().astype(np.float32)

@@ -1,0 +1,160 @@
+"""Training data and training loop for the ranker.
+
+Positives are observed interactions. Each positive gets negatives for the same user and
+context: some drawn from what retrieval would put in front of that user at that time
+(hard negatives: the ranker's job is to reorder retrieval's candidates) and some uniform.
+The retrieval score of every row comes from the user vector as of the positive's
+timestamp, so training sees what serving sees.
+"""
+
+import copy
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import log_loss, roc_auc_score
+from tqdm import tqdm
+
+from service.features import FeatureSpace
+from service.ranking.deepfm import DeepFM, DeepFMConfig
+from service.ranking.inputs import NUMERIC_FIELDS, RankingEncoder, context_rows, field_sizes
+from service.retrieval.index import ItemIndex
+from service.retrieval.two_tower import TwoTower, history_before
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankerTrainConfig:
+    hard_negatives: int = 2
+    random_negatives: int = 2
+    hard_pool: int = 100
+    context_dropout: float = 0.1
+    max_positives: int = 300_000
+    epochs: int = 8
+    patience: int = 2
+    batch_size: int = 2048
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-6
+    validation_fraction: float = 0.05
+    dim: int = 16
+    seed: int = 0
+
+
+@dataclass
+class RankingRows:
+    user_rows: np.ndarray
+    item_rows: np.ndarray
+    hour_rows: np.ndarray
+    weekday_rows: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    def take(self, index: np.ndarray) -> "RankingRows":
+        return RankingRows(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
+
+def build_rows(
+    interactions: pd.DataFrame,
+    features: FeatureSpace,
+    two_tower: TwoTower,
+    index: ItemIndex,
+    item_vectors: np.ndarray,
+    config: RankerTrainConfig,
+) -> RankingRows:
+    rng = np.random.default_rng(config.seed)
+    user_rows, item_rows, history = history_before(interactions, features, two_tower.config.history_length)
+    timestamps = interactions["timestamp"].to_numpy()
+    if len(user_rows) > config.max_positives:
+        keep = np.sort(rng.choice(len(user_rows), config.max_positives, replace=False))
+        user_rows, item_rows, history, timestamps = user_rows[keep], item_rows[keep], history[keep], timestamps[keep]
+    with torch.inference_mode():
+        user_vectors = torch.cat(
+            [
+                two_tower.user_from_rows(torch.from_numpy(user_rows[s : s + 8192]), torch.from_numpy(history[s : s + 8192]))
+                for s in range(0, len(user_rows), 8192)
+            ]
+        ).numpy()
+    n = len(user_rows)
+    _, pool_ids = index.search(user_vectors, config.hard_pool)
+    pool_rows = features.items.rows(pool_ids.reshape(-1)).reshape(n, -1)
+    picks = rng.integers(0, pool_rows.shape[1], size=(n, config.hard_negatives))
+    hard = np.take_along_axis(pool_rows, picks, axis=1)
+    uniform = rng.integers(1, features.items.size, size=(n, config.random_negatives))
+    negatives = np.concatenate([hard, uniform], axis=1)
+
+    # Drop negatives the user actually interacted with at any time in the training data.
+    seen = np.unique(features.users.rows(interactions["user_id"].to_numpy()) * features.items.size + features.items.rows(interactions["item_id"].to_numpy()))
+    negative_keys = user_rows[:, None] * features.items.size + negatives
+    valid = ~np.isin(negative_keys, seen) & (negatives > 0)
+
+    per_row = 1 + negatives.shape[1]
+    all_items = np.concatenate([item_rows[:, None], negatives], axis=1)
+    all_valid = np.concatenate([np.ones((n, 1), bool), valid], axis=1).reshape(-1)
+    hour, weekday = context_rows(timestamps)
+    drop = rng.random(n) < config.context_dropout
+    hour, weekday = np.where(drop, 0, hour), np.where(drop, 0, weekday)
+    flat_items = all_items.reshape(-1)
+    flat_users = np.repeat(user_rows, per_row)
+    scores = np.einsum("nd,nkd->nk", user_vectors, item_vectors[np.maximum(all_items - 1, 0)]).reshape(-1)
+    labels = np.tile(np.r_[1.0, np.zeros(per_row - 1)], n).astype(np.float32)
+    rows = RankingRows(
+        flat_users, flat_items, np.repeat(hour, per_row), np.repeat(weekday, per_row), scores.astype(np.float32), labels
+    )
+    return rows.take(np.flatnonzero(all_valid))
+
+
+def _predict(model: DeepFM, encoder: RankingEncoder, rows: RankingRows, batch_size: int = 16384) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(rows.labels), batch_size):
+            part = rows.take(np.arange(s, min(s + batch_size, len(rows.labels))))
+            batch = encoder.encode_rows(part.user_rows, part.item_rows, part.hour_rows, part.weekday_rows, part.scores)
+            out.append(torch.sigmoid(model(batch.categorical, batch.attributes, batch.numeric)).numpy())
+    return np.concatenate(out)
+
+
+def train_ranker(rows: RankingRows, features: FeatureSpace, config: RankerTrainConfig) -> tuple[DeepFM, dict]:
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    encoder = RankingEncoder(features)
+    model_config = DeepFMConfig(field_sizes(features), features.attribute_size, len(NUMERIC_FIELDS), dim=config.dim)
+    model = DeepFM(model_config)
+    order = rng.permutation(len(rows.labels))
+    n_val = max(1, int(len(order) * config.validation_fraction))
+    validation, train = rows.take(order[:n_val]), rows.take(order[n_val:])
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps = max(1, len(train.labels) // config.batch_size)
+    best_auc, best_state, history, stale = -1.0, None, [], 0
+    with tqdm(total=config.epochs * steps, desc="ranker", unit="batch", mininterval=2) as bar:
+        for epoch in range(config.epochs):
+            model.train()
+            perm = rng.permutation(len(train.labels))
+            for step in range(steps):
+                part = train.take(perm[step * config.batch_size : (step + 1) * config.batch_size])
+                batch = encoder.encode_rows(part.user_rows, part.item_rows, part.hour_rows, part.weekday_rows, part.scores)
+                logits = model(batch.categorical, batch.attributes, batch.numeric)
+                loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(part.labels))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                bar.update()
+            predicted = _predict(model, encoder, validation)
+            auc = float(roc_auc_score(validation.labels, predicted))
+            logloss = float(log_loss(validation.labels, np.clip(predicted, 1e-7, 1 - 1e-7)))
+            history.append({"epoch": epoch + 1, "val_auc": auc, "val_logloss": logloss})
+            bar.set_postfix(epoch=epoch + 1, val_auc=f"{auc:.4f}")
+            log.info("ranker epoch %d/%d val AUC %.4f logloss %.4f", epoch + 1, config.epochs, auc, logloss)
+            if auc > best_auc:
+                best_auc, best_state, stale = auc, copy.deepcopy(model.state_dict()), 0
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    break
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, {"val_auc": best_auc, "epochs": history, "rows": int(len(rows.labels)), "config": asdict(config)}

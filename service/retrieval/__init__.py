@@ -1,0 +1,1 @@
+"""Candidate generation: two-tower vectors searched in a FAISS index."""

@@ -1,0 +1,80 @@
+"""Candidate generation for one request: user vector from the embedding table, FAISS
+search, exclusion of what the user has seen, popular items for cold users and to fill up."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from service.embeddings.store import EmbeddingStore
+from service.history import UserHistories
+from service.retrieval.index import ItemIndex
+from service.retrieval.two_tower import TwoTower
+
+USER_TABLE, ITEM_TABLE = "user", "item"
+SOURCE_TWO_TOWER, SOURCE_POPULAR = "two_tower", "popular"
+
+
+@dataclass
+class Candidates:
+    item_ids: np.ndarray  # uint64
+    scores: np.ndarray  # float32: cosine for two-tower, popularity share for popular
+    sources: list[str]
+
+
+class CandidateGenerator:
+    def __init__(
+        self,
+        two_tower: TwoTower,
+        index: ItemIndex,
+        store: EmbeddingStore,
+        histories: UserHistories,
+        popular_items: np.ndarray,
+        popular_counts: np.ndarray,
+        history_length: int,
+    ):
+        self.two_tower = two_tower
+        self.index = index
+        self.store = store
+        self.histories = histories
+        self.popular_items = popular_items
+        self.popular_share = (popular_counts / max(popular_counts.sum(), 1)).astype(np.float32)
+        self.history_length = history_length
+
+    def user_vector(self, user_id: int, history: np.ndarray) -> np.ndarray | None:
+        """The user-tower output, or None for a user the table and history know nothing of."""
+        user = self.store.get_many(USER_TABLE, [user_id])
+        recent = history[-self.history_length :]
+        items = self.store.get_many(ITEM_TABLE, recent) if len(recent) else None
+        known_items = items is not None and items.found.any()
+        if not user.found[0] and not known_items:
+            return None
+        pooled = items.vectors[items.found].mean(0) if known_items else np.zeros(user.vectors.shape[1], np.float32)
+        with torch.inference_mode():
+            vector = self.two_tower.user_tower(torch.from_numpy(user.vectors), torch.from_numpy(pooled[None, :]))
+        return vector.numpy()
+
+    def popular(self, n: int, excluded: np.ndarray) -> Candidates:
+        keep = ~np.isin(self.popular_items, excluded)
+        ids = self.popular_items[keep][:n]
+        return Candidates(ids, self.popular_share[keep][:n], [SOURCE_POPULAR] * len(ids))
+
+    def generate(self, user_id: int, n: int, exclude: np.ndarray) -> Candidates:
+        history = self.histories.get(user_id)
+        excluded = np.union1d(history, np.asarray(exclude, dtype=np.uint64))
+        vector = self.user_vector(user_id, history)
+        if vector is None:
+            return self.popular(n, excluded)
+        scores, ids = self.index.search(vector, n + len(excluded))
+        scores, ids = scores[0], ids[0]
+        keep = np.isfinite(scores) & ~np.isin(ids, excluded)
+        ids, scores = ids[keep][:n], scores[keep][:n].astype(np.float32)
+        result = Candidates(ids, scores, [SOURCE_TWO_TOWER] * len(ids))
+        if len(ids) < n:  # a small catalog: fill up with popular items
+            fill = self.popular(n - len(ids), np.union1d(excluded, ids))
+            result = Candidates(
+                np.concatenate([ids, fill.item_ids]),
+                np.concatenate([scores, fill.scores]),
+                result.sources + fill.sources,
+            )
+        return result

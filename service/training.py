@@ -1,0 +1,66 @@
+"""Train everything one artifact holds: two-tower retrieval, the item index, the ranker."""
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from service.artifacts import ModelBundle
+from service.data.schema import Dataset
+from service.features import FeatureSpace
+from service.history import UserHistories
+from service.ranking.train import RankerTrainConfig, build_rows, train_ranker
+from service.retrieval.index import ItemIndex
+from service.retrieval.two_tower import TwoTowerConfig, item_vectors, train_two_tower
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
+    ranker: RankerTrainConfig = field(default_factory=RankerTrainConfig)
+    index_factory: str = "auto"
+    nprobe: int = 32
+
+
+def train(dataset: Dataset, config: TrainConfig = TrainConfig()) -> tuple[ModelBundle, dict]:
+    """Returns the (unsaved) bundle and the metrics to record in its manifest."""
+    started = time.perf_counter()
+    features = FeatureSpace.build(dataset)
+    interactions = dataset.interactions
+    log.info("feature space: %d users, %d items, %d attribute values", len(features.users), len(features.items), len(features.attribute_values))
+
+    two_tower, two_tower_metrics = train_two_tower(interactions, features, config.two_tower)
+    vectors = item_vectors(two_tower, features)
+    index = ItemIndex.build(features.items.ids, vectors, config.index_factory, config.nprobe, seed=config.two_tower.seed)
+    log.info("indexed %d items", len(index))
+
+    rows = build_rows(interactions, features, two_tower, index, vectors, config.ranker)
+    ranker, ranker_metrics = train_ranker(rows, features, config.ranker)
+
+    counts = features.item_counts[1:]
+    order = np.lexsort((features.items.ids, -counts))  # most popular first, ties by id
+    bundle = ModelBundle(
+        version="",
+        features=features,
+        two_tower=two_tower,
+        index=index,
+        ranker=ranker,
+        histories=UserHistories.from_interactions(interactions),
+        popular_items=features.items.ids[order],
+        popular_counts=counts[order],
+        manifest={},
+    )
+    metrics = {
+        "two_tower": two_tower_metrics,
+        "ranker": ranker_metrics,
+        "train_seconds": round(time.perf_counter() - started, 2),
+    }
+    return bundle, metrics
+
+
+def train_and_save(dataset: Dataset, out: str, config: TrainConfig = TrainConfig()):
+    bundle, metrics = train(dataset, config)
+    return bundle.save(out, config=asdict(config), schema=dataset.schema(), metrics=metrics)

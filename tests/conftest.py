@@ -1,0 +1,58 @@
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from service.artifacts import ModelBundle
+from service.data.synthetic import SyntheticConfig, generate
+from service.pipeline import RecommendPipeline
+from service.training import TrainConfig, train_and_save
+
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+MOVIELENS = SHARED_DATA / "movielens-100k"
+
+TINY_DATA = SyntheticConfig(users=200, items=300, categories=8, interactions_per_user=(10, 30), seed=7)
+
+
+def tiny_train_config() -> TrainConfig:
+    config = TrainConfig()
+    return replace(
+        config,
+        two_tower=replace(config.two_tower, epochs=3, batch_size=256),
+        ranker=replace(config.ranker, epochs=2, batch_size=512),
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset():
+    return generate(TINY_DATA)
+
+
+@pytest.fixture(scope="session")
+def artifact_root(tmp_path_factory, tiny_dataset) -> Path:
+    root = tmp_path_factory.mktemp("artifacts")
+    train_and_save(tiny_dataset, str(root), tiny_train_config())
+    return root
+
+
+@pytest.fixture(scope="session")
+def bundle(artifact_root) -> ModelBundle:
+    return ModelBundle.load(artifact_root)
+
+
+@pytest.fixture(scope="session")
+def pipeline(bundle) -> RecommendPipeline:
+    return RecommendPipeline(bundle)
+
+
+@pytest.fixture(scope="session")
+def known_user(bundle) -> int:
+    """A user with a training history."""
+    return int(bundle.features.users.ids[0])

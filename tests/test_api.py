@@ -1,0 +1,201 @@
+"""HTTP and gRPC against one embedded service (the app's lifespan starts both)."""
+
+import grpc
+import pytest
+from fastapi.testclient import TestClient
+from google.protobuf import descriptor_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from service.api.app import build_app
+from service.proto_gen.recsys.v1 import recommender_pb2 as pb
+from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
+from service.settings import Settings
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def service(artifact_root):
+    settings = Settings(artifacts=artifact_root, host="127.0.0.1", grpc_port=free_port(), grpc_workers=4)
+    with TestClient(build_app(settings)) as client:
+        channel = grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}")
+        yield client, channel
+        channel.close()
+
+
+@pytest.fixture(scope="module")
+def http(service):
+    return service[0]
+
+
+@pytest.fixture(scope="module")
+def stub(service):
+    return pb_grpc.RecommenderStub(service[1])
+
+
+def recommend(http, **body):
+    response = http.post("/v1/recommend", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_recommend_returns_k_distinct_unseen_items_sorted(http, bundle, known_user):
+    body = recommend(http, user_id=known_user, k=10)
+    assert body["user_id"] == known_user and body["degraded"] is False
+    assert body["model_version"] == bundle.version
+    ids = [item["item_id"] for item in body["items"]]
+    scores = [item["score"] for item in body["items"]]
+    assert len(ids) == 10 == len(set(ids))
+    assert scores == sorted(scores, reverse=True)
+    assert not set(ids) & set(bundle.histories.get(known_user).tolist())
+
+
+def test_exclusions_context_and_candidates_are_honoured(http, known_user):
+    first = recommend(http, user_id=known_user, k=5)
+    excluded = [item["item_id"] for item in first["items"][:3]]
+    second = recommend(http, user_id=known_user, k=5, exclude_item_ids=excluded, context={"hour": 20, "weekday": 4}, candidates=50)
+    assert not {item["item_id"] for item in second["items"]} & set(excluded)
+    assert len(second["items"]) == 5
+
+
+def test_context_changes_scores(http, known_user):
+    morning = recommend(http, user_id=known_user, k=5, context={"hour": 8})
+    evening = recommend(http, user_id=known_user, k=5, context={"hour": 21})
+    assert [i["score"] for i in morning["items"]] != [i["score"] for i in evening["items"]]
+
+
+def test_candidates_endpoint_reports_sources_in_retrieval_order(http, bundle, known_user):
+    response = http.post("/v1/candidates", json={"user_id": known_user, "k": 5, "candidates": 40})
+    assert response.status_code == 200
+    candidates = response.json()["candidates"]
+    assert len(candidates) == 40 == len({c["item_id"] for c in candidates})
+    assert {c["source"] for c in candidates} == {"two_tower"}
+    scores = [c["score"] for c in candidates]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_unknown_user_gets_popular_items(http, bundle):
+    body = recommend(http, user_id=2**64 - 1, k=5)
+    assert len(body["items"]) == 5
+    popular_top = set(int(i) for i in bundle.popular_items[:200])
+    assert {item["item_id"] for item in body["items"]} <= popular_top
+    candidates = http.post("/v1/candidates", json={"user_id": 2**64 - 1, "k": 5}).json()["candidates"]
+    assert {c["source"] for c in candidates} == {"popular"}
+    assert [c["item_id"] for c in candidates[:5]] == [int(i) for i in bundle.popular_items[:5]]
+
+
+def test_small_catalog_fills_up_with_popular_items(http, bundle, known_user):
+    n = len(bundle.index) - len(bundle.histories.get(known_user))
+    candidates = http.post("/v1/candidates", json={"user_id": known_user, "k": 1, "candidates": 2000}).json()["candidates"]
+    assert len(candidates) == n  # every unseen item, once
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"user_id": 1, "k": 0}, "k"),
+        ({"user_id": 1, "k": 501}, "k"),
+        ({"user_id": -1}, "user_id"),
+        ({"user_id": 2**64}, "user_id"),
+        ({"user_id": "42"}, "user_id"),
+        ({"user_id": 1.5}, "user_id"),
+        ({"k": 3}, "user_id"),
+        ({"user_id": 1, "k": 20, "candidates": 10}, "candidates"),
+        ({"user_id": 1, "candidates": 2001}, "candidates"),
+        ({"user_id": 1, "strategy": "random"}, "strategy"),
+        ({"user_id": 1, "context": {"hour": 24}}, "hour"),
+        ({"user_id": 1, "exclude_item_ids": list(range(1001))}, "exclude_item_ids"),
+        ({"user_id": 1, "colour": "red"}, "colour"),
+    ],
+)
+def test_bad_requests_get_422_naming_the_field(http, body, field):
+    response = http.post("/v1/recommend", json=body)
+    assert response.status_code == 422
+    assert field in response.text
+
+
+def test_malformed_json_gets_422(http):
+    response = http.post("/v1/recommend", content=b'{"user_id": 4', headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert "JSON decode error" in response.text
+
+
+def test_health_readiness_metrics_and_docs(http, bundle, known_user):
+    assert http.get("/healthz").json() == {"status": "ok"}
+    assert http.get("/readyz").json() == {"status": "ready", "model_version": bundle.version}
+    recommend(http, user_id=known_user, k=3)
+    metrics = http.get("/metrics").text
+    assert 'recsys_requests_total{code="200",endpoint="/v1/recommend",transport="http"}' in metrics
+    assert 'recsys_stage_duration_seconds_bucket{le="0.0005",stage="retrieve"}' in metrics
+    assert 'recsys_stage_duration_seconds_count{stage="rank"}' in metrics
+    assert f'version="{bundle.version}"' in metrics
+    assert http.get("/docs").status_code == 200
+    assert "/v1/recommend" in http.get("/openapi.json").json()["paths"]
+
+
+def as_request(**fields) -> pb.RecommendRequest:
+    context = fields.pop("context", None)
+    return pb.RecommendRequest(context=pb.Context(**context) if context else None, **fields)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"k": 10},
+        {"k": 7, "candidates": 30, "context": {"hour": 5, "weekday": 6}},
+        {"k": 4, "strategy": "knn_embed"},
+    ],
+)
+def test_grpc_and_http_answer_identically(http, stub, known_user, fields):
+    over_http = recommend(http, user_id=known_user, **fields)
+    over_grpc = stub.Recommend(as_request(user_id=known_user, **fields), timeout=10)
+    assert over_grpc.model_version == over_http["model_version"]
+    assert over_grpc.degraded == over_http["degraded"]
+    assert [(i.item_id, i.score) for i in over_grpc.items] == [(i["item_id"], i["score"]) for i in over_http["items"]]
+
+
+def test_grpc_candidates_match_http(http, stub, known_user):
+    over_http = http.post("/v1/candidates", json={"user_id": known_user, "k": 5}).json()
+    over_grpc = stub.Candidates(pb.RecommendRequest(user_id=known_user, k=5), timeout=10)
+    assert [(c.item_id, c.score, c.source) for c in over_grpc.candidates] == [
+        (c["item_id"], c["score"], c["source"]) for c in over_http["candidates"]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"user_id": 1, "k": 0}, "k"),
+        ({"user_id": 1, "k": 501}, "k"),
+        ({"user_id": 1, "k": -3}, "k"),
+        ({"user_id": 1, "k": 20, "candidates": 10}, "candidates"),
+        ({"user_id": 1, "strategy": "random"}, "strategy"),
+        ({"user_id": 1, "context": {"hour": 99}}, "context.hour"),
+    ],
+)
+def test_grpc_bad_requests_get_invalid_argument(stub, request_fields, field):
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Recommend(as_request(**request_fields), timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in error.value.details()
+
+
+def test_grpc_unknown_user_gets_popular_items(stub, bundle):
+    response = stub.Recommend(pb.RecommendRequest(user_id=123, k=3), timeout=10)
+    assert len(response.items) == 3
+    assert {i.item_id for i in response.items} <= {int(i) for i in bundle.popular_items[:200]}
+
+
+def test_grpc_health_and_reflection(service):
+    channel = service[1]
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", "recsys.v1.Recommender"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = list(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+    services = {s.name for s in replies[0].list_services_response.service}
+    assert {"recsys.v1.Recommender", "grpc.health.v1.Health"} <= services
+    replies = list(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="recsys.v1.Recommender")]), timeout=5))
+    proto = descriptor_pb2.FileDescriptorProto.FromString(replies[0].file_descriptor_response.file_descriptor_proto[0])
+    assert proto.package == "recsys.v1"

@@ -1,0 +1,47 @@
+import numpy as np
+import torch
+
+from service.ranking.deepfm import DeepFM, DeepFMConfig
+from service.ranking.inputs import context_rows
+from service.ranking.ranker import Ranker
+
+
+def test_deepfm_scores_a_batch_and_learns_an_interaction():
+    """A label that depends only on the pair (field 0, field 1) needs the FM/deep terms."""
+    torch.manual_seed(0)
+    model = DeepFM(DeepFMConfig(field_sizes=(5, 5), attribute_size=3, numeric_fields=1, dim=8, hidden=(16,)))
+    a = torch.randint(1, 5, (4096,))
+    b = torch.randint(1, 5, (4096,))
+    labels = ((a + b) % 2 == 0).float()
+    categorical = torch.stack([a, b], 1)
+    attributes = torch.zeros(4096, 2, dtype=torch.long)
+    numeric = torch.zeros(4096, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(300):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(categorical, attributes, numeric), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    accuracy = ((model(categorical, attributes, numeric) > 0).float() == labels).float().mean()
+    assert accuracy > 0.95
+
+
+def test_context_rows_from_epoch_seconds():
+    # 2024-01-01 was a Monday; 13:30 UTC
+    hour, weekday = context_rows(np.array([1704115800]))
+    assert (hour[0] - 1, weekday[0] - 1) == (13, 0)
+
+
+def test_ranker_takes_unknown_ids_and_missing_context(bundle):
+    ranker = Ranker(bundle.ranker, bundle.features)
+    items = bundle.features.items.ids[:5]
+    known = ranker.score(int(bundle.features.users.ids[0]), items, np.zeros(5, np.float32), 3, 2)
+    unknown = ranker.score(2**64 - 1, np.array([1, 2], dtype=np.uint64), np.zeros(2, np.float32))
+    assert known.shape == (5,) and unknown.shape == (2,)
+    assert ((known > 0) & (known < 1)).all() and ((unknown > 0) & (unknown < 1)).all()
+    assert ranker.score(1, np.empty(0, np.uint64), np.empty(0, np.float32)).shape == (0,)
+
+
+def test_ranker_beats_chance_on_validation(bundle):
+    assert bundle.manifest["metrics"]["ranker"]["val_auc"] > 0.6

@@ -1,0 +1,67 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from service.data.schema import Dataset
+from service.features import FeatureSpace
+from service.retrieval.index import ItemIndex
+from service.retrieval.two_tower import history_before, in_batch_softmax_loss
+
+
+def test_in_batch_loss_applies_logq_and_masks_accidental_hits():
+    torch.manual_seed(0)
+    user = F.normalize(torch.randn(4, 8), dim=-1)
+    item = F.normalize(torch.randn(4, 8), dim=-1)
+    rows = torch.tensor([3, 5, 3, 9])  # rows 0 and 2 share a positive item
+    log_q = torch.tensor([-1.0, -2.0, -1.0, -3.0])
+    logits = user @ item.T / 0.1 - log_q
+    logits[0, 2] = logits[2, 0] = float("-inf")
+    expected = F.cross_entropy(logits, torch.arange(4))
+    actual = in_batch_softmax_loss(user, item, rows, log_q, 0.1)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_history_holds_only_earlier_items():
+    frame = pd.DataFrame({"user_id": [1, 1, 1, 2], "item_id": [10, 11, 12, 10], "timestamp": [1, 2, 3, 1]})
+    data = Dataset("t", frame)
+    space = FeatureSpace.build(data)
+    users, items, history = history_before(data.interactions, space, length=2)
+    row = space.items.rows(np.array([10, 11, 12], dtype=np.uint64)).tolist()
+    assert history.tolist() == [[0, 0], [0, row[0]], [row[0], row[1]], [0, 0]]
+    assert items.tolist() == [row[0], row[1], row[2], row[0]]
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
+def test_index_returns_real_64_bit_ids_like_exact_search(factory, tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(2000, 16)).astype(np.float32)
+    ids = rng.integers(2**63, 2**64 - 1, size=2000, dtype=np.uint64)  # all above int64 max
+    index = ItemIndex.build(ids, vectors, factory, nprobe=16)
+    queries = rng.normal(size=(5, 16)).astype(np.float32)
+    scores, found = index.search(queries, 10)
+    exact = ids[np.argsort(-(queries @ vectors.T), axis=1)[:, :10]]
+    assert found.dtype == np.uint64
+    np.testing.assert_array_equal(found, exact)  # nprobe = nlist: IVF is exact too
+    index.save(tmp_path / "i.faiss")
+    np.testing.assert_array_equal(ItemIndex.load(tmp_path / "i.faiss", nprobe=16).search(queries, 10)[1], found)
+
+
+def test_search_past_the_catalog_pads_nothing():
+    index = ItemIndex.build(np.array([7, 8], dtype=np.uint64), np.eye(2, dtype=np.float32))
+    scores, ids = index.search(np.array([[1.0, 0.0]], np.float32), 10)
+    assert ids.tolist() == [[7, 8]]
+
+
+def test_two_tower_learns_the_planted_interests(bundle, tiny_dataset):
+    losses = bundle.manifest["metrics"]["two_tower"]["train_loss"]
+    assert losses[-1] < losses[0]
+    # items of one category sit closer to each other than to other categories
+    vectors = bundle.index.reconstruct(tiny_dataset.items["item_id"].to_numpy())
+    category = tiny_dataset.items["category"].to_numpy()
+    similarity = vectors @ vectors.T
+    same = category[:, None] == category[None, :]
+    np.fill_diagonal(same, False)
+    different = category[:, None] != category[None, :]
+    assert similarity[same].mean() > similarity[different].mean() + 0.1
