@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from service.artifacts import ModelBundle
+from service.bundle import ModelBundle
 from service.pipeline import RecommendPipeline
 from service.schemas import RecommendRequest
 
@@ -50,6 +50,7 @@ def evaluate_artifact(folder: str | Path, test: pd.DataFrame) -> dict:
     results = evaluate_pipeline(RecommendPipeline(bundle), test)
     results["model_version"] = bundle.version
     results["ranker_val_auc"] = bundle.manifest["metrics"]["ranker"]["val_auc"]
+    results["train_seconds"] = bundle.manifest["metrics"]["train_seconds"]
     return results
 
 

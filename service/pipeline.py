@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.artifacts import ModelBundle
+from service.bundle import ModelBundle
 from service.embeddings.memory import InMemoryEmbeddingStore
 from service.embeddings.store import EmbeddingStore, TableConfig
 from service.metrics import CANDIDATES, COLD_START, MODEL_INFO, STAGE_LATENCY
@@ -45,7 +45,7 @@ class RecommendPipeline:
             bundle.popular_counts,
             min(options.history_length, bundle.two_tower.config.history_length),
         )
-        self.ranker = Ranker(bundle.ranker, bundle.features)
+        self.ranker = Ranker(bundle.ranker, bundle.features, 1.0 / bundle.two_tower.config.temperature)
         MODEL_INFO.info({"version": bundle.version, "retrieval": "two_tower", "ranker": "deepfm"})
 
     @property

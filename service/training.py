@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from service.artifacts import ModelBundle
+from service.bundle import ModelBundle
 from service.data.schema import Dataset
 from service.features import FeatureSpace
 from service.history import UserHistories
@@ -38,7 +38,7 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig()) -> tuple[ModelB
     log.info("indexed %d items", len(index))
 
     rows = build_rows(interactions, features, two_tower, index, vectors, config.ranker)
-    ranker, ranker_metrics = train_ranker(rows, features, config.ranker)
+    ranker, ranker_metrics = train_ranker(rows, features, config.ranker, 1.0 / config.two_tower.temperature)
 
     counts = features.item_counts[1:]
     order = np.lexsort((features.items.ids, -counts))  # most popular first, ties by id

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from service.artifacts import ModelBundle
+from service.bundle import ModelBundle
 from service.data.synthetic import SyntheticConfig, generate
 from service.pipeline import RecommendPipeline
 from service.training import TrainConfig, train_and_save

@@ -3,7 +3,8 @@ import shutil
 
 import pytest
 
-from service.artifacts import MANIFEST, ArtifactError, ModelBundle, read_manifest, resolve_version
+from service.artifacts import MANIFEST, ArtifactError, read_manifest, resolve_version
+from service.bundle import ModelBundle
 from service.pipeline import RecommendPipeline
 from service.schemas import RecommendRequest
 

@@ -34,7 +34,7 @@ def test_context_rows_from_epoch_seconds():
 
 
 def test_ranker_takes_unknown_ids_and_missing_context(bundle):
-    ranker = Ranker(bundle.ranker, bundle.features)
+    ranker = Ranker(bundle.ranker, bundle.features, 1.0 / bundle.two_tower.config.temperature)
     items = bundle.features.items.ids[:5]
     known = ranker.score(int(bundle.features.users.ids[0]), items, np.zeros(5, np.float32), 3, 2)
     unknown = ranker.score(2**64 - 1, np.array([1, 2], dtype=np.uint64), np.zeros(2, np.float32))

@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from service.api.grpc_server import GrpcServer
 from service.api.http import create_app
-from service.artifacts import ModelBundle
+from service.bundle import ModelBundle
 from service.metrics import READY
 from service.pipeline import PipelineOptions, RecommendPipeline
 from service.settings import Settings

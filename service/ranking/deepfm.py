@@ -23,7 +23,9 @@ class DeepFMConfig:
 
 
 class DeepFM(nn.Module):
-    def __init__(self, config: DeepFMConfig):
+    def __init__(self, config: DeepFMConfig, start_from_numeric: int | None = None):
+        """`start_from_numeric`: a numeric field whose first-order weight starts at 1, so a
+        ranker fed the retrieval logit starts from retrieval order and learns corrections."""
         super().__init__()
         self.config = config
         offsets = torch.tensor([0, *config.field_sizes[:-1]]).cumsum(0)
@@ -35,6 +37,9 @@ class DeepFM(nn.Module):
         self.attribute_linear = nn.Embedding(config.attribute_size, 1, padding_idx=0)
         self.numeric = nn.Parameter(torch.randn(config.numeric_fields, config.dim) * 0.01)
         self.numeric_linear = nn.Parameter(torch.zeros(config.numeric_fields))
+        if start_from_numeric is not None:
+            with torch.no_grad():
+                self.numeric_linear[start_from_numeric] = 1.0
         self.bias = nn.Parameter(torch.zeros(1))
         nn.init.normal_(self.embedding.weight, std=0.01)
         nn.init.zeros_(self.linear.weight)

@@ -2,7 +2,8 @@
 
 Categorical fields: user id, item id, hour of day, weekday (row 0 = unknown, so a missing
 context or an id the model never saw is a default). Multi-valued: the item's attributes.
-Numeric: the retrieval score and the item's log popularity.
+Numeric: the retrieval score, as the two-tower logit (cosine / temperature, the scale it
+was trained on), and the item's log popularity scaled to [0, 1].
 """
 
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ def context_rows(timestamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class RankingEncoder:
-    def __init__(self, features: FeatureSpace):
+    def __init__(self, features: FeatureSpace, score_scale: float):
         self.features = features
+        self.score_scale = score_scale
         self._log_popularity = features.item_log_popularity / max(features.item_log_popularity.max(), 1.0)
 
     def encode_rows(
@@ -49,7 +51,7 @@ class RankingEncoder:
         retrieval_scores: np.ndarray,
     ) -> RankingBatch:
         categorical = np.stack([user_rows, item_rows, hour_rows, weekday_rows], axis=1)
-        numeric = np.stack([retrieval_scores, self._log_popularity[item_rows]], axis=1)
+        numeric = np.stack([retrieval_scores * self.score_scale, self._log_popularity[item_rows]], axis=1)
         return RankingBatch(
             torch.from_numpy(categorical.astype(np.int64)),
             torch.from_numpy(self.features.item_attributes[item_rows]),

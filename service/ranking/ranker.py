@@ -9,9 +9,9 @@ from service.ranking.inputs import RankingEncoder
 
 
 class Ranker:
-    def __init__(self, model: DeepFM, features: FeatureSpace):
+    def __init__(self, model: DeepFM, features: FeatureSpace, score_scale: float):
         self.model = model.eval()
-        self.encoder = RankingEncoder(features)
+        self.encoder = RankingEncoder(features, score_scale)
 
     def score(
         self,

@@ -4,7 +4,8 @@ Positives are observed interactions. Each positive gets negatives for the same u
 context: some drawn from what retrieval would put in front of that user at that time
 (hard negatives: the ranker's job is to reorder retrieval's candidates) and some uniform.
 The retrieval score of every row comes from the user vector as of the positive's
-timestamp, so training sees what serving sees.
+timestamp, so training sees what serving sees. Validation rows are each user's latest
+interactions, so early stopping measures the future the ranker will serve.
 """
 
 import copy
@@ -29,17 +30,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RankerTrainConfig:
-    hard_negatives: int = 2
-    random_negatives: int = 2
-    hard_pool: int = 100
+    hard_negatives: int = 4
+    random_negatives: int = 1
+    hard_pool: int = 200  # about the candidates a request ranks
     context_dropout: float = 0.1
     max_positives: int = 300_000
     epochs: int = 8
     patience: int = 2
     batch_size: int = 2048
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     weight_decay: float = 1e-6
-    validation_fraction: float = 0.05
+    validation_fraction: float = 0.1
     dim: int = 16
     seed: int = 0
 
@@ -52,6 +53,7 @@ class RankingRows:
     weekday_rows: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
+    validation: np.ndarray  # bool: the row belongs to one of the user's latest positives
 
     def take(self, index: np.ndarray) -> "RankingRows":
         return RankingRows(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
@@ -68,9 +70,14 @@ def build_rows(
     rng = np.random.default_rng(config.seed)
     user_rows, item_rows, history = history_before(interactions, features, two_tower.config.history_length)
     timestamps = interactions["timestamp"].to_numpy()
+    position = interactions.groupby("user_id", sort=False).cumcount().to_numpy()
+    count = interactions.groupby("user_id", sort=False)["item_id"].transform("size").to_numpy()
+    latest = position >= count - np.floor(count * config.validation_fraction)
     if len(user_rows) > config.max_positives:
         keep = np.sort(rng.choice(len(user_rows), config.max_positives, replace=False))
-        user_rows, item_rows, history, timestamps = user_rows[keep], item_rows[keep], history[keep], timestamps[keep]
+        user_rows, item_rows, history, timestamps, latest = (
+            a[keep] for a in (user_rows, item_rows, history, timestamps, latest)
+        )
     with torch.inference_mode():
         user_vectors = torch.cat(
             [
@@ -102,7 +109,13 @@ def build_rows(
     scores = np.einsum("nd,nkd->nk", user_vectors, item_vectors[np.maximum(all_items - 1, 0)]).reshape(-1)
     labels = np.tile(np.r_[1.0, np.zeros(per_row - 1)], n).astype(np.float32)
     rows = RankingRows(
-        flat_users, flat_items, np.repeat(hour, per_row), np.repeat(weekday, per_row), scores.astype(np.float32), labels
+        flat_users,
+        flat_items,
+        np.repeat(hour, per_row),
+        np.repeat(weekday, per_row),
+        scores.astype(np.float32),
+        labels,
+        np.repeat(latest, per_row),
     )
     return rows.take(np.flatnonzero(all_valid))
 
@@ -118,15 +131,16 @@ def _predict(model: DeepFM, encoder: RankingEncoder, rows: RankingRows, batch_si
     return np.concatenate(out)
 
 
-def train_ranker(rows: RankingRows, features: FeatureSpace, config: RankerTrainConfig) -> tuple[DeepFM, dict]:
+def train_ranker(
+    rows: RankingRows, features: FeatureSpace, config: RankerTrainConfig, score_scale: float
+) -> tuple[DeepFM, dict]:
+    """`score_scale` turns retrieval cosines into two-tower logits (1 / temperature)."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    encoder = RankingEncoder(features)
+    encoder = RankingEncoder(features, score_scale)
     model_config = DeepFMConfig(field_sizes(features), features.attribute_size, len(NUMERIC_FIELDS), dim=config.dim)
-    model = DeepFM(model_config)
-    order = rng.permutation(len(rows.labels))
-    n_val = max(1, int(len(order) * config.validation_fraction))
-    validation, train = rows.take(order[:n_val]), rows.take(order[n_val:])
+    model = DeepFM(model_config, start_from_numeric=NUMERIC_FIELDS.index("retrieval_score"))
+    validation, train = rows.take(np.flatnonzero(rows.validation)), rows.take(np.flatnonzero(~rows.validation))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = max(1, len(train.labels) // config.batch_size)
     best_auc, best_state, history, stale = -1.0, None, [], 0

@@ -1,0 +1,48 @@
+import json
+
+import numpy as np
+import pandas as pd
+from typer.testing import CliRunner
+
+from service.artifacts import resolve_version
+from service.bundle import ModelBundle
+from service.cli import app
+from service.data.synthetic import SyntheticConfig, generate
+
+
+def test_train_from_files_indexes_catalog_only_items(tmp_path):
+    data = generate(SyntheticConfig(users=80, items=120, categories=4, seed=3))
+    data.interactions[["user_id", "item_id", "timestamp"]].to_csv(tmp_path / "clicks.csv", index=False)
+    cold = pd.DataFrame({"item_id": np.array([2**64 - 5, 2**64 - 6], dtype=np.uint64), "category": ["c1", "c2"]})
+    pd.concat([data.items, cold]).to_parquet(tmp_path / "items.parquet")
+    out = tmp_path / "artifacts"
+    args = ["train", "--interactions", str(tmp_path / "clicks.csv"), "--items", str(tmp_path / "items.parquet"),
+            "--out", str(out), "--two-tower-epochs", "4", "--ranker-epochs", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((resolve_version(out) / "manifest.json").read_text())
+    assert manifest["data_schema"]["catalog_items"] == 122
+    assert manifest["data_schema"]["item_attributes"] == ["category"]
+    bundle = ModelBundle.load(out)
+    assert len(bundle.index) == 122
+    # never clicked, so embedded from attributes alone: each cold item sits nearer to its
+    # own category than the other cold item does
+    cold_c1, cold_c2 = bundle.index.reconstruct(cold["item_id"].to_numpy())
+    warm = bundle.index.reconstruct(data.items["item_id"].to_numpy())
+    in_c1 = (data.items["category"] == "c1").to_numpy()
+    in_c2 = (data.items["category"] == "c2").to_numpy()
+    assert (warm[in_c1] @ cold_c1).mean() > (warm[in_c1] @ cold_c2).mean()
+    assert (warm[in_c2] @ cold_c2).mean() > (warm[in_c2] @ cold_c1).mean()
+
+    again = CliRunner().invoke(app, [*args, "--if-missing"])
+    assert again.exit_code == 0 and "not training" in again.output
+    assert len([p for p in out.iterdir() if not p.name.startswith(".")]) == 1
+
+
+def test_train_refuses_bad_input_with_a_message(tmp_path):
+    (tmp_path / "clicks.csv").write_text("user,item\n1,2\n")
+    result = CliRunner().invoke(app, ["train", "--interactions", str(tmp_path / "clicks.csv"), "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2
+    assert "lack column" in result.output
+    result = CliRunner().invoke(app, ["train", "--dataset", "netflix", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "unknown dataset" in result.output
