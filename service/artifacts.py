@@ -8,7 +8,7 @@
         ranker.safetensors     DeepFM weights
         items.faiss            FAISS index of item vectors over real item ids
         histories.safetensors  each user's training items, oldest first
-        popular.safetensors    items by training popularity
+        popular.safetensors    items by training popularity, with their cosine to a cold user
 
 A version is written to a hidden temporary folder and renamed into place, so a reader
 never sees half of one. Loading checks every file's sha256 against the manifest and
@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-FORMAT = "recsys-artifact/1"
+FORMAT = "recsys-artifact/2"
 
 
 class ArtifactError(RuntimeError):
@@ -61,7 +61,10 @@ def read_manifest(folder: Path, root: Path | None = None) -> dict:
     except (OSError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"cannot read {folder / MANIFEST}: {exc}") from None
     if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{folder}: unknown artifact format {manifest.get('format')!r}")
+        raise ArtifactError(
+            f"{folder}: artifact format {manifest.get('format')!r}, this version reads {FORMAT!r}: "
+            "train a new version with `recsys train`"
+        )
     for name, expected in manifest["files"].items():
         path = (folder / name).resolve()
         if path.parent != folder:

@@ -33,7 +33,7 @@ class ModelBundle:
     ranker: DeepFM
     histories: UserHistories
     popular_items: np.ndarray  # uint64, most popular first
-    popular_counts: np.ndarray
+    popular_scores: np.ndarray  # float32: cosine with the cold-user vector, the retrieval scale
     manifest: dict
 
     def save(self, root: str | Path, config: dict, schema: dict, metrics: dict) -> Path:
@@ -48,7 +48,7 @@ class ModelBundle:
             save_tensors({k: v.contiguous() for k, v in self.ranker.state_dict().items()}, staging / "ranker.safetensors")
             self.index.save(staging / "items.faiss")
             self.histories.save(staging / "histories.safetensors")
-            save_arrays({"items": self.popular_items, "counts": self.popular_counts}, staging / "popular.safetensors")
+            save_arrays({"items": self.popular_items, "scores": self.popular_scores}, staging / "popular.safetensors")
             manifest = {
                 "format": FORMAT,
                 "version": version,
@@ -94,6 +94,6 @@ class ModelBundle:
             ranker=ranker.eval(),
             histories=UserHistories.load(folder / "histories.safetensors"),
             popular_items=popular["items"],
-            popular_counts=popular["counts"],
+            popular_scores=popular["scores"],
             manifest=manifest,
         )

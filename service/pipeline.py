@@ -42,7 +42,7 @@ class RecommendPipeline:
             store if store is not None else load_store(bundle),
             bundle.histories,
             bundle.popular_items,
-            bundle.popular_counts,
+            bundle.popular_scores,
             min(options.history_length, bundle.two_tower.config.history_length),
         )
         self.ranker = Ranker(bundle.ranker, bundle.features, 1.0 / bundle.two_tower.config.temperature)

@@ -12,7 +12,7 @@ from service.features import FeatureSpace
 from service.history import UserHistories
 from service.ranking.train import RankerTrainConfig, build_rows, train_ranker
 from service.retrieval.index import ItemIndex
-from service.retrieval.two_tower import TwoTowerConfig, item_vectors, train_two_tower
+from service.retrieval.two_tower import TwoTowerConfig, cold_user_vector, item_vectors, train_two_tower
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,9 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig()) -> tuple[ModelB
 
     counts = features.item_counts[1:]
     order = np.lexsort((features.items.ids, -counts))  # most popular first, ties by id
+    # Popular candidates need a retrieval score on the same scale as two-tower ones: their
+    # cosine with the vector of a user the model knows nothing about.
+    cold_user = cold_user_vector(two_tower)
     bundle = ModelBundle(
         version="",
         features=features,
@@ -50,7 +53,7 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig()) -> tuple[ModelB
         ranker=ranker,
         histories=UserHistories.from_interactions(interactions),
         popular_items=features.items.ids[order],
-        popular_counts=counts[order],
+        popular_scores=(vectors[order] @ cold_user).astype(np.float32),
         manifest={},
     )
     metrics = {

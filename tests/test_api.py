@@ -1,6 +1,7 @@
 """HTTP and gRPC against one embedded service (the app's lifespan starts both)."""
 
 import grpc
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from google.protobuf import descriptor_pb2
@@ -9,6 +10,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service.api.app import build_app
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
+from service.retrieval.two_tower import cold_user_vector
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.settings import Settings
 from tests.conftest import free_port
@@ -199,3 +201,12 @@ def test_grpc_health_and_reflection(service):
     replies = list(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="recsys.v1.Recommender")]), timeout=5))
     proto = descriptor_pb2.FileDescriptorProto.FromString(replies[0].file_descriptor_response.file_descriptor_proto[0])
     assert proto.package == "recsys.v1"
+
+
+
+def test_popular_candidates_score_on_the_two_tower_scale(http, bundle):
+    """The ranker reads retrieval scores as two-tower cosines, popular candidates included."""
+    candidates = http.post("/v1/candidates", json={"user_id": 2**64 - 1, "k": 5}).json()["candidates"]
+    ids = np.array([c["item_id"] for c in candidates[:20]], dtype=np.uint64)
+    expected = bundle.index.reconstruct(ids) @ cold_user_vector(bundle.two_tower)
+    np.testing.assert_allclose([c["score"] for c in candidates[:20]], expected, rtol=1e-5, atol=1e-6)

@@ -43,5 +43,7 @@ def test_ranker_takes_unknown_ids_and_missing_context(bundle):
     assert ranker.score(1, np.empty(0, np.uint64), np.empty(0, np.float32)).shape == (0,)
 
 
-def test_ranker_beats_chance_on_validation(bundle):
-    assert bundle.manifest["metrics"]["ranker"]["val_auc"] > 0.6
+def test_ranker_beats_chance_and_is_calibrated_on_validation(bundle):
+    metrics = bundle.manifest["metrics"]["ranker"]
+    assert metrics["val_auc"] > 0.6
+    assert abs(metrics["val_mean_prediction"] - metrics["val_click_rate"]) < 0.1

@@ -141,6 +141,10 @@ def train_ranker(
     model_config = DeepFMConfig(field_sizes(features), features.attribute_size, len(NUMERIC_FIELDS), dim=config.dim)
     model = DeepFM(model_config, start_from_numeric=NUMERIC_FIELDS.index("retrieval_score"))
     validation, train = rows.take(np.flatnonzero(rows.validation)), rows.take(np.flatnonzero(~rows.validation))
+    # Start calibrated: the untrained ranker's mean prediction is the training click rate.
+    base_rate = float(train.labels.mean())
+    with torch.no_grad():
+        model.bias.fill_(np.log(base_rate / (1 - base_rate)) - float(train.scores.mean()) * score_scale)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = max(1, len(train.labels) // config.batch_size)
     best_auc, best_state, history, stale = -1.0, None, [], 0
@@ -160,7 +164,9 @@ def train_ranker(
             predicted = _predict(model, encoder, validation)
             auc = float(roc_auc_score(validation.labels, predicted))
             logloss = float(log_loss(validation.labels, np.clip(predicted, 1e-7, 1 - 1e-7)))
-            history.append({"epoch": epoch + 1, "val_auc": auc, "val_logloss": logloss})
+            history.append(
+                {"epoch": epoch + 1, "val_auc": auc, "val_logloss": logloss, "val_mean_prediction": float(predicted.mean())}
+            )
             bar.set_postfix(epoch=epoch + 1, val_auc=f"{auc:.4f}")
             log.info("ranker epoch %d/%d val AUC %.4f logloss %.4f", epoch + 1, config.epochs, auc, logloss)
             if auc > best_auc:
@@ -171,4 +177,14 @@ def train_ranker(
                     break
     model.load_state_dict(best_state)
     model.eval()
-    return model, {"val_auc": best_auc, "epochs": history, "rows": int(len(rows.labels)), "config": asdict(config)}
+    best = max(history, key=lambda e: e["val_auc"])
+    metrics = {
+        "val_auc": best_auc,
+        "val_logloss": best["val_logloss"],
+        "val_mean_prediction": best["val_mean_prediction"],
+        "val_click_rate": float(validation.labels.mean()),
+        "epochs": history,
+        "rows": int(len(rows.labels)),
+        "config": asdict(config),
+    }
+    return model, metrics

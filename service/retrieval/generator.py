@@ -18,7 +18,7 @@ SOURCE_TWO_TOWER, SOURCE_POPULAR = "two_tower", "popular"
 @dataclass
 class Candidates:
     item_ids: np.ndarray  # uint64
-    scores: np.ndarray  # float32: cosine for two-tower, popularity share for popular
+    scores: np.ndarray  # float32 cosine: with the user vector, or the cold-user vector for popular
     sources: list[str]
 
 
@@ -30,7 +30,7 @@ class CandidateGenerator:
         store: EmbeddingStore,
         histories: UserHistories,
         popular_items: np.ndarray,
-        popular_counts: np.ndarray,
+        popular_scores: np.ndarray,
         history_length: int,
     ):
         self.two_tower = two_tower
@@ -38,7 +38,7 @@ class CandidateGenerator:
         self.store = store
         self.histories = histories
         self.popular_items = popular_items
-        self.popular_share = (popular_counts / max(popular_counts.sum(), 1)).astype(np.float32)
+        self.popular_scores = popular_scores
         self.history_length = history_length
 
     def user_vector(self, user_id: int, history: np.ndarray) -> np.ndarray | None:
@@ -57,7 +57,7 @@ class CandidateGenerator:
     def popular(self, n: int, excluded: np.ndarray) -> Candidates:
         keep = ~np.isin(self.popular_items, excluded)
         ids = self.popular_items[keep][:n]
-        return Candidates(ids, self.popular_share[keep][:n], [SOURCE_POPULAR] * len(ids))
+        return Candidates(ids, self.popular_scores[keep][:n], [SOURCE_POPULAR] * len(ids))
 
     def generate(self, user_id: int, n: int, exclude: np.ndarray) -> Candidates:
         history = self.histories.get(user_id)

@@ -146,6 +146,13 @@ def train_two_tower(interactions: pd.DataFrame, features: FeatureSpace, config: 
 
 
 @torch.inference_mode()
+def cold_user_vector(model: TwoTower) -> np.ndarray:
+    """The user tower's answer for an unknown user id with no history."""
+    zeros = torch.zeros(1, model.config.id_dim)
+    return model.user_tower(zeros, zeros)[0].numpy()
+
+
+@torch.inference_mode()
 def item_vectors(model: TwoTower, features: FeatureSpace, batch_size: int = 65536) -> np.ndarray:
     """Item-tower output for every catalog item, rows aligned with `features.items.ids`."""
     rows = torch.arange(1, features.items.size)
