@@ -36,6 +36,11 @@ class ModelBundle:
     popular_scores: np.ndarray  # float32: cosine with the cold-user vector, the retrieval scale
     manifest: dict
 
+    @property
+    def namespace(self) -> str:
+        """A short name for this version's tables in a shared store: its random token."""
+        return self.version.rsplit("-", 1)[-1]
+
     def save(self, root: str | Path, config: dict, schema: dict, metrics: dict) -> Path:
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)

@@ -17,3 +17,22 @@ CANDIDATES = Histogram(
 COLD_START = Counter("recsys_cold_start_total", "Requests for users with no vector and no history.")
 MODEL_INFO = Info("recsys_model", "The artifact version being served.")
 READY = Gauge("recsys_ready", "1 when models and index are loaded.")
+
+DEGRADED = Counter("recsys_degraded_responses_total", "Responses served by a fallback.", ["reason"])
+
+EMBEDDING_LOOKUPS = Counter(
+    "recsys_embedding_lookups_total",
+    "Ids looked up, by outcome: hit (from the store), cache_hit (local cache), miss (default vector: "
+    "unknown, expired or not admitted), error (store failed, default vector).",
+    ["table", "result"],
+)
+EMBEDDING_LOOKUP_LATENCY = Histogram(
+    "recsys_embedding_lookup_duration_seconds", "Time of one batched lookup.", ["backend"], buckets=LATENCY_BUCKETS
+)
+EMBEDDING_BATCH_IDS = Histogram(
+    "recsys_embedding_lookup_ids", "Distinct ids per batched lookup.", ["backend"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
+)
+EMBEDDING_ADMISSIONS = Counter(
+    "recsys_embedding_admissions_total", "Frequency-filter decisions.", ["table", "result"]
+)

@@ -6,24 +6,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.bundle import ModelBundle
+from service.embeddings.artifact_tables import load_artifact, table_configs
 from service.embeddings.memory import InMemoryEmbeddingStore
-from service.embeddings.store import EmbeddingStore, TableConfig
-from service.metrics import CANDIDATES, COLD_START, MODEL_INFO, STAGE_LATENCY
+from service.embeddings.store import EmbeddingStore
+from service.metrics import CANDIDATES, COLD_START, DEGRADED, MODEL_INFO, STAGE_LATENCY
 from service.ranking.ranker import Ranker
-from service.retrieval.generator import ITEM_TABLE, SOURCE_POPULAR, USER_TABLE, CandidateGenerator, Candidates
+from service.retrieval.generator import SOURCE_POPULAR, CandidateGenerator, Candidates
 from service.schemas import Candidate, CandidatesResponse, RecommendRequest, RecommendResponse, ScoredItem
 
 log = logging.getLogger(__name__)
-
-
-def load_store(bundle: ModelBundle) -> InMemoryEmbeddingStore:
-    """An in-process table filled with the artifact's user and item id vectors."""
-    dim = bundle.two_tower.config.id_dim
-    store = InMemoryEmbeddingStore([TableConfig(USER_TABLE, dim), TableConfig(ITEM_TABLE, dim)])
-    state = bundle.two_tower.state_dict()
-    store.put_many(USER_TABLE, bundle.features.users.ids, state["user_id.weight"][1:].numpy())
-    store.put_many(ITEM_TABLE, bundle.features.items.ids, state["item_id.weight"][1:].numpy())
-    return store
 
 
 @dataclass
@@ -34,12 +25,17 @@ class PipelineOptions:
 
 class RecommendPipeline:
     def __init__(self, bundle: ModelBundle, store: EmbeddingStore | None = None, options: PipelineOptions = PipelineOptions()):
+        """`store` holds the artifact's id vectors; by default an in-process one is filled."""
         self.bundle = bundle
         self.options = options
+        if store is None:
+            store = InMemoryEmbeddingStore(table_configs(bundle))
+            load_artifact(store, bundle, progress=False)
+        self.store = store
         self.generator = CandidateGenerator(
             bundle.two_tower,
             bundle.index,
-            store if store is not None else load_store(bundle),
+            store,
             bundle.histories,
             bundle.popular_items,
             bundle.popular_scores,
@@ -61,6 +57,8 @@ class RecommendPipeline:
             COLD_START.inc()
         CANDIDATES.labels(SOURCE_POPULAR).observe(popular)
         CANDIDATES.labels("two_tower").observe(len(candidates.sources) - popular)
+        if candidates.degraded:
+            DEGRADED.labels("embedding_store").inc()
         return candidates
 
     def candidates(self, request: RecommendRequest) -> CandidatesResponse:
@@ -71,7 +69,7 @@ class RecommendPipeline:
                 Candidate(item_id=int(i), score=float(s), source=src)
                 for i, s, src in zip(found.item_ids, found.scores, found.sources)
             ],
-            degraded=False,
+            degraded=found.degraded,
             model_version=self.model_version,
         )
 
@@ -90,6 +88,6 @@ class RecommendPipeline:
         return RecommendResponse(
             user_id=request.user_id,
             items=[ScoredItem(item_id=int(found.item_ids[i]), score=float(scores[i])) for i in order],
-            degraded=False,
+            degraded=found.degraded,
             model_version=self.model_version,
         )

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.schemas import MAX_CANDIDATES
@@ -27,3 +27,26 @@ class Settings(BaseSettings):
         int, Field(ge=1, le=1000, description="Most recent items pooled into the user vector.")
     ] = 50
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    redis_url: Annotated[
+        str | None,
+        Field(description="Embedding table on Redis (redis://, rediss:// for TLS, password in the URL); "
+                          "unset: in-process table."),
+    ] = None
+    redis_cluster: Annotated[bool, Field(description="The URL names a node of a Redis Cluster.")] = False
+    redis_namespace: Annotated[
+        str | None, Field(description="Prefix of the table names in Redis; default: the artifact's version token.")
+    ] = None
+    redis_socket_timeout: Annotated[float, Field(gt=0, le=5, description="Seconds, request path.")] = 0.1
+    embedding_ttl_seconds: Annotated[
+        float | None, Field(gt=0, description="Rows not written for this long expire; unset: never.")
+    ] = None
+    embedding_cache_entries: Annotated[int, Field(ge=0, description="Local cache in front of Redis; 0: off.")] = 100_000
+    embedding_cache_ttl_seconds: Annotated[float, Field(gt=0)] = 1.0
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("RECSYS_REDIS_URL must start with redis://, rediss:// or unix://")
+        return url

@@ -7,6 +7,7 @@ import pytest
 from service.bundle import ModelBundle
 from service.data.synthetic import SyntheticConfig, generate
 from service.pipeline import RecommendPipeline
+from service.testing.redis_servers import RedisClusterServers, RedisServer
 from service.training import TrainConfig, train_and_save
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -56,3 +57,19 @@ def pipeline(bundle) -> RecommendPipeline:
 def known_user(bundle) -> int:
     """A user with a training history."""
     return int(bundle.features.users.ids[0])
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A standalone redis-server on a free loopback port, for the whole session."""
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A 3-master Redis Cluster on free loopback ports, for the whole session."""
+    cluster = RedisClusterServers(3)
+    yield cluster
+    cluster.stop()

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from service.api.grpc_server import GrpcServer
 from service.api.http import create_app
 from service.bundle import ModelBundle
+from service.embeddings.artifact_tables import open_store
 from service.metrics import READY
 from service.pipeline import PipelineOptions, RecommendPipeline
 from service.settings import Settings
@@ -20,7 +21,9 @@ def load_pipeline(settings: Settings) -> RecommendPipeline:
     bundle = ModelBundle.load(settings.artifacts)
     log.info("serving artifact %s (%d items, %d users)", bundle.version, len(bundle.index), len(bundle.histories))
     options = PipelineOptions(default_candidates=settings.default_candidates, history_length=settings.history_length)
-    return RecommendPipeline(bundle, options=options)
+    store = open_store(settings, bundle)
+    log.info("embedding table: %s", type(store).__name__)
+    return RecommendPipeline(bundle, store, options)
 
 
 def build_app(settings: Settings) -> FastAPI:
@@ -44,5 +47,7 @@ def build_app(settings: Settings) -> FastAPI:
             READY.set(0)
             if grpc_server is not None:
                 grpc_server.stop()
+            if app.state.pipeline is not None:
+                app.state.pipeline.store.close()
 
     return create_app(lifespan)

@@ -1,0 +1,72 @@
+"""The tables an artifact's models read (two-tower user and item id vectors), and
+loading an artifact's vectors into a store, in bulk, with progress."""
+
+import logging
+
+import numpy as np
+from tqdm import tqdm
+
+from service.embeddings.memory import InMemoryEmbeddingStore
+from service.embeddings.redis_store import RedisEmbeddingStore, RedisStoreConfig
+from service.embeddings.store import EmbeddingStore, TableConfig
+
+log = logging.getLogger(__name__)
+
+USER_TABLE, ITEM_TABLE = "user", "item"
+LOAD_BATCH = 10_000
+
+
+def table_configs(bundle, ttl_seconds: float | None = None) -> list[TableConfig]:
+    dim = bundle.two_tower.config.id_dim
+    return [TableConfig(USER_TABLE, dim, ttl_seconds=ttl_seconds), TableConfig(ITEM_TABLE, dim, ttl_seconds=ttl_seconds)]
+
+
+def artifact_vectors(bundle) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Raw ids and id vectors per table; row 0 of each embedding (unknown ids) is not a row."""
+    state = bundle.two_tower.state_dict()
+    return {
+        USER_TABLE: (bundle.features.users.ids, state["user_id.weight"][1:].numpy()),
+        ITEM_TABLE: (bundle.features.items.ids, state["item_id.weight"][1:].numpy()),
+    }
+
+
+def load_artifact(store: EmbeddingStore, bundle, progress: bool = True) -> int:
+    tables = artifact_vectors(bundle)
+    total = sum(len(ids) for ids, _ in tables.values())
+    with tqdm(total=total, desc="load vectors", unit="row", disable=not progress, mininterval=2) as bar:
+        for table, (ids, vectors) in tables.items():
+            for start in range(0, len(ids), LOAD_BATCH):
+                store.put_many(table, ids[start : start + LOAD_BATCH], vectors[start : start + LOAD_BATCH])
+                bar.update(len(ids[start : start + LOAD_BATCH]))
+    return total
+
+
+def holds_artifact(store: EmbeddingStore, bundle, sample: int = 100) -> bool:
+    """Whether the store holds any of a sample of the artifact's user and item rows."""
+    for table, (ids, _) in artifact_vectors(bundle).items():
+        if len(ids) and store.get_many(table, ids[:: max(1, len(ids) // sample)]).found.any():
+            return True
+    return False
+
+
+def open_store(settings, bundle) -> EmbeddingStore:
+    """The configured store, holding the artifact's vectors: in-process, or Redis (loaded
+    once, by whichever process finds the artifact's namespace empty; loads are idempotent)."""
+    tables = table_configs(bundle, settings.embedding_ttl_seconds)
+    if settings.redis_url is None:
+        store = InMemoryEmbeddingStore(tables)
+        load_artifact(store, bundle, progress=False)
+        return store
+    config = RedisStoreConfig(
+        settings.redis_url,
+        cluster=settings.redis_cluster,
+        namespace=settings.redis_namespace or bundle.namespace,
+        socket_timeout=settings.redis_socket_timeout,
+        cache_entries=settings.embedding_cache_entries,
+        cache_ttl_seconds=settings.embedding_cache_ttl_seconds,
+    )
+    store = RedisEmbeddingStore(tables, config)
+    if not holds_artifact(store, bundle):
+        log.info("Redis namespace %r holds none of artifact %s: loading its vectors", config.namespace, bundle.version)
+        load_artifact(store, bundle)
+    return store

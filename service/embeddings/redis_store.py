@@ -1,0 +1,176 @@
+"""Embedding store on Redis or Redis Cluster; the key layout is `service.embeddings.layout`.
+
+Request path: dedupe the ids, serve what the local cache holds, fetch the rest with one
+MGET (on Cluster, one MGET per slot, pipelined per node by `mget_nonatomic`), decode with
+`numpy.frombuffer`. Socket timeouts are short and there is at most one retry; a breaker
+stops calling a Redis that keeps failing. A failed lookup returns default vectors and
+`degraded=True` instead of raising, so requests keep being answered; writes raise, so a
+writer (the online trainer) knows its update did not land.
+"""
+
+import logging
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pybreaker
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+
+from service.embeddings import layout
+from service.embeddings.cache import LocalCache
+from service.embeddings.store import EmbeddingStore, Lookup, TableConfig, as_ids, observe_lookup
+
+log = logging.getLogger(__name__)
+
+Client = redis.Redis | RedisCluster
+
+
+@dataclass(frozen=True)
+class RedisStoreConfig:
+    url: str
+    cluster: bool = False
+    namespace: str = ""  # prefixes table names, e.g. one artifact version's tables
+    socket_timeout: float = 0.1
+    retries: int = 1
+    breaker_failures: int = 5  # consecutive failures that open the breaker
+    breaker_reset_seconds: float = 2.0  # an open breaker lets one call through after this
+    cache_entries: int = 100_000  # 0 turns the local cache off
+    cache_ttl_seconds: float = 1.0
+    max_connections: int = 64
+
+
+def connect(config: RedisStoreConfig) -> Client:
+    options = dict(
+        socket_timeout=config.socket_timeout,
+        socket_connect_timeout=config.socket_timeout,
+        retry=Retry(NoBackoff(), config.retries),
+        max_connections=config.max_connections,
+    )
+    if config.cluster:
+        return RedisCluster.from_url(config.url, **options)
+    return redis.Redis.from_url(config.url, **options)
+
+
+class RedisEmbeddingStore(EmbeddingStore):
+    def __init__(self, tables: list[TableConfig], config: RedisStoreConfig, client: Client | None = None):
+        super().__init__(tables)
+        self.config = config
+        self.client = client if client is not None else connect(config)
+        self.cluster = isinstance(self.client, RedisCluster)
+        self.cache = LocalCache(config.cache_entries, config.cache_ttl_seconds) if config.cache_entries else None
+        self.breaker = pybreaker.CircuitBreaker(
+            fail_max=config.breaker_failures, reset_timeout=config.breaker_reset_seconds, name="redis"
+        )
+        self._random = random.Random()
+        self._rng = np.random.default_rng()
+        self.backend = "redis_cluster" if self.cluster else "redis"
+
+    def qualified(self, table: str) -> str:
+        self.table(table)
+        return f"{self.config.namespace}.{table}" if self.config.namespace else table
+
+    def keys(self, table: str, ids: list[int]) -> list[bytes]:
+        name, shards = self.qualified(table), self.table(table).shards
+        return [layout.vector_key(name, shards, item) for item in ids]
+
+    def _mget(self, keys: list[bytes]) -> list[bytes | None]:
+        if self.cluster:
+            return self.client.mget_nonatomic(keys)
+        return self.client.mget(keys)
+
+    def _fetch(self, table: str):
+        config = self.table(table)
+
+        def fetch(ids: list[int]) -> tuple[list[np.ndarray | None], bool]:
+            try:
+                values = self.breaker.call(self._mget, self.keys(table, ids))
+            except (redis.RedisError, pybreaker.CircuitBreakerError, OSError) as exc:
+                log.warning("embedding lookup in %s failed: %s", table, exc)
+                return [None] * len(ids), True
+            vectors, found = layout.decode_rows(values, config.dim, config.dtype)
+            return [v if ok else None for v, ok in zip(vectors, found)], False
+
+        return fetch
+
+    def get_many(self, table: str, ids) -> Lookup:
+        started = time.perf_counter()
+        config = self.table(table)
+        ids = as_ids(ids)
+        unique, inverse = np.unique(ids, return_inverse=True)
+        keys = unique.tolist()
+        fetch = self._fetch(table)
+        if self.cache is not None:
+            rows, cached, degraded = self.cache.get_many(table, keys, fetch, wait_seconds=2 * self.config.socket_timeout)
+        else:
+            (rows, degraded), cached = fetch(keys), np.zeros(len(keys), dtype=bool)
+        found = np.array([row is not None for row in rows], dtype=bool)
+        vectors = np.tile(config.default_vector(), (len(keys), 1))
+        if found.any():
+            vectors[found] = np.stack([row for row in rows if row is not None])
+        observe_lookup(self.backend, table, found, cached, degraded, time.perf_counter() - started)
+        return Lookup(vectors[inverse], found[inverse], degraded)
+
+    def put_many(self, table: str, ids, vectors: np.ndarray) -> None:
+        config = self.table(table)
+        ids = as_ids(ids)
+        values = layout.encode_rows(self._check_vectors(table, ids, vectors), config.dtype)
+        keys = self.keys(table, ids.tolist())
+        pipe = self.client.pipeline(transaction=False)
+        for key, value in zip(keys, values):
+            ttl = config.ttl_with_jitter(self._random)
+            pipe.set(key, value, px=None if ttl is None else max(1, int(ttl * 1000)))
+        pipe.execute()
+        if self.cache is not None:
+            self.cache.invalidate(table, ids.tolist())
+
+    def delete(self, table: str, ids) -> int:
+        ids = as_ids(ids).tolist()
+        pipe = self.client.pipeline(transaction=False)
+        for key in self.keys(table, ids):
+            pipe.delete(key)
+        removed = sum(pipe.execute())
+        if self.cache is not None:
+            self.cache.invalidate(table, ids)
+        return removed
+
+    def record(self, table: str, ids) -> np.ndarray:
+        config = self.table(table)
+        ids = as_ids(ids).tolist()
+        name = self.qualified(table)
+        window_ms = int(config.count_window_seconds * 1000)
+        pipe = self.client.pipeline(transaction=False)
+        for item in ids:
+            counter = layout.count_key(name, config.shards, item)
+            pipe.incr(counter)
+            pipe.pexpire(counter, window_ms, nx=True)
+            pipe.exists(layout.vector_key(name, config.shards, item))
+        replies = pipe.execute()
+        counts = np.array(replies[0::3], dtype=np.int64)
+        held = np.array(replies[2::3], dtype=bool)
+        return self._admit(table, counts, held, self._rng)
+
+    def scan(self, table: str, batch_size: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        config = self.table(table)
+        pattern = layout.vector_pattern(self.qualified(table))
+        batch: list[bytes] = []
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= batch_size:
+                yield from self._read(batch, config)
+                batch = []
+        if batch:
+            yield from self._read(batch, config)
+
+    def _read(self, keys: list[bytes], config: TableConfig) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        vectors, found = layout.decode_rows(self._mget(keys), config.dim, config.dtype)
+        ids = np.array([layout.id_of_key(k) for k in keys], dtype=np.uint64)
+        if found.any():  # a key that expired between SCAN and MGET is skipped
+            yield ids[found], vectors[found]
+
+    def close(self) -> None:
+        self.client.close()

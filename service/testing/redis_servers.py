@@ -1,0 +1,109 @@
+"""Start real `redis-server` processes on free loopback ports: a standalone server or a
+Redis Cluster of several masters. Used by the tests and benchmarks; each server lives in a
+temporary folder and is stopped by `stop()`."""
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(cluster_bus: bool = False) -> int:
+    """A free loopback port; for Cluster, port + 10000 (its bus) is free too."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not cluster_bus or (port + 10000 < 65536 and _port_is_free(port + 10000)):
+            return port
+    raise RuntimeError("no free port pair found")
+
+
+def require_redis_server() -> str:
+    path = shutil.which("redis-server")
+    if path is None:
+        raise RuntimeError("redis-server is not installed: scripts/test.sh installs it (apt-get install redis-server)")
+    return path
+
+
+class RedisServer:
+    def __init__(self, *extra_args: str, port: int | None = None, cluster: bool = False):
+        self.port = port or free_port(cluster_bus=cluster)
+        self.dir = Path(tempfile.mkdtemp(prefix="recsys-redis-"))
+        self.args = [
+            require_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", str(self.dir), "--save", "", "--appendonly", "no", "--protected-mode", "no",
+            *(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"] if cluster else []),
+            *extra_args,
+        ]
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
+                time.sleep(0.05)
+        client.close()
+
+    def kill(self) -> None:
+        """Stop at once (SIGKILL), as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisClusterServers:
+    """A cluster of `masters` masters, no replicas, all slots assigned."""
+
+    def __init__(self, masters: int = 3):
+        self.nodes = [RedisServer(cluster=True) for _ in range(masters)]
+        subprocess.run(
+            [shutil.which("redis-cli") or "redis-cli", "--cluster", "create",
+             *(f"127.0.0.1:{n.port}" for n in self.nodes), "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        for node in self.nodes:
+            client = redis.Redis(port=node.port, socket_timeout=1)
+            while client.cluster("info").get("cluster_state") != "ok":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis cluster did not reach cluster_state:ok")
+                time.sleep(0.1)
+            client.close()
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
