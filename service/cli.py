@@ -12,6 +12,11 @@ import typer
 from service.data.schema import DataError, Dataset
 
 app = typer.Typer(help="Recommendation serving: train artifacts, evaluate them, serve them.", no_args_is_help=True)
+table_app = typer.Typer(
+    help="The embedding table an artifact's models read (RECSYS_REDIS_* settings pick the store).",
+    no_args_is_help=True,
+)
+app.add_typer(table_app, name="table")
 
 DatasetOption = Annotated[
     Optional[str],
@@ -128,3 +133,73 @@ def evaluate(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(results, indent=2))
         typer.echo(f"results written: {json_out}")
+
+
+ArtifactsOption = Annotated[Optional[Path], typer.Option(help="Artifact root or version; default RECSYS_ARTIFACTS.")]
+TableArgument = Annotated[str, typer.Option("--table", help="Table name: user or item.")]
+
+
+def _open_table_store(artifacts: Path | None):
+    from service.bundle import ModelBundle
+    from service.embeddings.artifact_tables import table_configs
+    from service.embeddings.memory import InMemoryEmbeddingStore
+    from service.embeddings.redis_store import RedisEmbeddingStore, RedisStoreConfig
+    from service.settings import Settings
+
+    settings = Settings(**({"artifacts": artifacts} if artifacts else {}))
+    bundle = ModelBundle.load(settings.artifacts)
+    tables = table_configs(bundle, settings.embedding_ttl_seconds)
+    if settings.redis_url is None:
+        return bundle, InMemoryEmbeddingStore(tables)
+    config = RedisStoreConfig(
+        settings.redis_url,
+        cluster=settings.redis_cluster,
+        namespace=settings.redis_namespace or bundle.namespace,
+        socket_timeout=max(settings.redis_socket_timeout, 5.0),  # bulk work, not the request path
+        cache_entries=0,
+    )
+    return bundle, RedisEmbeddingStore(tables, config)
+
+
+@table_app.command("load")
+def table_load(artifacts: ArtifactsOption = None) -> None:
+    """Write an artifact's user and item vectors into the configured store."""
+    _setup_logging()
+    from service.embeddings.artifact_tables import load_artifact
+
+    bundle, store = _open_table_store(artifacts)
+    rows = load_artifact(store, bundle)
+    typer.echo(f"loaded {rows} rows of artifact {bundle.version} into {type(store).__name__}")
+    store.close()
+
+
+@table_app.command("export")
+def table_export(
+    out: Annotated[Path, typer.Option(help="Parquet file to write.")],
+    table: TableArgument = "user",
+    artifacts: ArtifactsOption = None,
+) -> None:
+    """Write every row of a table to Parquet (id: uint64, vector: fixed-size float32 list)."""
+    from service.embeddings.snapshot import export_table
+
+    _, store = _open_table_store(artifacts)
+    typer.echo(f"exported {export_table(store, table, out)} rows of {table} to {out}")
+    store.close()
+
+
+@table_app.command("import")
+def table_import(
+    file: Annotated[Path, typer.Argument(help="Parquet file written by `recsys table export`.")],
+    table: TableArgument = "user",
+    artifacts: ArtifactsOption = None,
+) -> None:
+    """Write the rows of a Parquet snapshot into a table (fresh TTLs)."""
+    from service.embeddings.snapshot import import_table
+
+    _, store = _open_table_store(artifacts)
+    try:
+        rows = import_table(store, table, file)
+    except (ValueError, KeyError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(f"imported {rows} rows into {table}")
+    store.close()

@@ -8,6 +8,8 @@ from service.artifacts import resolve_version
 from service.bundle import ModelBundle
 from service.cli import app
 from service.data.synthetic import SyntheticConfig, generate
+from service.embeddings.artifact_tables import table_configs
+from service.embeddings.redis_store import RedisEmbeddingStore, RedisStoreConfig
 
 
 def test_train_from_files_indexes_catalog_only_items(tmp_path):
@@ -46,3 +48,45 @@ def test_train_refuses_bad_input_with_a_message(tmp_path):
     assert "lack column" in result.output
     result = CliRunner().invoke(app, ["train", "--dataset", "netflix", "--out", str(tmp_path / "a")])
     assert result.exit_code == 2 and "unknown dataset" in result.output
+
+
+def test_table_load_export_import_round_trip_through_redis(artifact_root, bundle, redis_server, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+    import redis
+
+    monkeypatch.setenv("RECSYS_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("RECSYS_REDIS_NAMESPACE", "snap")
+    runner = CliRunner()
+    result = runner.invoke(app, ["table", "load", "--artifacts", str(artifact_root)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "users.parquet"
+    result = runner.invoke(app, ["table", "export", "--table", "user", "--out", str(out), "--artifacts", str(artifact_root)])
+    assert result.exit_code == 0, result.output
+    snapshot = pq.read_table(out)
+    assert snapshot.schema.field("id").type == "uint64" and snapshot.schema.metadata[b"table"] == b"user"
+    exported = dict(zip(snapshot.column("id").to_pylist(), snapshot.column("vector").to_pylist()))
+    expected = bundle.two_tower.state_dict()["user_id.weight"][1:].numpy()
+    assert len(exported) == len(bundle.features.users)
+    first = int(bundle.features.users.ids[0])
+    np.testing.assert_array_equal(np.array(exported[first], np.float32), expected[0])
+
+    redis.Redis.from_url(redis_server.url).delete(*redis.Redis.from_url(redis_server.url).keys(b"emb:{snap.user:*"))
+    result = runner.invoke(app, ["table", "import", str(out), "--table", "user", "--artifacts", str(artifact_root)])
+    assert result.exit_code == 0, result.output
+    assert "imported 200 rows" in result.output
+    lookup = RedisEmbeddingStore(
+        table_configs(bundle), RedisStoreConfig(redis_server.url, namespace="snap", cache_entries=0)
+    ).get_many("user", bundle.features.users.ids)
+    assert lookup.found.all()
+    np.testing.assert_array_equal(lookup.vectors, expected)
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa_table_with_dim(3), bad)
+    result = runner.invoke(app, ["table", "import", str(bad), "--table", "user", "--artifacts", str(artifact_root)])
+    assert result.exit_code == 2 and "takes 64" in result.output
+
+
+def pa_table_with_dim(dim: int):
+    import pyarrow as pa
+
+    flat = pa.array(np.zeros(dim, np.float32))
+    return pa.table({"id": pa.array([1], pa.uint64()), "vector": pa.FixedSizeListArray.from_arrays(flat, dim)})

@@ -27,6 +27,18 @@ def vector_key(table: str, shards: int, item: int) -> bytes:
     return b"emb:{%s:%d}:%d" % (table.encode(), item % shards, item)
 
 
+class KeyMaker:
+    """`vector_key` for one table, many ids at a time: the per-shard prefixes are built once."""
+
+    def __init__(self, table: str, shards: int):
+        self.shards = shards
+        self.prefixes = [b"emb:{%s:%d}:" % (table.encode(), shard) for shard in range(shards)]
+
+    def __call__(self, ids: list[int]) -> list[bytes]:
+        prefixes, shards = self.prefixes, self.shards
+        return [prefixes[item % shards] + b"%d" % item for item in ids]
+
+
 def count_key(table: str, shards: int, item: int) -> bytes:
     return b"cnt:{%s:%d}:%d" % (table.encode(), item % shards, item)
 
@@ -45,12 +57,15 @@ def encode_rows(vectors: np.ndarray, dtype: str) -> list[bytes]:
     return [row.tobytes() for row in raw]
 
 
-def decode_rows(values: list[bytes | None], dim: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 vectors, found) from MGET replies; a missing or malformed value is not found."""
+def decode_rows(values: list[bytes | None], dim: int, dtype: str, default: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 vectors, found) from MGET replies; a missing or malformed value is not found
+    and gets `default` (zeros when None)."""
     width = dim * DTYPES[dtype].itemsize
+    present = [v for v in values if v is not None and len(v) == width]
+    if len(present) == len(values):  # the common case: every id held a row
+        return np.frombuffer(b"".join(present), dtype=DTYPES[dtype]).reshape(-1, dim).astype(np.float32), np.ones(len(values), bool)
     found = np.array([v is not None and len(v) == width for v in values], dtype=bool)
-    vectors = np.zeros((len(values), dim), dtype=np.float32)
-    if found.any():
-        joined = b"".join(v for v, ok in zip(values, found) if ok)
-        vectors[found] = np.frombuffer(joined, dtype=DTYPES[dtype]).reshape(-1, dim)
+    vectors = np.zeros((len(values), dim), dtype=np.float32) if default is None else np.tile(default, (len(values), 1))
+    if present:
+        vectors[found] = np.frombuffer(b"".join(present), dtype=DTYPES[dtype]).reshape(-1, dim)
     return vectors, found

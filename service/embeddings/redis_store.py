@@ -56,6 +56,20 @@ def connect(config: RedisStoreConfig) -> Client:
     return redis.Redis.from_url(config.url, **options)
 
 
+SMALL_BATCH = 256  # below this a dict dedupes faster than np.unique's fixed cost
+
+
+def dedupe(ids: np.ndarray) -> tuple[list[int], np.ndarray | list[int] | None]:
+    """Distinct ids and each requested id's position among them; None when the distinct ids
+    are the request itself, in order."""
+    if len(ids) <= SMALL_BATCH:
+        positions: dict[int, int] = {}
+        inverse = [positions.setdefault(item, len(positions)) for item in ids.tolist()]
+        return list(positions), (inverse if len(positions) < len(ids) else None)
+    distinct, inverse = np.unique(ids, return_inverse=True)  # sorted: the inverse is always needed
+    return distinct.tolist(), inverse
+
+
 class RedisEmbeddingStore(EmbeddingStore):
     def __init__(self, tables: list[TableConfig], config: RedisStoreConfig, client: Client | None = None):
         super().__init__(tables)
@@ -69,50 +83,50 @@ class RedisEmbeddingStore(EmbeddingStore):
         self._random = random.Random()
         self._rng = np.random.default_rng()
         self.backend = "redis_cluster" if self.cluster else "redis"
+        self._key_makers: dict[str, layout.KeyMaker] = {}
 
     def qualified(self, table: str) -> str:
         self.table(table)
         return f"{self.config.namespace}.{table}" if self.config.namespace else table
 
     def keys(self, table: str, ids: list[int]) -> list[bytes]:
-        name, shards = self.qualified(table), self.table(table).shards
-        return [layout.vector_key(name, shards, item) for item in ids]
+        maker = self._key_makers.get(table)
+        if maker is None:
+            maker = self._key_makers[table] = layout.KeyMaker(self.qualified(table), self.table(table).shards)
+        return maker(ids)
 
     def _mget(self, keys: list[bytes]) -> list[bytes | None]:
         if self.cluster:
             return self.client.mget_nonatomic(keys)
         return self.client.mget(keys)
 
-    def _fetch(self, table: str):
+    def _fetch(self, table: str, ids: list[int]) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(vectors, found, failed) straight from Redis; a failure reads as not found."""
         config = self.table(table)
-
-        def fetch(ids: list[int]) -> tuple[list[np.ndarray | None], bool]:
-            try:
-                values = self.breaker.call(self._mget, self.keys(table, ids))
-            except (redis.RedisError, pybreaker.CircuitBreakerError, OSError) as exc:
-                log.warning("embedding lookup in %s failed: %s", table, exc)
-                return [None] * len(ids), True
-            vectors, found = layout.decode_rows(values, config.dim, config.dtype)
-            return [v if ok else None for v, ok in zip(vectors, found)], False
-
-        return fetch
+        try:
+            values = self.breaker.call(self._mget, self.keys(table, ids))
+        except (redis.RedisError, pybreaker.CircuitBreakerError, OSError) as exc:
+            log.warning("embedding lookup in %s failed: %s", table, exc)
+            return np.zeros((len(ids), config.dim), np.float32), np.zeros(len(ids), bool), True
+        vectors, found = layout.decode_rows(values, config.dim, config.dtype)
+        return vectors, found, False
 
     def get_many(self, table: str, ids) -> Lookup:
         started = time.perf_counter()
         config = self.table(table)
-        ids = as_ids(ids)
-        unique, inverse = np.unique(ids, return_inverse=True)
-        keys = unique.tolist()
-        fetch = self._fetch(table)
+        requested = as_ids(ids)
+        distinct, inverse = dedupe(requested)
         if self.cache is not None:
-            rows, cached, degraded = self.cache.get_many(table, keys, fetch, wait_seconds=2 * self.config.socket_timeout)
+            vectors, found, cached, degraded = self.cache.get_many(
+                table, distinct, config.dim, lambda missing: self._fetch(table, missing), 2 * self.config.socket_timeout
+            )
         else:
-            (rows, degraded), cached = fetch(keys), np.zeros(len(keys), dtype=bool)
-        found = np.array([row is not None for row in rows], dtype=bool)
-        vectors = np.tile(config.default_vector(), (len(keys), 1))
-        if found.any():
-            vectors[found] = np.stack([row for row in rows if row is not None])
+            (vectors, found, degraded), cached = self._fetch(table, distinct), np.zeros(len(distinct), bool)
+        if not found.all():
+            vectors[~found] = config.default_vector()
         observe_lookup(self.backend, table, found, cached, degraded, time.perf_counter() - started)
+        if inverse is None:
+            return Lookup(vectors, found, degraded)
         return Lookup(vectors[inverse], found[inverse], degraded)
 
     def put_many(self, table: str, ids, vectors: np.ndarray) -> None:

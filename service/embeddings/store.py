@@ -7,6 +7,7 @@ then, and for any id the table does not hold, a lookup returns the table's defau
 and says so in `Lookup.found`.
 """
 
+import functools
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -74,14 +75,26 @@ def as_ids(ids) -> np.ndarray:
     return np.array(values, dtype=np.uint64).reshape(-1)
 
 
+@functools.cache
+def _lookup_series(backend: str, table: str):
+    """The labelled series of a (backend, table), resolved once: `labels()` costs a lock."""
+    return (
+        *(EMBEDDING_LOOKUPS.labels(table, result) for result in ("hit", "cache_hit", "miss", "error")),
+        EMBEDDING_BATCH_IDS.labels(backend),
+        EMBEDDING_LOOKUP_LATENCY.labels(backend),
+    )
+
+
 def observe_lookup(backend: str, table: str, found: np.ndarray, cached: np.ndarray, degraded: bool, seconds: float) -> None:
     """Metrics of one batched lookup over distinct ids."""
-    cache_hits = int((found & cached).sum())
-    EMBEDDING_LOOKUPS.labels(table, "cache_hit").inc(cache_hits)
-    EMBEDDING_LOOKUPS.labels(table, "hit").inc(int(found.sum()) - cache_hits)
-    EMBEDDING_LOOKUPS.labels(table, "error" if degraded else "miss").inc(int((~found).sum()))
-    EMBEDDING_BATCH_IDS.labels(backend).observe(len(found))
-    EMBEDDING_LOOKUP_LATENCY.labels(backend).observe(seconds)
+    hit, cache_hit, miss, error, batch, latency = _lookup_series(backend, table)
+    n_found = int(found.sum())
+    n_cached = int((found & cached).sum()) if cached.any() else 0
+    cache_hit.inc(n_cached)
+    hit.inc(n_found - n_cached)
+    (error if degraded else miss).inc(len(found) - n_found)
+    batch.observe(len(found))
+    latency.observe(seconds)
 
 
 def observe_admission(table: str, admitted: np.ndarray) -> None:
