@@ -1,7 +1,6 @@
 """Offline evaluation on a temporal split: Recall@K of the full pipeline, of candidate
 generation alone, and of a most-popular baseline, all through the serving code."""
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,6 @@ from tqdm import tqdm
 from service.bundle import ModelBundle
 from service.pipeline import RecommendPipeline
 from service.schemas import RecommendRequest
-
-log = logging.getLogger(__name__)
 
 CUTOFFS = (10, 50, 100)
 

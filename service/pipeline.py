@@ -1,23 +1,19 @@
 """The one pipeline HTTP and gRPC both call: retrieve candidates, rank them, answer."""
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from service.bundle import ModelBundle
-from service.embeddings.artifact_tables import load_artifact, table_configs
-from service.embeddings.memory import InMemoryEmbeddingStore
+from service.embeddings.artifact_tables import in_memory_store
 from service.embeddings.store import EmbeddingStore
 from service.metrics import CANDIDATES, COLD_START, DEGRADED, MODEL_INFO, STAGE_LATENCY
 from service.ranking.ranker import Ranker
 from service.retrieval.generator import SOURCE_POPULAR, CandidateGenerator, Candidates
 from service.schemas import Candidate, CandidatesResponse, RecommendRequest, RecommendResponse, ScoredItem
 
-log = logging.getLogger(__name__)
 
-
-@dataclass
+@dataclass(frozen=True)
 class PipelineOptions:
     default_candidates: int = 200
     history_length: int = 50
@@ -28,10 +24,7 @@ class RecommendPipeline:
         """`store` holds the artifact's id vectors; by default an in-process one is filled."""
         self.bundle = bundle
         self.options = options
-        if store is None:
-            store = InMemoryEmbeddingStore(table_configs(bundle))
-            load_artifact(store, bundle, progress=False)
-        self.store = store
+        self.store = store = store if store is not None else in_memory_store(bundle)
         self.generator = CandidateGenerator(
             bundle.two_tower,
             bundle.index,

@@ -49,14 +49,19 @@ def holds_artifact(store: EmbeddingStore, bundle, sample: int = 100) -> bool:
     return False
 
 
+def in_memory_store(bundle, ttl_seconds: float | None = None) -> InMemoryEmbeddingStore:
+    """An in-process table holding the artifact's vectors: the embedded default."""
+    store = InMemoryEmbeddingStore(table_configs(bundle, ttl_seconds))
+    load_artifact(store, bundle, progress=False)
+    return store
+
+
 def open_store(settings, bundle) -> EmbeddingStore:
     """The configured store, holding the artifact's vectors: in-process, or Redis (loaded
     once, by whichever process finds the artifact's namespace empty; loads are idempotent)."""
-    tables = table_configs(bundle, settings.embedding_ttl_seconds)
     if settings.redis_url is None:
-        store = InMemoryEmbeddingStore(tables)
-        load_artifact(store, bundle, progress=False)
-        return store
+        return in_memory_store(bundle, settings.embedding_ttl_seconds)
+    tables = table_configs(bundle, settings.embedding_ttl_seconds)
     config = RedisStoreConfig(
         settings.redis_url,
         cluster=settings.redis_cluster,
