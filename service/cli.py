@@ -1,5 +1,6 @@
 """`recsys`: train, evaluate and serve."""
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -139,7 +140,9 @@ ArtifactsOption = Annotated[Optional[Path], typer.Option(help="Artifact root or 
 TableArgument = Annotated[str, typer.Option("--table", help="Table name: user or item.")]
 
 
-def _open_table_store(artifacts: Path | None):
+@contextlib.contextmanager
+def _table_store(artifacts: Path | None):
+    """(bundle, store) for the table commands; the store is closed on the way out."""
     from service.bundle import ModelBundle
     from service.embeddings.artifact_tables import table_configs
     from service.embeddings.memory import InMemoryEmbeddingStore
@@ -150,15 +153,19 @@ def _open_table_store(artifacts: Path | None):
     bundle = ModelBundle.load(settings.artifacts)
     tables = table_configs(bundle, settings.embedding_ttl_seconds)
     if settings.redis_url is None:
-        return bundle, InMemoryEmbeddingStore(tables)
-    config = RedisStoreConfig(
+        store = InMemoryEmbeddingStore(tables)
+    else:
+        store = RedisEmbeddingStore(tables, RedisStoreConfig(
         settings.redis_url,
         cluster=settings.redis_cluster,
-        namespace=settings.redis_namespace or bundle.namespace,
-        socket_timeout=max(settings.redis_socket_timeout, 5.0),  # bulk work, not the request path
-        cache_entries=0,
-    )
-    return bundle, RedisEmbeddingStore(tables, config)
+            namespace=settings.redis_namespace or bundle.namespace,
+            socket_timeout=max(settings.redis_socket_timeout, 5.0),  # bulk work, not the request path
+            cache_entries=0,
+        ))
+    try:
+        yield bundle, store
+    finally:
+        store.close()
 
 
 @table_app.command("load")
@@ -167,10 +174,9 @@ def table_load(artifacts: ArtifactsOption = None) -> None:
     _setup_logging()
     from service.embeddings.artifact_tables import load_artifact
 
-    bundle, store = _open_table_store(artifacts)
-    rows = load_artifact(store, bundle)
+    with _table_store(artifacts) as (bundle, store):
+        rows = load_artifact(store, bundle)
     typer.echo(f"loaded {rows} rows of artifact {bundle.version} into {type(store).__name__}")
-    store.close()
 
 
 @table_app.command("export")
@@ -182,9 +188,9 @@ def table_export(
     """Write every row of a table to Parquet (id: uint64, vector: fixed-size float32 list)."""
     from service.embeddings.snapshot import export_table
 
-    _, store = _open_table_store(artifacts)
-    typer.echo(f"exported {export_table(store, table, out)} rows of {table} to {out}")
-    store.close()
+    with _table_store(artifacts) as (_, store):
+        rows = export_table(store, table, out)
+    typer.echo(f"exported {rows} rows of {table} to {out}")
 
 
 @table_app.command("import")
@@ -196,10 +202,9 @@ def table_import(
     """Write the rows of a Parquet snapshot into a table (fresh TTLs)."""
     from service.embeddings.snapshot import import_table
 
-    _, store = _open_table_store(artifacts)
-    try:
-        rows = import_table(store, table, file)
-    except (ValueError, KeyError) as exc:
-        raise typer.BadParameter(str(exc)) from None
+    with _table_store(artifacts) as (_, store):
+        try:
+            rows = import_table(store, table, file)
+        except (ValueError, KeyError) as exc:
+            raise typer.BadParameter(str(exc)) from None
     typer.echo(f"imported {rows} rows into {table}")
-    store.close()
