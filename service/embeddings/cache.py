@@ -118,7 +118,3 @@ class LocalCache:
                     slot = ring.slot_of.pop(item, None)
                     if slot is not None:
                         ring.expires[slot] = -np.inf
-
-    def __len__(self) -> int:
-        now = time.monotonic()
-        return sum(int((ring.expires > now).sum()) for ring in self._rings.values())

@@ -48,10 +48,6 @@ class ItemIndex:
         except RuntimeError:
             pass  # not an IVF index: nothing to probe
 
-    @property
-    def dim(self) -> int:
-        return self.index.d
-
     def __len__(self) -> int:
         return self.index.ntotal
 
