@@ -103,6 +103,49 @@ def serve(
     uvicorn.run(build_app(settings), host=settings.host, port=settings.http_port, log_level=settings.log_level.lower())
 
 
+@app.command("online-train")
+def online_train(artifacts: Annotated[Optional[Path], typer.Option(help="Artifact root or version folder.")] = None) -> None:
+    """Learn from the event stream until SIGTERM: read it in a consumer group, update user
+    and item vectors in the Redis table, announce new item vectors to the serving processes."""
+    import signal
+    import threading
+
+    from prometheus_client import start_http_server
+
+    from service.bundle import ModelBundle
+    from service.embeddings.artifact_tables import open_store
+    from service.online.runtime import make_trainer, open_online
+    from service.settings import Settings
+
+    settings = Settings(**({"artifacts": artifacts} if artifacts else {}))
+    _setup_logging(settings.log_level)
+    if settings.redis_url is None:
+        raise typer.BadParameter(
+            "needs RECSYS_REDIS_URL; without Redis the service itself trains on its events "
+            "(RECSYS_ONLINE_TRAINER=in_process)"
+        )
+    # Not the request path: patient sockets, and no local cache in front of rows it rewrites.
+    settings = settings.model_copy(update={"redis_socket_timeout": 5.0, "embedding_cache_entries": 0})
+    bundle = ModelBundle.load(settings.artifacts)
+    store = open_store(settings, bundle)
+    online = open_online(settings, bundle)
+    trainer = make_trainer(settings, bundle, store, online)
+    if settings.trainer_metrics_port:
+        start_http_server(settings.trainer_metrics_port, addr=settings.host)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    logging.getLogger(__name__).info(
+        "online trainer %s: artifact %s, stream %s, group %s",
+        settings.trainer_consumer, bundle.version, settings.events_stream, online.trainer_events.group,
+    )
+    try:
+        trainer.run(stop)
+    finally:
+        online.stop()
+        store.close()
+
+
 @app.command("eval")
 def evaluate(
     dataset: DatasetOption = None,

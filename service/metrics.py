@@ -36,3 +36,30 @@ EMBEDDING_BATCH_IDS = Histogram(
 EMBEDDING_ADMISSIONS = Counter(
     "recsys_embedding_admissions_total", "Frequency-filter decisions.", ["table", "result"]
 )
+
+DELAY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+EVENTS_APPENDED = Counter("recsys_events_appended_total", "Events the event log accepted.", ["type"])
+EVENTS_PROCESSED = Counter(
+    "recsys_events_processed_total", "Events the online trainer processed and acked.", ["type"]
+)
+EVENTS_LOST = Counter(
+    "recsys_events_lost_total", "Events trimmed from the event log before the trainer processed them."
+)
+EVENTS_BACKLOG = Gauge("recsys_events_backlog", "Events appended and not yet acked by the online trainer.")
+ONLINE_UPDATE_DELAY = Histogram(
+    "recsys_online_update_delay_seconds",
+    "From an event's append to the trainer's write of the vectors it changed.",
+    buckets=DELAY_BUCKETS,
+)
+ONLINE_ROWS_WRITTEN = Counter("recsys_online_rows_written_total", "Vectors the online trainer wrote.", ["table"])
+INDEX_SYNC_DELAY = Histogram(
+    "recsys_index_sync_delay_seconds",
+    "From the trainer's announcement of new item vectors to this process's index holding them.",
+    buckets=DELAY_BUCKETS,
+)
+INDEX_UPSERTS = Counter("recsys_index_upserts_total", "Items written into the FAISS index online.", ["result"])
+FRESHNESS = Gauge(
+    "recsys_online_freshness_seconds",
+    "Seconds since the last online update: trainer (vectors written) or index (items re-embedded here).",
+    ["component"],
+)

@@ -7,6 +7,7 @@ import numpy as np
 from service.bundle import ModelBundle
 from service.embeddings.artifact_tables import in_memory_store
 from service.embeddings.store import EmbeddingStore
+from service.online.recent import RecentItems
 from service.metrics import CANDIDATES, COLD_START, DEGRADED, MODEL_INFO, STAGE_LATENCY
 from service.ranking.ranker import Ranker
 from service.retrieval.generator import SOURCE_POPULAR, CandidateGenerator, Candidates
@@ -20,8 +21,15 @@ class PipelineOptions:
 
 
 class RecommendPipeline:
-    def __init__(self, bundle: ModelBundle, store: EmbeddingStore | None = None, options: PipelineOptions = PipelineOptions()):
-        """`store` holds the artifact's id vectors; by default an in-process one is filled."""
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        store: EmbeddingStore | None = None,
+        options: PipelineOptions = PipelineOptions(),
+        recent: RecentItems | None = None,
+    ):
+        """`store` holds the artifact's id vectors (by default an in-process one is filled);
+        `recent` the users' items since the artifact was trained (none: the artifact's only)."""
         self.bundle = bundle
         self.options = options
         self.store = store = store if store is not None else in_memory_store(bundle)
@@ -33,6 +41,7 @@ class RecommendPipeline:
             bundle.popular_items,
             bundle.popular_scores,
             min(options.history_length, bundle.two_tower.config.history_length),
+            recent,
         )
         self.ranker = Ranker(bundle.ranker, bundle.features, 1.0 / bundle.two_tower.config.temperature)
         MODEL_INFO.info({"version": bundle.version, "retrieval": "two_tower", "ranker": "deepfm"})

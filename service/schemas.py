@@ -4,13 +4,17 @@ Both transports validate through these models, so a request is refused (or answe
 same way whichever way it arrives.
 """
 
+import time
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_K = 500
 MAX_CANDIDATES = 2000
 MAX_EXCLUDE_IDS = 1000
+MAX_EVENTS = 1000
+MAX_EVENT_FUTURE_SECONDS = 300  # clock skew a client may have; later timestamps are refused
 UINT64_MAX = 2**64 - 1
 
 Uint64 = Annotated[int, Field(ge=0, le=UINT64_MAX, strict=True)]
@@ -68,3 +72,50 @@ class CandidatesResponse(BaseModel):
     candidates: list[Candidate]
     degraded: bool
     model_version: str
+
+
+EventType = Literal["impression", "click", "purchase"]
+POSITIVE_EVENT_TYPES = frozenset({"click", "purchase"})  # what the online trainer learns from
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Uint64
+    item_id: Uint64 = Field(description="Any 64-bit id: an item the catalog does not know yet is welcome.")
+    type: EventType
+    timestamp: Annotated[
+        float | None,
+        Field(description="When it happened: Unix seconds or ISO 8601; default: when it arrives."),
+    ] = None
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _unix_seconds(cls, value):
+        if isinstance(value, str):
+            try:
+                moment = datetime.fromisoformat(value)
+            except ValueError:
+                return value  # a numeric string, or an error the float parsing reports
+            return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+        return value
+
+    @field_validator("timestamp")
+    @classmethod
+    def _not_in_the_future(cls, value: float | None) -> float | None:
+        if value is not None and not 0 <= value <= time.time() + MAX_EVENT_FUTURE_SECONDS:
+            raise ValueError("timestamp must be Unix seconds between 1970 and now")
+        return value
+
+
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"events": [{"user_id": 42, "item_id": 7, "type": "click"}]}]},
+    )
+
+    events: Annotated[list[Event], Field(min_length=1, max_length=MAX_EVENTS)]
+
+
+class EventsResponse(BaseModel):
+    accepted: int = Field(description="Events appended to the event log; all of the request's, or an error.")

@@ -1,5 +1,6 @@
 """Runtime configuration: one settings class, read from `RECSYS_*` environment variables."""
 
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -43,6 +44,24 @@ class Settings(BaseSettings):
     ] = None
     embedding_cache_entries: Annotated[int, Field(ge=0, description="Local cache in front of Redis; 0: off.")] = 100_000
     embedding_cache_ttl_seconds: Annotated[float, Field(gt=0)] = 1.0
+
+    events_stream: Annotated[str, Field(min_length=1, description="Redis Stream key of the event log.")] = "recsys:events"
+    events_max_length: Annotated[
+        int, Field(ge=1000, description="Cap of the event stream; keep it above the trainer's worst backlog.")
+    ] = 10_000_000
+    online_trainer: Annotated[
+        Literal["in_process", "off"],
+        Field(description="in_process: this process also trains on events (the embedded default; with Redis, "
+                          "let one process do it, or run `recsys online-train`)."),
+    ] = "in_process"
+    index_sync: Annotated[bool, Field(description="Re-embed items the online trainer rewrote into this process's index.")] = True
+    online_learning_rate: Annotated[float, Field(gt=0, le=10)] = 0.05
+    online_steps: Annotated[int, Field(ge=1, le=100, description="SGD steps per batch of events.")] = 5
+    online_batch_events: Annotated[int, Field(ge=1, le=10_000)] = 512
+    trainer_consumer: Annotated[
+        str, Field(min_length=1, description="Consumer name in the event group; keep it across restarts.")
+    ] = socket.gethostname()
+    trainer_metrics_port: Annotated[int, Field(ge=0, le=65535, description="`recsys online-train` /metrics; 0: off.")] = 9102
 
     @field_validator("redis_url")
     @classmethod

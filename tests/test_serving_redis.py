@@ -39,7 +39,6 @@ def test_degraded_while_redis_is_down_then_recovers(artifact_root, known_user):
     )
     try:
         with TestClient(build_app(settings)) as client:
-            client.app.state.pipeline.store.breaker.reset_timeout = 0.3
             before = client.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
             assert before["degraded"] is False
             server.kill()
@@ -48,9 +47,14 @@ def test_degraded_while_redis_is_down_then_recovers(artifact_root, known_user):
                 assert response.status_code == 200
                 assert response.json()["degraded"] is True and len(response.json()["items"]) == 5
             assert 'recsys_degraded_responses_total{reason="embedding_store"}' in client.get("/metrics").text
+            refused = client.post("/v1/events", json={"events": [{"user_id": 1, "item_id": 2, "type": "click"}]})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert "no event of the request was appended, retry" in refused.json()["detail"]
             server.start()  # same port; AOF brings the rows back
-            time.sleep(0.4)
-            after = client.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
+            deadline = time.monotonic() + 10  # the breakers let a call through after their reset time
+            while (after := client.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json())["degraded"]:
+                assert time.monotonic() < deadline, "still degraded after Redis came back"
+                time.sleep(0.2)
             assert after == before
     finally:
         server.stop()

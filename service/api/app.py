@@ -1,4 +1,5 @@
-"""The embedded service: artifacts loaded once, one pipeline behind HTTP and gRPC."""
+"""The embedded service: artifacts loaded once, one pipeline behind HTTP and gRPC, and the
+online-learning parts (event log, index sync, and the trainer when it runs in process)."""
 
 import logging
 from contextlib import asynccontextmanager
@@ -11,34 +12,44 @@ from service.api.http import create_app
 from service.bundle import ModelBundle
 from service.embeddings.artifact_tables import open_store
 from service.metrics import READY
+from service.online.runtime import OnlineLearning, make_index_sync, make_trainer, open_online
 from service.pipeline import PipelineOptions, RecommendPipeline
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def load_pipeline(settings: Settings) -> RecommendPipeline:
+def load_service(settings: Settings) -> tuple[RecommendPipeline, OnlineLearning]:
     bundle = ModelBundle.load(settings.artifacts)
     log.info("serving artifact %s (%d items, %d users)", bundle.version, len(bundle.index), len(bundle.histories))
     options = PipelineOptions(default_candidates=settings.default_candidates, history_length=settings.history_length)
     store = open_store(settings, bundle)
     log.info("embedding table: %s", type(store).__name__)
-    return RecommendPipeline(bundle, store, options)
+    online = open_online(settings, bundle)
+    pipeline = RecommendPipeline(bundle, store, options, online.recent)
+    if settings.index_sync:
+        online.start("index-sync", make_index_sync(bundle, store, bundle.index, online).run)
+    if settings.online_trainer == "in_process":
+        online.start("online-trainer", make_trainer(settings, bundle, store, online).run)
+    return pipeline, online
 
 
 def build_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         torch.set_num_threads(settings.torch_threads)
-        app.state.pipeline = None
+        app.state.pipeline = app.state.online = None
         grpc_server = None
         if settings.grpc_port:
-            grpc_server = GrpcServer(lambda: app.state.pipeline, f"{settings.host}:{settings.grpc_port}", settings.grpc_workers)
+            grpc_server = GrpcServer(
+                lambda: app.state.pipeline, lambda: app.state.online,
+                f"{settings.host}:{settings.grpc_port}", settings.grpc_workers,
+            )
             grpc_server.start()
             log.info("gRPC listening on %s:%d", settings.host, grpc_server.port)
         app.state.grpc_server = grpc_server
         try:
-            app.state.pipeline = load_pipeline(settings)
+            app.state.pipeline, app.state.online = load_service(settings)
             READY.set(1)
             if grpc_server is not None:
                 grpc_server.set_serving(True)
@@ -47,6 +58,8 @@ def build_app(settings: Settings) -> FastAPI:
             READY.set(0)
             if grpc_server is not None:
                 grpc_server.stop()
+            if app.state.online is not None:
+                app.state.online.stop()
             if app.state.pipeline is not None:
                 app.state.pipeline.store.close()
 

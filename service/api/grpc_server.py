@@ -15,10 +15,12 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 from service.metrics import REQUEST_LATENCY, REQUESTS
+from service.online.runtime import OnlineLearning
+from service.online.streams import EventLogUnavailable, accept_events
 from service.pipeline import RecommendPipeline
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
-from service.schemas import RecommendRequest
+from service.schemas import EventsRequest, RecommendRequest
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 MAX_MESSAGE_BYTES = 1 << 20
@@ -34,6 +36,20 @@ def request_from_proto(message: pb.RecommendRequest) -> RecommendRequest:
     return RecommendRequest.model_validate(fields)
 
 
+def events_from_proto(message: pb.SendEventsRequest) -> EventsRequest:
+    return EventsRequest.model_validate({
+        "events": [
+            {
+                "user_id": e.user_id,
+                "item_id": e.item_id,
+                "type": e.type,
+                **({"timestamp": e.timestamp.seconds + e.timestamp.nanos / 1e9} if e.HasField("timestamp") else {}),
+            }
+            for e in message.events
+        ]
+    })
+
+
 def _validation_message(error: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in error.errors()
@@ -41,23 +57,30 @@ def _validation_message(error: ValidationError) -> str:
 
 
 class RecommenderServicer(pb_grpc.RecommenderServicer):
-    def __init__(self, pipeline: Callable[[], RecommendPipeline | None]):
+    def __init__(self, pipeline: Callable[[], RecommendPipeline | None], online: Callable[[], OnlineLearning | None]):
         self._pipeline = pipeline
+        self._online = online
 
-    def _call(self, endpoint: str, request, context: grpc.ServicerContext, answer):
+    def _call(self, endpoint: str, context: grpc.ServicerContext, ready, parse, answer):
+        """Metrics and status codes around one call: UNAVAILABLE before `ready()` gives what
+        `answer` needs, INVALID_ARGUMENT when `parse` refuses the request."""
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            pipeline = self._pipeline()
-            if pipeline is None:
+            resource = ready()
+            if resource is None:
                 code = grpc.StatusCode.UNAVAILABLE
                 context.abort(code, "models are not loaded yet")
             try:
-                parsed = request_from_proto(request)
+                parsed = parse()
             except ValidationError as exc:
                 code = grpc.StatusCode.INVALID_ARGUMENT
                 context.abort(code, _validation_message(exc))
-            return answer(pipeline, parsed)
+            try:
+                return answer(resource, parsed)
+            except EventLogUnavailable as exc:
+                code = grpc.StatusCode.UNAVAILABLE
+                context.abort(code, f"{exc}; no event of the request was appended, retry")
         except Exception:
             if code == grpc.StatusCode.OK:
                 code = grpc.StatusCode.INTERNAL
@@ -76,7 +99,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 model_version=result.model_version,
             )
 
-        return self._call("Recommend", request, context, answer)
+        return self._call("Recommend", context, self._pipeline, lambda: request_from_proto(request), answer)
 
     def Candidates(self, request, context):
         def answer(pipeline: RecommendPipeline, parsed: RecommendRequest) -> pb.CandidatesResponse:
@@ -88,13 +111,25 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 model_version=result.model_version,
             )
 
-        return self._call("Candidates", request, context, answer)
+        return self._call("Candidates", context, self._pipeline, lambda: request_from_proto(request), answer)
+
+    def SendEvents(self, request, context):
+        def answer(online: OnlineLearning, parsed: EventsRequest) -> pb.SendEventsResponse:
+            return pb.SendEventsResponse(accepted=accept_events(online.events, parsed).accepted)
+
+        return self._call("SendEvents", context, self._online, lambda: events_from_proto(request), answer)
 
 
 class GrpcServer:
     """The gRPC server with health (NOT_SERVING until the pipeline is ready) and reflection."""
 
-    def __init__(self, pipeline: Callable[[], RecommendPipeline | None], address: str, workers: int = 8):
+    def __init__(
+        self,
+        pipeline: Callable[[], RecommendPipeline | None],
+        online: Callable[[], OnlineLearning | None],
+        address: str,
+        workers: int = 8,
+    ):
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             options=[
@@ -102,7 +137,7 @@ class GrpcServer:
                 ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES),
             ],
         )
-        pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(pipeline), self.server)
+        pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(pipeline, online), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -5,11 +5,13 @@ from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.metrics import REQUEST_LATENCY, REQUESTS
+from service.online.streams import EventLog, EventLogUnavailable, accept_events
 from service.pipeline import RecommendPipeline
-from service.schemas import CandidatesResponse, RecommendRequest, RecommendResponse
+from service.schemas import CandidatesResponse, EventsRequest, EventsResponse, RecommendRequest, RecommendResponse
 
 
 def get_pipeline(request: Request) -> RecommendPipeline:
@@ -19,14 +21,22 @@ def get_pipeline(request: Request) -> RecommendPipeline:
     return pipeline
 
 
+def get_event_log(request: Request) -> EventLog:
+    online = getattr(request.app.state, "online", None)
+    if online is None:
+        raise HTTPException(status_code=503, detail="the event log is not open yet")
+    return online.events
+
+
 PipelineDep = Annotated[RecommendPipeline, Depends(get_pipeline)]
+EventLogDep = Annotated[EventLog, Depends(get_event_log)]
 
 
 def create_app(lifespan: Callable | None = None) -> FastAPI:
     """The HTTP app; `lifespan` loads the pipeline into `app.state.pipeline`."""
     app = FastAPI(
         title="recsys",
-        summary="Top-k recommendations: two-tower retrieval over FAISS, DeepFM ranking.",
+        summary="Top-k recommendations: two-tower retrieval over FAISS, DeepFM ranking, online learning from events.",
         version="1",
         lifespan=lifespan,
     )
@@ -50,6 +60,16 @@ def create_app(lifespan: Callable | None = None) -> FastAPI:
     def candidates(body: RecommendRequest, pipeline: PipelineDep) -> CandidatesResponse:
         """The candidate set before ranking, with retrieval scores and sources."""
         return pipeline.candidates(body)
+
+    @app.exception_handler(EventLogUnavailable)
+    async def event_log_unavailable(request: Request, exc: EventLogUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": f"{exc}; no event of the request was appended, retry"}, 503, {"Retry-After": "1"})
+
+    @app.post("/v1/events", status_code=202, response_model=EventsResponse, tags=["events"])
+    def events(body: EventsRequest, log: EventLogDep) -> EventsResponse:
+        """Append what users did (impressions, clicks, purchases) to the event log, all or
+        none; answered once the log holds them. The online trainer learns from them."""
+        return accept_events(log, body)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:

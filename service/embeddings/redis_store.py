@@ -142,6 +142,10 @@ class RedisEmbeddingStore(EmbeddingStore):
         if self.cache is not None:
             self.cache.invalidate(table, ids.tolist())
 
+    def invalidate(self, table: str, ids) -> None:
+        if self.cache is not None:
+            self.cache.invalidate(table, as_ids(ids).tolist())
+
     def delete(self, table: str, ids) -> int:
         ids = as_ids(ids).tolist()
         pipe = self.client.pipeline(transaction=False)

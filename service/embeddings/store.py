@@ -142,6 +142,9 @@ class EmbeddingStore(ABC):
         observe_admission(table, admitted)
         return admitted
 
+    def invalidate(self, table: str, ids) -> None:
+        """Forget what a local cache holds for these ids: another process rewrote them."""
+
     def close(self) -> None:
         """Release connections; the in-memory store has none."""
 

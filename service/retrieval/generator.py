@@ -1,5 +1,6 @@
 """Candidate generation for one request: user vector from the embedding table, FAISS
-search, exclusion of what the user has seen, popular items for cold users and to fill up."""
+search, exclusion of what the user has seen (in the artifact's history and since), popular
+items for cold users and to fill up."""
 
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import torch
 from service.embeddings.artifact_tables import ITEM_TABLE, USER_TABLE
 from service.embeddings.store import EmbeddingStore
 from service.history import UserHistories
+from service.online.recent import RecentItems
 from service.retrieval.index import ItemIndex
 from service.retrieval.two_tower import TwoTower
 
@@ -33,6 +35,7 @@ class CandidateGenerator:
         popular_items: np.ndarray,
         popular_scores: np.ndarray,
         history_length: int,
+        recent: RecentItems | None = None,
     ):
         self.two_tower = two_tower
         self.index = index
@@ -41,6 +44,7 @@ class CandidateGenerator:
         self.popular_items = popular_items
         self.popular_scores = popular_scores
         self.history_length = history_length
+        self.recent = recent
 
     def user_vector(self, user_id: int, history: np.ndarray) -> tuple[np.ndarray | None, bool]:
         """The user-tower output (None for a user the table and history know nothing of),
@@ -57,15 +61,25 @@ class CandidateGenerator:
             vector = self.two_tower.user_tower(torch.from_numpy(user.vectors), torch.from_numpy(pooled[None, :]))
         return vector.numpy(), degraded
 
+    def history(self, user_id: int) -> tuple[np.ndarray, bool]:
+        """The user's items, oldest first: the artifact's, then those since; and whether the
+        recent items were unavailable."""
+        history = self.histories.get(user_id)
+        if self.recent is None:
+            return history, False
+        recent, degraded = self.recent.get(user_id)
+        return (np.concatenate([history, recent]) if len(recent) else history), degraded
+
     def popular(self, n: int, excluded: np.ndarray) -> Candidates:
         keep = ~np.isin(self.popular_items, excluded)
         ids = self.popular_items[keep][:n]
         return Candidates(ids, self.popular_scores[keep][:n], [SOURCE_POPULAR] * len(ids))
 
     def generate(self, user_id: int, n: int, exclude: np.ndarray) -> Candidates:
-        history = self.histories.get(user_id)
+        history, recent_degraded = self.history(user_id)
         excluded = np.union1d(history, np.asarray(exclude, dtype=np.uint64))
         vector, degraded = self.user_vector(user_id, history)
+        degraded |= recent_degraded
         if vector is None:
             result = self.popular(n, excluded)
             result.degraded = degraded

@@ -1,10 +1,12 @@
 """FAISS item index over real 64-bit item ids (IndexIDMap2) with inner-product metric.
 
-FAISS ids are int64; uint64 ids travel as the same 64 bits viewed as int64.
+FAISS ids are int64; uint64 ids travel as the same 64 bits viewed as int64. A FAISS index
+must not be searched while it changes, so searches and online upserts share a lock.
 """
 
 import logging
 import math
+import threading
 from pathlib import Path
 
 import faiss
@@ -26,6 +28,7 @@ class ItemIndex:
     def __init__(self, index: faiss.Index, nprobe: int = 32):
         self.index = index
         self.set_nprobe(nprobe)
+        self._lock = threading.Lock()
 
     @classmethod
     def build(cls, ids: np.ndarray, vectors: np.ndarray, factory: str = "auto", nprobe: int = 32, seed: int = 0) -> "ItemIndex":
@@ -53,13 +56,24 @@ class ItemIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, uint64 ids) per query; rows padded with id 0 / -inf past ntotal."""
-        k = max(1, min(k, len(self)))
-        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        with self._lock:
+            scores, ids = self.index.search(queries, max(1, min(k, len(self))))
         valid = ids != -1
         return np.where(valid, scores, -np.inf), np.where(valid, ids, 0).view(np.uint64)
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
-        return self.index.reconstruct_batch(np.asarray(ids, dtype=np.uint64).view(np.int64))
+        with self._lock:
+            return self.index.reconstruct_batch(np.asarray(ids, dtype=np.uint64).view(np.int64))
+
+    def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> int:
+        """Insert or replace items' vectors; returns how many ids were new to the index."""
+        keys = np.ascontiguousarray(np.asarray(ids, dtype=np.uint64).view(np.int64))
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        with self._lock:
+            replaced = self.index.remove_ids(faiss.IDSelectorBatch(keys))
+            self.index.add_with_ids(vectors, keys)
+        return len(keys) - replaced
 
     def save(self, path: Path) -> None:
         faiss.write_index(self.index, str(path))

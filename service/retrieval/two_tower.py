@@ -65,8 +65,12 @@ class TwoTower(nn.Module):
         return F.normalize(self.user_mlp(torch.cat([user_vectors, pooled_history], -1)), dim=-1)
 
     def item_tower(self, item_rows: torch.Tensor, attribute_rows: torch.Tensor) -> torch.Tensor:
+        return self.item_tower_from_vectors(self.item_id(item_rows), attribute_rows)
+
+    def item_tower_from_vectors(self, item_vectors: torch.Tensor, attribute_rows: torch.Tensor) -> torch.Tensor:
+        """From item-id vectors as the embedding table holds them: what online updates call."""
         attributes = self.masked_mean(self.attribute(attribute_rows), attribute_rows > 0)
-        return F.normalize(self.item_mlp(torch.cat([self.item_id(item_rows), attributes], -1)), dim=-1)
+        return F.normalize(self.item_mlp(torch.cat([item_vectors, attributes], -1)), dim=-1)
 
     def user_from_rows(self, user_rows: torch.Tensor, history_rows: torch.Tensor) -> torch.Tensor:
         pooled = self.masked_mean(self.item_id(history_rows), history_rows > 0)

@@ -44,6 +44,11 @@ class RecommenderStub:
                 request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RecommendRequest.SerializeToString,
                 response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CandidatesResponse.FromString,
                 _registered_method=True)
+        self.SendEvents = channel.unary_unary(
+                '/recsys.v1.Recommender/SendEvents',
+                request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SendEventsRequest.SerializeToString,
+                response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SendEventsResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -63,6 +68,13 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendEvents(self, request, context):
+        """Append what users did to the event log; answered once the log holds all of them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.Candidates,
                     request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RecommendRequest.FromString,
                     response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CandidatesResponse.SerializeToString,
+            ),
+            'SendEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendEvents,
+                    request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SendEventsRequest.FromString,
+                    response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SendEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +148,33 @@ class Recommender:
             '/recsys.v1.Recommender/Candidates',
             service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RecommendRequest.SerializeToString,
             service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CandidatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Recommender/SendEvents',
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SendEventsRequest.SerializeToString,
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SendEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,81 @@
+"""Online learning's parts, opened from settings: in-process ones for the embedded service,
+Redis ones (the event stream shared by every artifact version; the recent items and the
+item-update feed under the artifact's namespace) when `RECSYS_REDIS_URL` is set."""
+
+import threading
+from dataclasses import dataclass, field
+
+from service.bundle import ModelBundle
+from service.embeddings.redis_store import RedisStoreConfig, connect
+from service.embeddings.store import EmbeddingStore
+from service.online.index_sync import IndexSync
+from service.online.memory import InMemoryEventLog, InMemoryItemUpdateFeed
+from service.online.recent import InMemoryRecentItems, RecentItems, RedisRecentItems
+from service.online.redis_streams import RedisEventLog, RedisItemUpdateFeed
+from service.online.streams import EventLog, ItemUpdateFeed
+from service.online.trainer import OnlineTrainer, OnlineTrainerConfig
+from service.retrieval.index import ItemIndex
+
+BLOCK_SECONDS = 1.0  # how long background readers wait on a stream; their sockets wait longer
+
+
+@dataclass
+class OnlineLearning:
+    events: EventLog  # appends, on the request path
+    trainer_events: EventLog  # the same log, for the trainer's blocking reads
+    recent: RecentItems
+    updates: ItemUpdateFeed
+    _closers: list = field(default_factory=list)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self, name: str, loop) -> None:
+        """Run `loop(stop_event)` in a daemon thread until `stop()`."""
+        thread = threading.Thread(target=loop, args=(self._stop,), name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        for close in self._closers:
+            close()
+
+
+def open_online(settings, bundle: ModelBundle) -> OnlineLearning:
+    if settings.redis_url is None:
+        events = InMemoryEventLog()
+        recent = InMemoryRecentItems(settings.history_length, settings.embedding_ttl_seconds)
+        return OnlineLearning(events, events, recent, InMemoryItemUpdateFeed())
+    namespace = settings.redis_namespace or bundle.namespace
+    base = RedisStoreConfig(settings.redis_url, cluster=settings.redis_cluster, socket_timeout=settings.redis_socket_timeout)
+    requests = connect(base)  # request path: short timeouts
+    background = connect(RedisStoreConfig(base.url, cluster=base.cluster, socket_timeout=BLOCK_SECONDS + 4, retries=3))
+    events = RedisEventLog(background, settings.events_stream, f"trainer.{namespace}", settings.events_max_length)
+    events.ensure_group()  # before the first event is accepted, so the group sees every one
+    return OnlineLearning(
+        RedisEventLog(requests, settings.events_stream, events.group, settings.events_max_length),
+        events,
+        RedisRecentItems(requests, namespace, settings.history_length, settings.embedding_ttl_seconds),
+        RedisItemUpdateFeed(background, namespace),
+        [requests.close, background.close],
+    )
+
+
+def make_trainer(settings, bundle: ModelBundle, store: EmbeddingStore, online: OnlineLearning) -> OnlineTrainer:
+    config = OnlineTrainerConfig(
+        batch_events=settings.online_batch_events,
+        learning_rate=settings.online_learning_rate,
+        steps=settings.online_steps,
+        block_seconds=BLOCK_SECONDS,
+        history_length=settings.history_length,
+    )
+    return OnlineTrainer(
+        bundle.two_tower, bundle.features, bundle.histories, store,
+        online.trainer_events, online.recent, online.updates, config, settings.trainer_consumer,
+    )
+
+
+def make_index_sync(bundle: ModelBundle, store: EmbeddingStore, index: ItemIndex, online: OnlineLearning) -> IndexSync:
+    return IndexSync(bundle.two_tower, bundle.features, store, index, online.updates, BLOCK_SECONDS)
