@@ -128,7 +128,7 @@ def online_train(artifacts: Annotated[Optional[Path], typer.Option(help="Artifac
     settings = settings.model_copy(update={"redis_socket_timeout": 5.0, "embedding_cache_entries": 0})
     bundle = ModelBundle.load(settings.artifacts)
     store = open_store(settings, bundle)
-    online = open_online(settings, bundle)
+    online = open_online(settings, bundle, store)
     trainer = make_trainer(settings, bundle, store, online)
     if settings.trainer_metrics_port:
         start_http_server(settings.trainer_metrics_port, addr=settings.host)

@@ -262,11 +262,14 @@ def test_online_train_refuses_to_start_without_redis(artifact_root):
     assert result.returncode != 0 and "needs RECSYS_REDIS_URL" in result.stderr
 
 
-def test_store_opened_for_a_namespace_is_shared_with_the_trainer(artifact_root, redis_server):
-    """The trainer process and the service open the same tables: what one writes the other reads."""
+def test_a_row_another_process_rewrote_is_read_past_the_local_cache_once_invalidated(artifact_root, redis_server):
+    """The trainer writes from its own process; the serving process's cache still holds the
+    miss until the index sync invalidates those ids."""
     bundle = ModelBundle.load(artifact_root)
-    settings = Settings(artifacts=artifact_root, redis_url=redis_server.url, redis_namespace=uuid.uuid4().hex[:8])
+    settings = Settings(artifacts=artifact_root, redis_url=redis_server.url, redis_namespace=uuid.uuid4().hex[:8],
+                        embedding_cache_ttl_seconds=60)
     writer, reader = open_store(settings, bundle), open_store(settings, bundle)
+    assert not reader.get_many(ITEM_TABLE, [NEW_ITEM]).found[0]  # the miss is cached now
     writer.put_many(ITEM_TABLE, [NEW_ITEM], np.ones((1, bundle.two_tower.config.id_dim), np.float32))
     reader.invalidate(ITEM_TABLE, [NEW_ITEM])
     assert reader.get_many(ITEM_TABLE, [NEW_ITEM]).vectors[0].tolist() == [1.0] * bundle.two_tower.config.id_dim

@@ -25,7 +25,7 @@ def load_service(settings: Settings) -> tuple[RecommendPipeline, OnlineLearning]
     options = PipelineOptions(default_candidates=settings.default_candidates, history_length=settings.history_length)
     store = open_store(settings, bundle)
     log.info("embedding table: %s", type(store).__name__)
-    online = open_online(settings, bundle)
+    online = open_online(settings, bundle, store)
     pipeline = RecommendPipeline(bundle, store, options, online.recent)
     if settings.index_sync:
         online.start("index-sync", make_index_sync(bundle, store, bundle.index, online).run)

@@ -78,11 +78,19 @@ def recent_key(namespace: str, user_id: int) -> bytes:
 
 
 class RedisRecentItems(RecentItems):
-    def __init__(self, client, namespace: str, length: int, ttl_seconds: float | None = None):
+    def __init__(
+        self,
+        client,
+        namespace: str,
+        length: int,
+        ttl_seconds: float | None = None,
+        breaker: pybreaker.CircuitBreaker | None = None,
+    ):
+        """`breaker`: the embedding store's, so one Redis outage opens one breaker."""
         super().__init__(length, ttl_seconds)
         self.client = client
         self.namespace = namespace
-        self.breaker = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=2.0, name="redis-recent")
+        self.breaker = breaker or pybreaker.CircuitBreaker(fail_max=5, reset_timeout=2.0, name="redis-recent")
 
     def push(self, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
         grouped: dict[int, list[bytes]] = {}

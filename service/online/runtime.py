@@ -1,12 +1,12 @@
-"""Online learning's parts, opened from settings: in-process ones for the embedded service,
-Redis ones (the event stream shared by every artifact version; the recent items and the
-item-update feed under the artifact's namespace) when `RECSYS_REDIS_URL` is set."""
+"""Online learning's parts, opened beside the embedding table: in-process ones for the
+embedded service, Redis ones (the event stream shared by every artifact version; the recent
+items and the item-update feed under the table's namespace) when the table is on Redis."""
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from service.bundle import ModelBundle
-from service.embeddings.redis_store import RedisStoreConfig, connect
+from service.embeddings.redis_store import RedisEmbeddingStore, connect
 from service.embeddings.store import EmbeddingStore
 from service.online.index_sync import IndexSync
 from service.online.memory import InMemoryEventLog, InMemoryItemUpdateFeed
@@ -43,23 +43,23 @@ class OnlineLearning:
             close()
 
 
-def open_online(settings, bundle: ModelBundle) -> OnlineLearning:
-    if settings.redis_url is None:
+def open_online(settings, bundle: ModelBundle, store: EmbeddingStore) -> OnlineLearning:
+    """The parts beside `store`: in-process ones next to an in-process table; on a Redis table,
+    Redis ones under its namespace, sharing its client and breaker on the request path."""
+    if not isinstance(store, RedisEmbeddingStore):
         events = InMemoryEventLog()
         recent = InMemoryRecentItems(settings.history_length, settings.embedding_ttl_seconds)
         return OnlineLearning(events, events, recent, InMemoryItemUpdateFeed())
-    namespace = settings.redis_namespace or bundle.namespace
-    base = RedisStoreConfig(settings.redis_url, cluster=settings.redis_cluster, socket_timeout=settings.redis_socket_timeout)
-    requests = connect(base)  # request path: short timeouts
-    background = connect(RedisStoreConfig(base.url, cluster=base.cluster, socket_timeout=BLOCK_SECONDS + 4, retries=3))
+    namespace = store.config.namespace
+    background = connect(replace(store.config, socket_timeout=BLOCK_SECONDS + 4, retries=3))
     events = RedisEventLog(background, settings.events_stream, f"trainer.{namespace}", settings.events_max_length)
     events.ensure_group()  # before the first event is accepted, so the group sees every one
     return OnlineLearning(
-        RedisEventLog(requests, settings.events_stream, events.group, settings.events_max_length),
+        RedisEventLog(store.client, settings.events_stream, events.group, settings.events_max_length),
         events,
-        RedisRecentItems(requests, namespace, settings.history_length, settings.embedding_ttl_seconds),
+        RedisRecentItems(store.client, namespace, settings.history_length, settings.embedding_ttl_seconds, store.breaker),
         RedisItemUpdateFeed(background, namespace),
-        [requests.close, background.close],
+        [background.close],
     )
 
 

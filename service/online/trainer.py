@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from service.embeddings.artifact_tables import ITEM_TABLE, USER_TABLE
-from service.embeddings.store import EmbeddingStore
+from service.embeddings.store import EmbeddingStore, Lookup
 from service.features import FeatureSpace
 from service.history import UserHistories
 from service.metrics import EVENTS_BACKLOG, EVENTS_PROCESSED, FRESHNESS, ONLINE_ROWS_WRITTEN, ONLINE_UPDATE_DELAY
@@ -130,9 +130,7 @@ class OnlineTrainer:
         pooled = np.zeros((len(user_ids), self.two_tower.config.id_dim), dtype=np.float32)
         if not len(everything):
             return pooled
-        lookup = self.store.get_many(ITEM_TABLE, everything)
-        if lookup.degraded:
-            raise ConnectionError("embedding table 'item' unavailable")
+        lookup = self._lookup(ITEM_TABLE, everything)
         for row, history in enumerate(histories):
             at = np.searchsorted(everything, history)
             at = at[lookup.found[at]]
@@ -153,13 +151,16 @@ class OnlineTrainer:
                 )
         return self._user_negatives
 
-    def _vectors(self, table: str, ids: np.ndarray) -> np.ndarray:
+    def _lookup(self, table: str, ids: np.ndarray) -> Lookup:
         """Rows as the table holds them; a failed read raises, so defaults are never trained
         on and written back over real rows."""
         lookup = self.store.get_many(table, ids)
         if lookup.degraded:
             raise ConnectionError(f"embedding table {table!r} unavailable")
-        return lookup.vectors
+        return lookup
+
+    def _vectors(self, table: str, ids: np.ndarray) -> np.ndarray:
+        return self._lookup(table, ids).vectors
 
     def _attributes(self, item_ids: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.features.item_attributes[self.features.items.rows(item_ids)])
