@@ -18,7 +18,9 @@ from service.artifacts import FORMAT, MANIFEST, read_manifest, resolve_version, 
 from service.features import FeatureSpace
 from service.history import UserHistories
 from service.ranking.deepfm import DeepFM, DeepFMConfig
-from service.retrieval.index import ItemIndex
+from service.retrieval.index import Device, ItemIndex, SearchParams
+from service.retrieval.index_versions import load_index_version, newest_index_file
+from service.retrieval.knn_embed import ItemClusters, KnnEmbedConfig, UserMixtures
 from service.retrieval.two_tower import TwoTower, TwoTowerConfig
 
 
@@ -32,9 +34,17 @@ class ModelBundle:
     index: ItemIndex
     ranker: DeepFM
     histories: UserHistories
+    clusters: ItemClusters  # kNN-Embed: item clusters, the interests
+    mixtures: UserMixtures  # kNN-Embed: the artifact's users' interests
     popular_items: np.ndarray  # uint64, most popular first
     popular_scores: np.ndarray  # float32: cosine with the cold-user vector, the retrieval scale
     manifest: dict
+    folder: Path | None = None  # the version folder it was loaded from
+    index_version: str = "artifact"  # which index: the artifact's own, or a rebuilt one (indexes/)
+
+    @property
+    def knn_embed_config(self) -> KnnEmbedConfig:
+        return KnnEmbedConfig(**self.manifest["models"]["knn_embed"])
 
     @property
     def namespace(self) -> str:
@@ -53,6 +63,8 @@ class ModelBundle:
             save_tensors({k: v.contiguous() for k, v in self.ranker.state_dict().items()}, staging / "ranker.safetensors")
             self.index.save(staging / "items.faiss")
             self.histories.save(staging / "histories.safetensors")
+            self.clusters.save(staging / "clusters.faiss")
+            self.mixtures.save(staging / "interests.safetensors")
             save_arrays({"items": self.popular_items, "scores": self.popular_scores}, staging / "popular.safetensors")
             manifest = {
                 "format": FORMAT,
@@ -62,6 +74,7 @@ class ModelBundle:
                 "models": {
                     "two_tower": self.two_tower.config.__dict__,
                     "ranker": {"type": "deepfm", **self.ranker.config.__dict__},
+                    "knn_embed": {**config.get("knn_embed", {}), "clusters": self.clusters.n_clusters},
                 },
                 "data_schema": schema,
                 "metrics": metrics,
@@ -73,11 +86,18 @@ class ModelBundle:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        self.version, self.manifest = version, manifest
+        self.version, self.manifest, self.folder = version, manifest, final
         return final
 
     @classmethod
-    def load(cls, path: str | Path, root: str | Path | None = None) -> "ModelBundle":
+    def load(
+        cls,
+        path: str | Path,
+        root: str | Path | None = None,
+        index_params: SearchParams = SearchParams(),
+        index_device: Device = "cpu",
+    ) -> "ModelBundle":
+        """The newest version under `path` (or `path` itself), serving its newest index version."""
         folder = resolve_version(path)
         manifest = read_manifest(folder, root if root is not None else path)
         features = FeatureSpace.load(folder)
@@ -91,14 +111,23 @@ class ModelBundle:
         ranker = DeepFM(DeepFMConfig(**ranker_config))
         ranker.load_state_dict(load_tensors(folder / "ranker.safetensors"))
         popular = load_arrays(folder / "popular.safetensors")
+        index_file, index_version = newest_index_file(folder)
+        if index_version == "artifact":
+            index = ItemIndex.load(index_file, index_params, index_device)
+        else:
+            index = load_index_version(index_file.parent, index_params, index_device)
         return cls(
             version=manifest["version"],
             features=features,
             two_tower=two_tower.eval(),
-            index=ItemIndex.load(folder / "items.faiss"),
+            index=index,
             ranker=ranker.eval(),
             histories=UserHistories.load(folder / "histories.safetensors"),
+            clusters=ItemClusters.load(folder / "clusters.faiss"),
+            mixtures=UserMixtures.load(folder / "interests.safetensors"),
             popular_items=popular["items"],
             popular_scores=popular["scores"],
             manifest=manifest,
+            folder=folder,
+            index_version=index_version,
         )

@@ -46,13 +46,26 @@ def _load(dataset: str | None, interactions: Path | None, items: Path | None) ->
         raise typer.BadParameter(str(exc)) from None
 
 
-def _train_config(two_tower_epochs: int | None, ranker_epochs: int | None, seed: int, index_factory: str):
+def _train_config(
+    two_tower_epochs: int | None,
+    ranker_epochs: int | None,
+    seed: int,
+    index_factory: str,
+    knn_clusters: int | None = None,
+    knn_neighbours: int | None = None,
+):
     from service.training import TrainConfig
 
     config = TrainConfig(index_factory=index_factory)
     two_tower = replace(config.two_tower, seed=seed, **({"epochs": two_tower_epochs} if two_tower_epochs else {}))
     ranker = replace(config.ranker, seed=seed, **({"epochs": ranker_epochs} if ranker_epochs else {}))
-    return replace(config, two_tower=two_tower, ranker=ranker)
+    knn = {"clusters": knn_clusters, "neighbours": knn_neighbours}
+    knn_embed = replace(config.knn_embed, seed=seed, **{k: v for k, v in knn.items() if v is not None})
+    return replace(config, two_tower=two_tower, ranker=ranker, knn_embed=knn_embed)
+
+
+KnnClustersOption = Annotated[Optional[int], typer.Option(min=1, max=65536, help="kNN-Embed: item clusters (interests).")]
+KnnNeighboursOption = Annotated[Optional[int], typer.Option(min=0, max=1000, help="kNN-Embed: nearest users that smooth a user's interests.")]
 
 
 @app.command()
@@ -64,6 +77,8 @@ def train(
     two_tower_epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
     ranker_epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
     index_factory: Annotated[str, typer.Option(help="FAISS factory string, or auto.")] = "auto",
+    knn_clusters: KnnClustersOption = None,
+    knn_neighbours: KnnNeighboursOption = None,
     seed: int = 0,
     if_missing: Annotated[bool, typer.Option(help="Do nothing when --out already holds a version.")] = False,
 ) -> None:
@@ -80,7 +95,7 @@ def train(
             pass
 
     data = _load(dataset, interactions, items)
-    folder = train_and_save(data, str(out), _train_config(two_tower_epochs, ranker_epochs, seed, index_factory))
+    folder = train_and_save(data, str(out), _train_config(two_tower_epochs, ranker_epochs, seed, index_factory, knn_clusters, knn_neighbours))
     typer.echo(f"artifact written: {folder}")
 
 

@@ -1,6 +1,8 @@
 """Offline evaluation on a temporal split: Recall@K of the full pipeline, of candidate
 generation alone, and of a most-popular baseline, all through the serving code."""
 
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,9 @@ from tqdm import tqdm
 
 from service.bundle import ModelBundle
 from service.pipeline import RecommendPipeline
+from service.retrieval.generator import STRATEGY_KNN_EMBED, STRATEGY_TWO_TOWER
+from service.retrieval.knn_embed import MixtureKnobs
+from service.retrieval.two_tower import item_vectors
 from service.schemas import RecommendRequest
 
 CUTOFFS = (10, 50, 100)
@@ -61,4 +66,105 @@ def format_table(results: dict) -> str:
     base, full = recall["most_popular"]["@50"], recall["pipeline"]["@50"]
     if base > 0:
         lines.append(f"pipeline vs most_popular at Recall@50: {full / base - 1:+.1%}")
+    return "\n".join(lines)
+
+
+RETRIEVAL_CUTOFFS = (50, 100, 200)
+Retriever = Callable[[int, int], list[int]]  # (user id, K) -> item ids, best first
+
+
+@dataclass
+class RetrievalEvaluator:
+    """Recall and diversity of candidate generation strategies on held-out interactions.
+
+    Diversity is measured on each user's top-K: distinct item clusters (kNN-Embed's) and
+    distinct attribute values (categories, genres), the share of the clusters of the user's
+    held-out items that the top-K covers, and intra-list distance (mean 1 - cosine between
+    the item vectors of the list)."""
+
+    bundle: ModelBundle
+    test: pd.DataFrame
+    cutoffs: tuple[int, ...] = RETRIEVAL_CUTOFFS
+
+    def __post_init__(self) -> None:
+        self.relevant = self.test.groupby("user_id")["item_id"].agg(lambda s: np.unique(s.to_numpy(np.uint64)))
+        features = self.bundle.features
+        self.item_ids = features.items.ids
+        self.vectors = item_vectors(self.bundle.two_tower, features)
+        self.clusters = self.bundle.mixtures.cluster_of(self.item_ids)
+        self.attributes = features.item_attributes[1:]  # aligned with item_ids
+
+    def _rows(self, items: np.ndarray) -> np.ndarray:
+        at = np.minimum(np.searchsorted(self.item_ids, items), len(self.item_ids) - 1)
+        return at[self.item_ids[at] == items]
+
+    def list_metrics(self, ranked: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+        rows = self._rows(ranked)
+        clusters = np.unique(self.clusters[rows])
+        values = np.unique(self.attributes[rows])
+        vectors = self.vectors[rows]
+        n = len(rows)
+        if n > 1:
+            similarity = vectors @ vectors.T
+            distance = float((n * n - similarity.sum()) / (n * (n - 1)))  # off-diagonal mean of 1 - cos
+        else:
+            distance = 0.0
+        wanted = np.unique(self.clusters[self._rows(truth)])
+        return {
+            "recall": float(np.isin(truth, ranked).sum()) / len(truth),
+            "clusters": float(len(clusters)),
+            "attribute_values": float(len(values[values > 0])),
+            "cluster_coverage": float(np.isin(wanted, clusters).mean()) if len(wanted) else 0.0,
+            "intra_list_distance": distance,
+        }
+
+    def evaluate(self, strategies: dict[str, Retriever]) -> dict:
+        sums = {name: {k: {} for k in self.cutoffs} for name in strategies}
+        for user_id, truth in tqdm(self.relevant.items(), total=len(self.relevant), desc="eval", unit="user", mininterval=2):
+            for name, retrieve in strategies.items():
+                for k in self.cutoffs:
+                    ranked = np.asarray(retrieve(int(user_id), k), dtype=np.uint64)[:k]
+                    for metric, value in self.list_metrics(ranked, truth).items():
+                        sums[name][k][metric] = sums[name][k].get(metric, 0.0) + value
+        users = len(self.relevant)
+        return {
+            "users": users,
+            "clusters": self.bundle.clusters.n_clusters,
+            "strategies": {
+                name: {f"@{k}": {m: round(v / users, 4) for m, v in by_metric.items()} for k, by_metric in by_k.items()}
+                for name, by_k in sums.items()
+            },
+        }
+
+
+def pipeline_retrievers(pipeline: RecommendPipeline, knobs: MixtureKnobs) -> dict[str, Retriever]:
+    """The serving code's strategies: most-popular, single vector, interests without
+    smoothing (a = 0), kNN-Embed."""
+    generator = pipeline.generator
+    no_exclusions = np.empty(0, np.uint64)
+
+    def most_popular(user_id: int, k: int) -> list[int]:
+        return generator.popular(k, generator.history(user_id)[0]).item_ids.tolist()
+
+    def strategy(name: str, strategy_knobs: MixtureKnobs) -> Retriever:
+        return lambda user_id, k: generator.generate(user_id, k, no_exclusions, name, strategy_knobs).item_ids.tolist()
+
+    return {
+        "most_popular": most_popular,
+        "two_tower": strategy(STRATEGY_TWO_TOWER, knobs),
+        "mixture_unsmoothed": strategy(STRATEGY_KNN_EMBED, replace(knobs, alpha=0.0)),
+        "knn_embed": strategy(STRATEGY_KNN_EMBED, knobs),
+    }
+
+
+def format_retrieval_table(results: dict) -> str:
+    metrics = ("recall", "clusters", "attribute_values", "cluster_coverage", "intra_list_distance")
+    lines = [f"Candidate generation on {results['users']} users ({results['clusters']} item clusters)"]
+    cutoffs = list(next(iter(results["strategies"].values())))
+    header = ["strategy"] + [f"R{c}" for c in cutoffs] + [f"{m}{cutoffs[1] if len(cutoffs) > 1 else cutoffs[0]}" for m in metrics[1:]]
+    lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    middle = cutoffs[1] if len(cutoffs) > 1 else cutoffs[0]
+    for name, by_k in results["strategies"].items():
+        row = [name] + [f"{by_k[c]['recall']:.4f}" for c in cutoffs] + [f"{by_k[middle][m]:.4f}" for m in metrics[1:]]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

@@ -28,6 +28,15 @@ class UserHistories:
     def user_ids(self) -> np.ndarray:
         return self._user_ids
 
+    @property
+    def offsets(self) -> np.ndarray:
+        """User i's items are `items[offsets[i]:offsets[i + 1]]`."""
+        return self._offsets
+
+    @property
+    def items(self) -> np.ndarray:
+        return self._items
+
     def get(self, user_id: int) -> np.ndarray:
         pos = int(np.searchsorted(self._user_ids, np.uint64(user_id)))
         if pos == len(self._user_ids) or self._user_ids[pos] != np.uint64(user_id):

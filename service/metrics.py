@@ -57,6 +57,8 @@ INDEX_SYNC_DELAY = Histogram(
     "From the trainer's announcement of new item vectors to this process's index holding them.",
     buckets=DELAY_BUCKETS,
 )
+INDEX_INFO = Info("recsys_index", "The item index being served: its version, type and device.")
+INDEX_SWAPS = Counter("recsys_index_swaps_total", "Swaps to a new index version while serving.", ["result"])
 INDEX_UPSERTS = Counter("recsys_index_upserts_total", "Items written into the FAISS index online.", ["result"])
 FRESHNESS = Gauge(
     "recsys_online_freshness_seconds",

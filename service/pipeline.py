@@ -1,6 +1,6 @@
 """The one pipeline HTTP and gRPC both call: retrieve candidates, rank them, answer."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -10,7 +10,8 @@ from service.embeddings.store import EmbeddingStore
 from service.online.recent import RecentItems
 from service.metrics import CANDIDATES, COLD_START, DEGRADED, MODEL_INFO, STAGE_LATENCY
 from service.ranking.ranker import Ranker
-from service.retrieval.generator import SOURCE_POPULAR, CandidateGenerator, Candidates
+from service.retrieval.generator import SOURCE_KNN_EMBED, SOURCE_POPULAR, SOURCE_TWO_TOWER, CandidateGenerator, Candidates
+from service.retrieval.knn_embed import MixtureKnobs
 from service.schemas import Candidate, CandidatesResponse, RecommendRequest, RecommendResponse, ScoredItem
 
 
@@ -18,6 +19,8 @@ from service.schemas import Candidate, CandidatesResponse, RecommendRequest, Rec
 class PipelineOptions:
     default_candidates: int = 200
     history_length: int = 50
+    strategy: str = "two_tower"  # when a request names none
+    knn_embed: MixtureKnobs = MixtureKnobs()
 
 
 class RecommendPipeline:
@@ -42,23 +45,35 @@ class RecommendPipeline:
             bundle.popular_scores,
             min(options.history_length, bundle.two_tower.config.history_length),
             recent,
+            bundle.clusters,
+            options.knn_embed,
         )
         self.ranker = Ranker(bundle.ranker, bundle.features, 1.0 / bundle.two_tower.config.temperature)
-        MODEL_INFO.info({"version": bundle.version, "retrieval": "two_tower", "ranker": "deepfm"})
+        MODEL_INFO.info({"version": bundle.version, "retrieval": options.strategy, "ranker": "deepfm"})
 
     @property
     def model_version(self) -> str:
         return self.bundle.version
 
+    def _knobs(self, request: RecommendRequest) -> MixtureKnobs:
+        if request.knn_embed is None:
+            return self.options.knn_embed
+        return replace(self.options.knn_embed, **request.knn_embed.model_dump(exclude_none=True))
+
     def _retrieve(self, request: RecommendRequest) -> Candidates:
         n = max(request.k, request.candidates or self.options.default_candidates)
         with STAGE_LATENCY.labels("retrieve").time():
-            candidates = self.generator.generate(request.user_id, n, np.array(request.exclude_item_ids, dtype=np.uint64))
-        popular = sum(s == SOURCE_POPULAR for s in candidates.sources)
-        if popular == len(candidates.sources):
+            candidates = self.generator.generate(
+                request.user_id,
+                n,
+                np.array(request.exclude_item_ids, dtype=np.uint64),
+                request.strategy or self.options.strategy,
+                self._knobs(request),
+            )
+        if all(s == SOURCE_POPULAR for s in candidates.sources):
             COLD_START.inc()
-        CANDIDATES.labels(SOURCE_POPULAR).observe(popular)
-        CANDIDATES.labels("two_tower").observe(len(candidates.sources) - popular)
+        for source in (SOURCE_TWO_TOWER, SOURCE_KNN_EMBED, SOURCE_POPULAR):
+            CANDIDATES.labels(source).observe(sum(s == source for s in candidates.sources))
         if candidates.degraded:
             DEGRADED.labels("embedding_store").inc()
         return candidates
@@ -68,8 +83,8 @@ class RecommendPipeline:
         return CandidatesResponse(
             user_id=request.user_id,
             candidates=[
-                Candidate(item_id=int(i), score=float(s), source=src)
-                for i, s, src in zip(found.item_ids, found.scores, found.sources)
+                Candidate(item_id=int(i), score=float(s), source=src, component=c)
+                for i, s, src, c in zip(found.item_ids, found.scores, found.sources, found.components)
             ],
             degraded=found.degraded,
             model_version=self.model_version,

@@ -14,6 +14,7 @@ MAX_K = 500
 MAX_CANDIDATES = 2000
 MAX_EXCLUDE_IDS = 1000
 MAX_EVENTS = 1000
+MAX_COMPONENTS = 64
 MAX_EVENT_FUTURE_SECONDS = 300  # clock skew a client may have; later timestamps are refused
 UINT64_MAX = 2**64 - 1
 
@@ -28,6 +29,21 @@ class Context(BaseModel):
     weekday: Annotated[int | None, Field(ge=0, le=6, strict=True, description="0 = Monday.")] = None
 
 
+class KnnEmbedOptions(BaseModel):
+    """Per-request overrides of kNN-Embed's knobs, for experiments; unset: the service's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: Annotated[
+        float | None, Field(ge=0, le=1, allow_inf_nan=False, description="Weight of the neighbours' mixture in the user's.")
+    ] = None
+    components: Annotated[int | None, Field(ge=1, le=MAX_COMPONENTS, strict=True, description="Interests kept (m).")] = None
+    reserved_share: Annotated[
+        float | None,
+        Field(ge=0, le=1, allow_inf_nan=False, description="Share of the candidates kept for the single-vector search."),
+    ] = None
+
+
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -38,7 +54,12 @@ class RecommendRequest(BaseModel):
     k: Annotated[int, Field(ge=1, le=MAX_K, strict=True, description="Items to return.")] = 10
     context: Context | None = None
     exclude_item_ids: Annotated[list[Uint64], Field(max_length=MAX_EXCLUDE_IDS)] = []
-    strategy: Strategy = "two_tower"
+    strategy: Annotated[
+        Strategy | None,
+        Field(description="Candidate generation: two_tower (one user vector) or knn_embed (one search per interest); "
+                          "default: the service's setting."),
+    ] = None
+    knn_embed: KnnEmbedOptions | None = None
     candidates: Annotated[
         int | None,
         Field(ge=1, le=MAX_CANDIDATES, strict=True, description="Candidates retrieved before ranking; at least k. Default: the service's setting."),
@@ -57,7 +78,8 @@ class ScoredItem(BaseModel):
 
 
 class Candidate(ScoredItem):
-    source: str = Field(description="What produced the candidate: two_tower or popular.")
+    source: str = Field(description="What produced the candidate: two_tower, knn_embed or popular.")
+    component: int | None = Field(None, description="knn_embed: the item cluster (interest) it was retrieved for.")
 
 
 class RecommendResponse(BaseModel):

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.schemas import MAX_CANDIDATES
+from service.schemas import MAX_CANDIDATES, MAX_COMPONENTS
 
 
 class Settings(BaseSettings):
@@ -27,6 +27,24 @@ class Settings(BaseSettings):
     history_length: Annotated[
         int, Field(ge=1, le=1000, description="Most recent items pooled into the user vector.")
     ] = 50
+    strategy: Annotated[
+        Literal["two_tower", "knn_embed"],
+        Field(description="Candidate generation when a request names none: one user vector, or kNN-Embed."),
+    ] = "two_tower"
+    knn_alpha: Annotated[float, Field(ge=0, le=1, description="kNN-Embed: weight of the neighbours' mixture.")] = 0.5
+    knn_components: Annotated[int, Field(ge=1, le=MAX_COMPONENTS, description="kNN-Embed: interests kept (m).")] = 8
+    knn_reserved_share: Annotated[
+        float, Field(ge=0, le=1, description="kNN-Embed: share of the candidates kept for the single-vector search.")
+    ] = 0.2
+    index_nprobe: Annotated[int, Field(ge=1, le=65536, description="IVF indexes: lists scanned per query.")] = 32
+    index_ef_search: Annotated[int, Field(ge=1, le=65536, description="HNSW indexes: candidate list length per query.")] = 128
+    index_device: Annotated[
+        Literal["cpu", "gpu", "auto"],
+        Field(description="Where the item index is searched; gpu needs faiss-gpu (the gpu extra); auto: a GPU if faiss sees one."),
+    ] = "auto"
+    index_poll_seconds: Annotated[
+        float, Field(ge=0, description="How often to look for a newer index version (`recsys index build`); 0: never.")
+    ] = 10.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     redis_url: Annotated[

@@ -11,8 +11,9 @@ from service.data.schema import Dataset
 from service.features import FeatureSpace
 from service.history import UserHistories
 from service.ranking.train import RankerTrainConfig, build_rows, train_ranker
-from service.retrieval.index import ItemIndex
-from service.retrieval.two_tower import TwoTowerConfig, cold_user_vector, item_vectors, train_two_tower
+from service.retrieval.index import ItemIndex, SearchParams
+from service.retrieval.knn_embed import ItemClusters, KnnEmbedConfig, UserMixtures
+from service.retrieval.two_tower import TwoTowerConfig, cold_user_vector, item_vectors, train_two_tower, user_vectors
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
     ranker: RankerTrainConfig = field(default_factory=RankerTrainConfig)
+    knn_embed: KnnEmbedConfig = field(default_factory=KnnEmbedConfig)
     index_factory: str = "auto"
     nprobe: int = 32
 
@@ -34,8 +36,10 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig()) -> tuple[ModelB
 
     two_tower, two_tower_metrics = train_two_tower(interactions, features, config.two_tower)
     vectors = item_vectors(two_tower, features)
-    index = ItemIndex.build(features.items.ids, vectors, config.index_factory, config.nprobe, seed=config.two_tower.seed)
+    index = ItemIndex.build(features.items.ids, vectors, config.index_factory, SearchParams(nprobe=config.nprobe), seed=config.two_tower.seed)
     log.info("indexed %d items", len(index))
+    histories = UserHistories.from_interactions(interactions)
+    clusters, mixtures = build_interests(two_tower, features, histories, vectors, config.knn_embed)
 
     rows = build_rows(interactions, features, two_tower, index, vectors, config.ranker)
     ranker, ranker_metrics = train_ranker(rows, features, config.ranker, 1.0 / config.two_tower.temperature)
@@ -51,7 +55,9 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig()) -> tuple[ModelB
         two_tower=two_tower,
         index=index,
         ranker=ranker,
-        histories=UserHistories.from_interactions(interactions),
+        histories=histories,
+        clusters=clusters,
+        mixtures=mixtures,
         popular_items=features.items.ids[order],
         popular_scores=(vectors[order] @ cold_user).astype(np.float32),
         manifest={},
@@ -62,6 +68,20 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig()) -> tuple[ModelB
         "train_seconds": round(time.perf_counter() - started, 2),
     }
     return bundle, metrics
+
+
+def build_interests(two_tower, features: FeatureSpace, histories: UserHistories, vectors: np.ndarray, config: KnnEmbedConfig):
+    """kNN-Embed's parts: the item clusters, and every user's interests and neighbours' mixture."""
+    clusters = ItemClusters.build(features.items.ids, vectors, config.clusters, config.kmeans_iterations, config.seed)
+    mixtures = UserMixtures.build(
+        histories,
+        user_vectors(two_tower, features, histories),
+        features.items.ids,
+        clusters.assign(vectors),
+        clusters.n_clusters,
+        config,
+    )
+    return clusters, mixtures
 
 
 def train_and_save(dataset: Dataset, out: str, config: TrainConfig = TrainConfig()):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from service.data.schema import Dataset
 from service.features import FeatureSpace
-from service.retrieval.index import ItemIndex
+from service.retrieval.index import ItemIndex, SearchParams
 from service.retrieval.two_tower import history_before, in_batch_softmax_loss
 
 
@@ -38,14 +38,14 @@ def test_index_returns_real_64_bit_ids_like_exact_search(factory, tmp_path):
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(2000, 16)).astype(np.float32)
     ids = rng.integers(2**63, 2**64 - 1, size=2000, dtype=np.uint64)  # all above int64 max
-    index = ItemIndex.build(ids, vectors, factory, nprobe=16)
+    index = ItemIndex.build(ids, vectors, factory, SearchParams(nprobe=16))
     queries = rng.normal(size=(5, 16)).astype(np.float32)
     scores, found = index.search(queries, 10)
     exact = ids[np.argsort(-(queries @ vectors.T), axis=1)[:, :10]]
     assert found.dtype == np.uint64
     np.testing.assert_array_equal(found, exact)  # nprobe = nlist: IVF is exact too
     index.save(tmp_path / "i.faiss")
-    np.testing.assert_array_equal(ItemIndex.load(tmp_path / "i.faiss", nprobe=16).search(queries, 10)[1], found)
+    np.testing.assert_array_equal(ItemIndex.load(tmp_path / "i.faiss", SearchParams(nprobe=16)).search(queries, 10)[1], found)
 
 
 def test_search_past_the_catalog_pads_nothing():

@@ -14,21 +14,39 @@ from service.embeddings.artifact_tables import open_store
 from service.metrics import READY
 from service.online.runtime import OnlineLearning, make_index_sync, make_trainer, open_online
 from service.pipeline import PipelineOptions, RecommendPipeline
+from service.retrieval.index import SearchParams
+from service.retrieval.index_versions import IndexReloader
+from service.retrieval.knn_embed import MixtureKnobs
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 def load_service(settings: Settings) -> tuple[RecommendPipeline, OnlineLearning]:
-    bundle = ModelBundle.load(settings.artifacts)
-    log.info("serving artifact %s (%d items, %d users)", bundle.version, len(bundle.index), len(bundle.histories))
-    options = PipelineOptions(default_candidates=settings.default_candidates, history_length=settings.history_length)
+    params = SearchParams(nprobe=settings.index_nprobe, ef_search=settings.index_ef_search)
+    bundle = ModelBundle.load(settings.artifacts, index_params=params, index_device=settings.index_device)
+    log.info(
+        "serving artifact %s (%d items, %d users), index %s (%s on %s)",
+        bundle.version, len(bundle.index), len(bundle.histories), bundle.index_version, bundle.index.description, bundle.index.device,
+    )
+    options = PipelineOptions(
+        default_candidates=settings.default_candidates,
+        history_length=settings.history_length,
+        strategy=settings.strategy,
+        knn_embed=MixtureKnobs(settings.knn_alpha, settings.knn_components, settings.knn_reserved_share),
+    )
     store = open_store(settings, bundle)
     log.info("embedding table: %s", type(store).__name__)
     online = open_online(settings, bundle, store)
     pipeline = RecommendPipeline(bundle, store, options, online.recent)
+    swap = None
     if settings.index_sync:
-        online.start("index-sync", make_index_sync(bundle, store, bundle.index, online).run)
+        sync = make_index_sync(bundle, store, bundle.index, online)
+        online.start("index-sync", sync.run)
+        swap = sync.swap_in
+    if settings.index_poll_seconds:
+        reloader = IndexReloader(bundle.folder, bundle.index, bundle.index_version, params, settings.index_device, swap)
+        online.start("index-reload", lambda stop: reloader.run(stop, settings.index_poll_seconds))
     if settings.online_trainer == "in_process":
         online.start("online-trainer", make_trainer(settings, bundle, store, online).run)
     return pipeline, online

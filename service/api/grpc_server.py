@@ -106,7 +106,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             result = pipeline.candidates(parsed)
             return pb.CandidatesResponse(
                 user_id=result.user_id,
-                candidates=[pb.Candidate(item_id=c.item_id, score=c.score, source=c.source) for c in result.candidates],
+                candidates=[
+                    pb.Candidate(item_id=c.item_id, score=c.score, source=c.source, component=c.component)
+                    for c in result.candidates
+                ],
                 degraded=result.degraded,
                 model_version=result.model_version,
             )

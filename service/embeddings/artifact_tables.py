@@ -1,5 +1,5 @@
-"""The tables an artifact's models read (two-tower user and item id vectors), and
-loading an artifact's vectors into a store, in bulk, with progress."""
+"""The tables an artifact's models read (two-tower user and item id vectors, kNN-Embed's
+user interests), and loading an artifact's rows into a store, in bulk, with progress."""
 
 import logging
 
@@ -9,6 +9,7 @@ from tqdm import tqdm
 from service.embeddings.memory import InMemoryEmbeddingStore
 from service.embeddings.redis_store import RedisEmbeddingStore, RedisStoreConfig
 from service.embeddings.store import EmbeddingStore, TableConfig
+from service.retrieval.knn_embed import INTEREST_TABLE, SMOOTHING_TABLE
 
 log = logging.getLogger(__name__)
 
@@ -17,16 +18,24 @@ LOAD_BATCH = 10_000
 
 
 def table_configs(bundle, ttl_seconds: float | None = None) -> list[TableConfig]:
-    dim = bundle.two_tower.config.id_dim
-    return [TableConfig(USER_TABLE, dim, ttl_seconds=ttl_seconds), TableConfig(ITEM_TABLE, dim, ttl_seconds=ttl_seconds)]
+    dim, clusters = bundle.two_tower.config.id_dim, bundle.clusters.n_clusters
+    return [
+        TableConfig(USER_TABLE, dim, ttl_seconds=ttl_seconds),
+        TableConfig(ITEM_TABLE, dim, ttl_seconds=ttl_seconds),
+        TableConfig(INTEREST_TABLE, clusters, ttl_seconds=ttl_seconds),
+        TableConfig(SMOOTHING_TABLE, clusters, ttl_seconds=ttl_seconds),
+    ]
 
 
 def artifact_vectors(bundle) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Raw ids and id vectors per table; row 0 of each embedding (unknown ids) is not a row."""
+    """Raw ids and rows per table; row 0 of each embedding (unknown ids) is not a row."""
     state = bundle.two_tower.state_dict()
+    mixtures = bundle.mixtures
     return {
         USER_TABLE: (bundle.features.users.ids, state["user_id.weight"][1:].numpy()),
         ITEM_TABLE: (bundle.features.items.ids, state["item_id.weight"][1:].numpy()),
+        INTEREST_TABLE: (mixtures.user_ids, mixtures.counts),
+        SMOOTHING_TABLE: (mixtures.user_ids, mixtures.smoothing),
     }
 
 

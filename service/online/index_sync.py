@@ -3,7 +3,7 @@
 Reads the item-update feed from the start of this artifact namespace's feed (so a process
 started later replays every online change), reads the announced items' id vectors from the
 embedding table past the local cache, re-embeds them with the item tower and upserts them
-into the index. A failed read is retried from the same cursor: no update is skipped.
+into the index (and kNN-Embed's per-cluster index). A failed read is retried from the same cursor: no update is skipped.
 """
 
 import logging
@@ -19,6 +19,7 @@ from service.features import FeatureSpace
 from service.metrics import FRESHNESS, INDEX_SYNC_DELAY, INDEX_UPSERTS
 from service.online.streams import ItemUpdateFeed
 from service.retrieval.index import ItemIndex
+from service.retrieval.knn_embed import ItemClusters
 from service.retrieval.two_tower import TwoTower
 
 log = logging.getLogger(__name__)
@@ -33,19 +34,23 @@ class IndexSync:
         index: ItemIndex,
         feed: ItemUpdateFeed,
         block_seconds: float = 1.0,
+        clusters: ItemClusters | None = None,
     ):
+        """`clusters`: kNN-Embed's per-cluster index, kept in step with `index`."""
         self.two_tower = two_tower
         self.features = features
         self.store = store
         self.index = index
         self.feed = feed
+        self.clusters = clusters
         self.block_seconds = block_seconds
         self.cursor = ItemUpdateFeed.START
+        self._lock = threading.Lock()  # one of step() and swap_in() at a time: no update falls between
         self._last_update = time.time()
         FRESHNESS.labels("index").set_function(lambda: time.time() - self._last_update)
 
-    def apply(self, item_ids: np.ndarray) -> int:
-        """Re-embed items from the table into the index; returns how many were new to it."""
+    def apply(self, item_ids: np.ndarray, index: ItemIndex | None = None) -> int:
+        """Re-embed items from the table into the index (or `index`); returns how many were new to it."""
         self.store.invalidate(ITEM_TABLE, item_ids)
         lookup = self.store.get_many(ITEM_TABLE, item_ids)
         if lookup.degraded:
@@ -56,7 +61,9 @@ class IndexSync:
         attributes = torch.from_numpy(self.features.item_attributes[self.features.items.rows(ids)])
         with torch.inference_mode():
             vectors = self.two_tower.item_tower_from_vectors(torch.from_numpy(lookup.vectors[lookup.found]), attributes)
-        added = self.index.upsert(ids, vectors.numpy())
+        added = (index or self.index).upsert(ids, vectors.numpy())
+        if self.clusters is not None and index is None:
+            self.clusters.upsert(ids, vectors.numpy())
         INDEX_UPSERTS.labels("added").inc(added)
         INDEX_UPSERTS.labels("replaced").inc(len(ids) - added)
         return added
@@ -64,12 +71,29 @@ class IndexSync:
     def step(self) -> int:
         """Apply the updates published after the cursor; returns how many items they named."""
         updates = self.feed.read(self.cursor, self.block_seconds)
-        if len(updates.item_ids):
-            self.apply(updates.item_ids)
-            self._last_update = time.time()
-            INDEX_SYNC_DELAY.observe(max(0.0, self._last_update - updates.published_at))
-        self.cursor = updates.cursor
+        with self._lock:
+            if updates.cursor == self.cursor:
+                return 0
+            if len(updates.item_ids):
+                self.apply(updates.item_ids)
+                self._last_update = time.time()
+                INDEX_SYNC_DELAY.observe(max(0.0, self._last_update - updates.published_at))
+            self.cursor = updates.cursor
         return len(updates.item_ids)
+
+    def swap_in(self, new_index: ItemIndex) -> None:
+        """Replay every update applied so far into `new_index` (a new index version), then
+        make the served index use it; updates published meanwhile wait for the next step."""
+        with self._lock:
+            cursor = ItemUpdateFeed.START
+            while cursor != self.cursor:
+                updates = self.feed.read(cursor, 0)
+                if updates.cursor == cursor:
+                    break  # the feed was trimmed past what this process applied
+                if len(updates.item_ids):
+                    self.apply(updates.item_ids, new_index)
+                cursor = updates.cursor
+            self.index.replace_with(new_index)
 
     def run(self, stop: threading.Event, retry_seconds: float = 1.0) -> None:
         while not stop.is_set():

@@ -9,6 +9,7 @@ from service.bundle import ModelBundle
 from service.embeddings.redis_store import RedisEmbeddingStore, connect
 from service.embeddings.store import EmbeddingStore
 from service.online.index_sync import IndexSync
+from service.online.interests import InterestUpdater
 from service.online.memory import InMemoryEventLog, InMemoryItemUpdateFeed
 from service.online.recent import InMemoryRecentItems, RecentItems, RedisRecentItems
 from service.online.redis_streams import RedisEventLog, RedisItemUpdateFeed
@@ -71,11 +72,14 @@ def make_trainer(settings, bundle: ModelBundle, store: EmbeddingStore, online: O
         block_seconds=BLOCK_SECONDS,
         history_length=settings.history_length,
     )
+    interests = InterestUpdater(
+        bundle.two_tower, bundle.features, store, bundle.clusters, bundle.mixtures, bundle.knn_embed_config.half_life
+    )
     return OnlineTrainer(
         bundle.two_tower, bundle.features, bundle.histories, store,
-        online.trainer_events, online.recent, online.updates, config, settings.trainer_consumer,
+        online.trainer_events, online.recent, online.updates, config, settings.trainer_consumer, interests,
     )
 
 
 def make_index_sync(bundle: ModelBundle, store: EmbeddingStore, index: ItemIndex, online: OnlineLearning) -> IndexSync:
-    return IndexSync(bundle.two_tower, bundle.features, store, index, online.updates, BLOCK_SECONDS)
+    return IndexSync(bundle.two_tower, bundle.features, store, index, online.updates, BLOCK_SECONDS, bundle.clusters)

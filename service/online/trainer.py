@@ -5,11 +5,12 @@ For each batch read from the event log:
 2. positive events (click, purchase) of admitted users and items take `steps` SGD steps of
    the two-tower's sampled softmax, both ways (user to item against the batch's other items
    and uniformly sampled catalog items; item to user against the batch's other users and
-   sampled artifact users), on the id vectors of rows the artifact does not hold (new items,
-   new users; artifact rows too with `train_artifact_rows`); the towers' dense layers stay
+   sampled artifact users), on the id vectors of rows the artifact did not train (new items,
+   catalog items without interactions, new users; artifact rows too with `train_artifact_rows`); the towers' dense layers stay
    as trained (Monolith also syncs dense parameters far less often than sparse ones);
 3. the new vectors are written to the embedding table with fresh TTLs, the positive items
-   appended to their users' recent items, the rewritten items announced on the update feed
+   appended to their users' recent items and their clusters to the users' interests
+   (kNN-Embed), the rewritten items announced on the update feed
    (every serving process re-embeds them into its index), and only then are the events acked.
 
 A failure before the ack leaves the batch pending: the same or another trainer gets it
@@ -31,6 +32,7 @@ from service.embeddings.store import EmbeddingStore, Lookup
 from service.features import FeatureSpace
 from service.history import UserHistories
 from service.metrics import EVENTS_BACKLOG, EVENTS_PROCESSED, FRESHNESS, ONLINE_ROWS_WRITTEN, ONLINE_UPDATE_DELAY
+from service.online.interests import InterestUpdater
 from service.online.recent import RecentItems
 from service.online.streams import EventLog, ItemUpdateFeed, LoggedEvent
 from service.retrieval.two_tower import TwoTower
@@ -63,6 +65,7 @@ class OnlineTrainer:
         updates: ItemUpdateFeed,
         config: OnlineTrainerConfig = OnlineTrainerConfig(),
         consumer: str = "trainer",
+        interests: InterestUpdater | None = None,
     ):
         self.two_tower = two_tower
         self.features = features
@@ -73,6 +76,7 @@ class OnlineTrainer:
         self.updates = updates
         self.config = config
         self.consumer = consumer
+        self.interests = interests
         self.temperature = two_tower.config.temperature
         self._rng = np.random.default_rng(config.seed)
         self._last_update = time.time()
@@ -113,6 +117,8 @@ class OnlineTrainer:
         if trainable.any():
             self._train(users[trainable], items[trainable])
         if positive.any():
+            if self.interests is not None:
+                self.interests.update(users[positive], items[positive])
             self.recent.push(users[positive], items[positive])
         if trainable.any():
             self.updates.publish(np.unique(items[trainable]))
@@ -200,7 +206,8 @@ class OnlineTrainer:
         item_rate = torch.full((len(item_ids), 1), self.config.learning_rate)
         if not self.config.train_artifact_rows:
             user_rate[torch.from_numpy(self.features.users.rows(user_ids) > 0)] = 0.0
-            item_rate[torch.from_numpy(self.features.items.rows(item_ids) > 0)] = 0.0
+            # Catalog items with no training interaction count as new: the artifact only knows their attributes.
+            item_rate[torch.from_numpy(self.features.item_counts[self.features.items.rows(item_ids)] > 0)] = 0.0
         for _ in range(self.config.steps):
             users = self.two_tower.user_tower(user_vectors, pooled)
             user = users[torch.from_numpy(user_of_pair)]

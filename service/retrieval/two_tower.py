@@ -146,6 +146,10 @@ def train_two_tower(interactions: pd.DataFrame, features: FeatureSpace, config: 
             bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
             log.info("two-tower epoch %d/%d loss %.4f", epoch + 1, config.epochs, losses[-1])
     model.eval()
+    with torch.no_grad():
+        # Items that never occurred (listed in the catalog only) kept their random initial
+        # vectors; zero, as id dropout trained for, they are embedded from attributes alone.
+        model.item_id.weight[torch.from_numpy(features.item_counts == 0)] = 0.0
     return model, {"train_loss": losses, "config": asdict(config)}
 
 
@@ -154,6 +158,22 @@ def cold_user_vector(model: TwoTower) -> np.ndarray:
     """The user tower's answer for an unknown user id with no history."""
     zeros = torch.zeros(1, model.config.id_dim)
     return model.user_tower(zeros, zeros)[0].numpy()
+
+
+@torch.inference_mode()
+def user_vectors(model: TwoTower, features: FeatureSpace, histories, batch_size: int = 8192) -> np.ndarray:
+    """User-tower output for every user of `histories` (UserHistories), from their latest items."""
+    length = model.config.history_length
+    user_rows = features.users.rows(histories.user_ids)
+    history = np.zeros((len(user_rows), length), dtype=np.int64)
+    for i, (start, end) in enumerate(zip(histories.offsets[:-1], histories.offsets[1:])):
+        latest = features.items.rows(histories.items[max(start, end - length) : end])
+        history[i, length - len(latest) :] = latest
+    out = [
+        model.user_from_rows(torch.from_numpy(user_rows[s : s + batch_size]), torch.from_numpy(history[s : s + batch_size]))
+        for s in range(0, len(user_rows), batch_size)
+    ]
+    return torch.cat(out).numpy() if out else np.zeros((0, model.config.out_dim), np.float32)
 
 
 @torch.inference_mode()

@@ -17,21 +17,33 @@ class Context(_message.Message):
     weekday: int
     def __init__(self, hour: _Optional[int] = ..., weekday: _Optional[int] = ...) -> None: ...
 
+class KnnEmbedOptions(_message.Message):
+    __slots__ = ("alpha", "components", "reserved_share")
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_SHARE_FIELD_NUMBER: _ClassVar[int]
+    alpha: float
+    components: int
+    reserved_share: float
+    def __init__(self, alpha: _Optional[float] = ..., components: _Optional[int] = ..., reserved_share: _Optional[float] = ...) -> None: ...
+
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "context", "exclude_item_ids", "strategy", "candidates")
+    __slots__ = ("user_id", "k", "context", "exclude_item_ids", "strategy", "candidates", "knn_embed")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    KNN_EMBED_FIELD_NUMBER: _ClassVar[int]
     user_id: int
     k: int
     context: Context
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[int]
     strategy: str
     candidates: int
-    def __init__(self, user_id: _Optional[int] = ..., k: _Optional[int] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., exclude_item_ids: _Optional[_Iterable[int]] = ..., strategy: _Optional[str] = ..., candidates: _Optional[int] = ...) -> None: ...
+    knn_embed: KnnEmbedOptions
+    def __init__(self, user_id: _Optional[int] = ..., k: _Optional[int] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., exclude_item_ids: _Optional[_Iterable[int]] = ..., strategy: _Optional[str] = ..., candidates: _Optional[int] = ..., knn_embed: _Optional[_Union[KnnEmbedOptions, _Mapping]] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score")
@@ -54,14 +66,16 @@ class RecommendResponse(_message.Message):
     def __init__(self, user_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("item_id", "score", "source")
+    __slots__ = ("item_id", "score", "source", "component")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    COMPONENT_FIELD_NUMBER: _ClassVar[int]
     item_id: int
     score: float
     source: str
-    def __init__(self, item_id: _Optional[int] = ..., score: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
+    component: int
+    def __init__(self, item_id: _Optional[int] = ..., score: _Optional[float] = ..., source: _Optional[str] = ..., component: _Optional[int] = ...) -> None: ...
 
 class CandidatesResponse(_message.Message):
     __slots__ = ("user_id", "candidates", "degraded", "model_version")
