@@ -266,3 +266,27 @@ def table_import(
         except (ValueError, KeyError) as exc:
             raise typer.BadParameter(str(exc)) from None
     typer.echo(f"imported {rows} rows into {table}")
+
+
+index_app = typer.Typer(help="The artifact's item index versions.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    factory: Annotated[str, typer.Option(help="FAISS factory string (Flat, IVF4096,Flat, IVF4096,SQ8, HNSW32) or auto.")] = "auto",
+    artifacts: ArtifactsOption = None,
+    seed: int = 0,
+) -> None:
+    """Build a new index version from the item table (with what the online trainer wrote,
+    when the table is on Redis) into the artifact; serving processes swap to it."""
+    _setup_logging()
+    from service.embeddings.artifact_tables import in_memory_store
+    from service.retrieval.index_versions import build_index_version, table_item_vectors
+
+    with _table_store(artifacts) as (bundle, store):
+        if not store.size("item"):  # the in-process table of a command starts empty
+            store = in_memory_store(bundle)
+        ids, vectors = table_item_vectors(bundle, store)
+    folder = build_index_version(bundle.folder, ids, vectors, factory, seed)
+    typer.echo(f"index version written: {folder} ({len(ids)} items)")

@@ -90,3 +90,16 @@ def pa_table_with_dim(dim: int):
 
     flat = pa.array(np.zeros(dim, np.float32))
     return pa.table({"id": pa.array([1], pa.uint64()), "vector": pa.FixedSizeListArray.from_arrays(flat, dim)})
+
+
+def test_index_build_publishes_a_version_the_next_load_serves(artifact_root, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(resolve_version(artifact_root), tmp_path / resolve_version(artifact_root).name)
+    result = CliRunner().invoke(app, ["index", "build", "--factory", "HNSW32", "--artifacts", str(folder)])
+    assert result.exit_code == 0, result.output
+    bundle = ModelBundle.load(folder)
+    assert bundle.index_version != "artifact" and "HNSW" in bundle.index.description
+    assert len(bundle.index) == len(bundle.features.items)
+    manifest = json.loads((folder / "indexes" / bundle.index_version / "index.json").read_text())
+    assert manifest["factory"] == "HNSW32" and manifest["items"] == len(bundle.features.items)

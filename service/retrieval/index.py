@@ -4,6 +4,9 @@ FAISS ids are int64; uint64 ids travel as the same 64 bits viewed as int64. A FA
 must not be searched while it changes, so searches, online upserts and the swap to a new
 index version share a lock: a search in flight finishes on the index it started on.
 
+HNSW graphs cannot remove vectors: there an upsert goes into a small exact side index, and
+searches of the graph skip the ids it holds (an ID selector) before the two are merged.
+
 On a GPU (faiss-gpu and `device="gpu"`) the index is searched there while a CPU copy stays
 the master: GPU indexes cannot `remove_ids`, so an upsert changes the CPU copy and copies it
 over again, and GPU searches are capped at k = 2048.
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 
 FLAT_MAX_ITEMS = 50_000  # exact search stays fast enough below this many items
 GPU_MAX_K = 2048  # faiss GPU k-selection limit
+MISSING_SCORE = -1e38  # faiss pads missing inner-product results with -FLT_MAX
 Device = Literal["cpu", "gpu", "auto"]
 
 
@@ -51,6 +55,9 @@ class ItemIndex:
         self._cpu = index  # the master copy: upserts and saves go here
         self.index = index  # what searches use: the CPU copy or its GPU clone
         self._gpu_resources = None
+        self._side: faiss.Index | None = None  # HNSW: upserted items, searched exactly
+        self._side_ids = np.empty(0, np.int64)  # ids in the side index that the graph also holds
+        self._graph_ids: np.ndarray | None = None
         self._apply_params(index)
         if device == "gpu" or (device == "auto" and gpus_available()):
             self._to_gpu()
@@ -80,8 +87,12 @@ class ItemIndex:
         index.add_with_ids(vectors, np.asarray(ids, dtype=np.uint64).view(np.int64))
         return cls(index, params, device)
 
+    @staticmethod
+    def _inner(index: faiss.Index) -> faiss.Index:
+        return faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
+
     def _apply_params(self, index: faiss.Index) -> None:
-        inner = faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
+        inner = self._inner(index)
         try:
             faiss.extract_index_ivf(index).nprobe = self.params.nprobe
         except RuntimeError:
@@ -116,26 +127,59 @@ class ItemIndex:
         return ",".join(names)
 
     def __len__(self) -> int:
-        return self._cpu.ntotal
+        side = self._side.ntotal - len(self._side_ids) if self._side is not None else 0
+        return self._cpu.ntotal + side
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, uint64 ids) per query; rows padded with id 0 / -inf past ntotal."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         with self._lock:
-            k = max(1, min(k, self._cpu.ntotal, GPU_MAX_K if self.device == "gpu" else k))
-            scores, ids = self.index.search(queries, k)
-        valid = ids != -1
+            k = max(1, min(k, len(self), GPU_MAX_K if self.device == "gpu" else k))
+            if self._side is None:
+                scores, ids = self.index.search(queries, k)
+            else:
+                scores, ids = self._search_graph_and_side(queries, k)
+        valid = scores > MISSING_SCORE  # not ids != -1: that is also item 2**64 - 1
         return np.where(valid, scores, -np.inf), np.where(valid, ids, 0).view(np.uint64)
 
+    def _search_graph_and_side(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = self.params.ef_search
+        shadowed = faiss.IDSelectorBatch(self._side_ids)
+        skip = faiss.IDSelectorNot(shadowed)
+        params.sel = skip
+        scores, ids = self._cpu.search(queries, k, params=params)
+        side_scores, side_ids = self._side.search(queries, min(k, self._side.ntotal))
+        scores, ids = np.hstack([scores, side_scores]), np.hstack([ids, side_ids])
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, best, 1), np.take_along_axis(ids, best, 1)
+
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        keys = np.asarray(ids, dtype=np.uint64).view(np.int64)
         with self._lock:
-            return self._cpu.reconstruct_batch(np.asarray(ids, dtype=np.uint64).view(np.int64))
+            if self._side is None:
+                return self._cpu.reconstruct_batch(keys)
+            side = faiss.vector_to_array(self._side.id_map)
+            return np.stack([(self._side if key in side else self._cpu).reconstruct(int(key)) for key in keys])
+
+    def _upsert_beside_graph(self, keys: np.ndarray, vectors: np.ndarray) -> int:
+        if self._side is None:
+            self._side = faiss.IndexIDMap2(faiss.IndexFlatIP(self._cpu.d))
+            self._graph_ids = np.sort(faiss.vector_to_array(self._cpu.id_map))
+        side = faiss.vector_to_array(self._side.id_map)
+        new = int((~np.isin(keys, side) & ~np.isin(keys, self._graph_ids)).sum())
+        self._side.remove_ids(faiss.IDSelectorBatch(keys))
+        self._side.add_with_ids(vectors, keys)
+        self._side_ids = np.union1d(self._side_ids, keys[np.isin(keys, self._graph_ids)])
+        return new
 
     def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> int:
         """Insert or replace items' vectors; returns how many ids were new to the index."""
         keys = np.ascontiguousarray(np.asarray(ids, dtype=np.uint64).view(np.int64))
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         with self._lock:
+            if isinstance(self._inner(self._cpu), faiss.IndexHNSW):
+                return self._upsert_beside_graph(keys, vectors)
             replaced = self._cpu.remove_ids(faiss.IDSelectorBatch(keys))
             self._cpu.add_with_ids(vectors, keys)
             if self.device == "gpu":
@@ -147,6 +191,7 @@ class ItemIndex:
         with self._lock:
             self._cpu, self.index, self.device = other._cpu, other.index, other.device
             self._gpu_resources, self.params = other._gpu_resources, other.params
+            self._side, self._side_ids, self._graph_ids = other._side, other._side_ids, other._graph_ids
 
     def warm_up(self, queries: int = 64, k: int = 100, seed: int = 0) -> None:
         """Touch the index's memory with a few searches before it takes traffic."""
@@ -158,6 +203,7 @@ class ItemIndex:
         self.search(probes, k)
 
     def save(self, path: Path) -> None:
+        """The main index only: a rebuilt version (`recsys index build`) takes the upserts in."""
         with self._lock:
             faiss.write_index(self._cpu, str(path))
 

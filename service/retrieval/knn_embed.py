@@ -26,6 +26,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
+from service.retrieval.index import MISSING_SCORE
+
 log = logging.getLogger(__name__)
 
 INTEREST_TABLE, SMOOTHING_TABLE = "interest", "interest_smoothing"
@@ -96,7 +98,7 @@ class ItemClusters:
         centroid_scores = np.ascontiguousarray((queries * self.centroids[clusters[:, 0]]).sum(1, keepdims=True))
         with self._lock:
             scores, ids = self.index.search_preassigned(queries, k, clusters, centroid_scores)
-        valid = ids != -1
+        valid = scores > MISSING_SCORE  # not ids != -1: that is also item 2**64 - 1
         return np.where(valid, scores, -np.inf), np.where(valid, ids, 0).view(np.uint64)
 
     def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
