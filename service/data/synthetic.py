@@ -83,3 +83,16 @@ def generate(config: SyntheticConfig = SyntheticConfig()) -> Dataset:
     options = {k: v for k, v in asdict(config).items() if not isinstance(v, tuple)}
     name = "synthetic:" + ",".join(f"{k}={v}" for k, v in options.items())
     return Dataset(name, interactions, catalog)
+
+
+def clustered_unit_vectors(n: int, dim: int = 64, centres: int = 1000, seed: int = 0) -> np.ndarray:
+    """`n` unit vectors drawn around `centres` random directions, like trained item vectors:
+    the catalogs of the index benchmarks."""
+    rng = np.random.default_rng(seed)
+    middle = rng.normal(size=(centres, dim)).astype(np.float32)
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 200_000):  # in slices: 1M x 64 floats of noise at once is 2 GiB of float64
+        m = min(200_000, n - start)
+        v = middle[rng.integers(0, centres, m)] + 0.6 * rng.normal(size=(m, dim)).astype(np.float32)
+        out[start : start + m] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return out

@@ -1,0 +1,109 @@
+"""The retrieval stage's work per request against raw FAISS on the same index, same queries.
+
+    python bench/retrieval_overhead.py [--quick] [--json PATH] [--items N]
+
+A synthetic catalog (1M items x 64 dims by default; --quick: 100k) in an IVF index as
+`recsys train` would build it (`IDMap2,IVF4096,Flat`, nprobe 32), 10,000 users with 20-item
+histories in the in-process embedding table, kNN-Embed clusters over the items. For each
+request: the candidate generator's whole retrieval (table reads, user tower, interests,
+FAISS, exclusions, merge) for 200 candidates, by strategy, against `faiss.Index.search` of
+the same user vector for the same number of results (200 + the excluded items) on the same
+index. Runs one request at a time; reports p50/p99 and the ratio.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from service.data.synthetic import clustered_unit_vectors  # noqa: E402
+from service.embeddings.memory import InMemoryEmbeddingStore  # noqa: E402
+from service.embeddings.store import TableConfig  # noqa: E402
+from service.history import UserHistories  # noqa: E402
+from service.retrieval.generator import CandidateGenerator  # noqa: E402
+from service.retrieval.index import ItemIndex, SearchParams, default_factory  # noqa: E402
+from service.retrieval.knn_embed import INTEREST_TABLE, SMOOTHING_TABLE, ItemClusters, MixtureKnobs, interest_counts  # noqa: E402
+from service.retrieval.two_tower import TwoTower, TwoTowerConfig  # noqa: E402
+
+USERS, HISTORY, CANDIDATES, CLUSTERS = 10_000, 20, 200, 256
+
+
+def percentiles(seconds: list[float]) -> dict:
+    return {"p50_ms": round(float(np.percentile(seconds, 50)) * 1e3, 3), "p99_ms": round(float(np.percentile(seconds, 99)) * 1e3, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="100k items, fewer requests")
+    parser.add_argument("--items", type=int, default=None)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    n = args.items or (100_000 if args.quick else 1_000_000)
+    requests = 300 if args.quick else 2000
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+
+    item_vectors = clustered_unit_vectors(n, 64)
+    item_ids = np.arange(1, n + 1, dtype=np.uint64)
+    print(f"building {default_factory(n)} over {n:,} items", flush=True)
+    index = ItemIndex.build(item_ids, item_vectors, "auto", SearchParams(nprobe=32))
+    clusters = ItemClusters.build(item_ids, item_vectors, CLUSTERS)
+
+    config = TwoTowerConfig()
+    model = TwoTower(config, 2, 2, 2).eval()
+    user_ids = np.arange(10**12, 10**12 + USERS, dtype=np.uint64)
+    history_items = rng.choice(item_ids, size=(USERS, HISTORY))
+    histories = UserHistories(user_ids, np.arange(0, USERS * HISTORY + 1, HISTORY), history_items.ravel())
+    store = InMemoryEmbeddingStore([
+        TableConfig("user", config.id_dim), TableConfig("item", config.id_dim),
+        TableConfig(INTEREST_TABLE, CLUSTERS), TableConfig(SMOOTHING_TABLE, CLUSTERS),
+    ])
+    store.put_many("user", user_ids, rng.normal(0, 0.05, (USERS, config.id_dim)).astype(np.float32))
+    for s in range(0, n, 100_000):
+        store.put_many("item", item_ids[s : s + 100_000], rng.normal(0, 0.05, (min(100_000, n - s), config.id_dim)).astype(np.float32))
+    item_cluster = clusters.assign(item_vectors)
+    counts = interest_counts(user_ids, histories.offsets, item_cluster[(history_items.ravel() - 1).astype(np.int64)], CLUSTERS, 20.0)
+    store.put_many(INTEREST_TABLE, user_ids, counts)
+    store.put_many(SMOOTHING_TABLE, user_ids, counts[rng.permutation(USERS)] / HISTORY)
+
+    generator = CandidateGenerator(model, index, store, histories, item_ids[:1000], np.zeros(1000, np.float32), 50, None, clusters, MixtureKnobs())
+    none = np.empty(0, np.uint64)
+    asked = rng.choice(user_ids, requests)
+    results = {"items": n, "dim": config.out_dim, "factory": default_factory(n), "nprobe": 32, "candidates": CANDIDATES, "requests": requests}
+    for user in asked[:50]:  # warm up
+        generator.generate(int(user), CANDIDATES, none, "knn_embed")
+    raw = []
+    for user in asked:
+        history, _ = generator.history(int(user))
+        vector, _ = generator.user_vector(int(user), history)
+        t = time.perf_counter()
+        index.index.search(vector, CANDIDATES + len(history))
+        raw.append(time.perf_counter() - t)
+    results["raw_faiss"] = percentiles(raw)
+    for strategy in ("two_tower", "knn_embed"):
+        seconds = []
+        for user in asked:
+            t = time.perf_counter()
+            generator.generate(int(user), CANDIDATES, none, strategy)
+            seconds.append(time.perf_counter() - t)
+        results[strategy] = percentiles(seconds)
+        results[strategy]["ratio_p50_to_raw"] = round(results[strategy]["p50_ms"] / results["raw_faiss"]["p50_ms"], 2)
+    print(f"\n{n:,} items x {config.out_dim} dims, {results['factory']} nprobe 32, {CANDIDATES} candidates, one request at a time")
+    print("| | p50 ms | p99 ms | p50 / raw FAISS |")
+    print("|---|---|---|---|")
+    print(f"| raw FAISS search | {results['raw_faiss']['p50_ms']} | {results['raw_faiss']['p99_ms']} | 1.00 |")
+    for strategy in ("two_tower", "knn_embed"):
+        r = results[strategy]
+        print(f"| retrieval stage, {strategy} | {r['p50_ms']} | {r['p99_ms']} | {r['ratio_p50_to_raw']} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
