@@ -161,9 +161,9 @@ def format_retrieval_table(results: dict) -> str:
     metrics = ("recall", "clusters", "attribute_values", "cluster_coverage", "intra_list_distance")
     lines = [f"Candidate generation on {results['users']} users ({results['clusters']} item clusters)"]
     cutoffs = list(next(iter(results["strategies"].values())))
-    header = ["strategy"] + [f"R{c}" for c in cutoffs] + [f"{m}{cutoffs[1] if len(cutoffs) > 1 else cutoffs[0]}" for m in metrics[1:]]
+    middle = cutoffs[len(cutoffs) // 2]  # diversity at the middle cutoff, @100 by default
+    header = ["strategy"] + [f"R{c}" for c in cutoffs] + [f"{m}{middle}" for m in metrics[1:]]
     lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    middle = cutoffs[1] if len(cutoffs) > 1 else cutoffs[0]
     for name, by_k in results["strategies"].items():
         row = [name] + [f"{by_k[c]['recall']:.4f}" for c in cutoffs] + [f"{by_k[middle][m]:.4f}" for m in metrics[1:]]
         lines.append("| " + " | ".join(row) + " |")

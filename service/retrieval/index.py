@@ -145,6 +145,7 @@ class ItemIndex:
     def _search_graph_and_side(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         params = faiss.SearchParametersHNSW()
         params.efSearch = self.params.ef_search
+        # Both selectors stay referenced here until the search returns: params does not own them.
         shadowed = faiss.IDSelectorBatch(self._side_ids)
         skip = faiss.IDSelectorNot(shadowed)
         params.sel = skip
