@@ -1,8 +1,6 @@
 """kNN-Embed: budget split, smoothing, per-interest search, the contract over HTTP and gRPC,
 interests kept current by clicks, and cold catalog items."""
 
-from dataclasses import replace
-
 import grpc
 import numpy as np
 import pandas as pd

@@ -35,9 +35,6 @@ class Candidates:
     def __len__(self) -> int:
         return len(self.item_ids)
 
-    def head(self, n: int) -> "Candidates":
-        return Candidates(self.item_ids[:n], self.scores[:n], self.sources[:n], self.degraded, self.components[:n])
-
     def ranked(self) -> "Candidates":
         """Best score first, whatever found it (ties keep their order)."""
         order = np.argsort(-self.scores, kind="stable")

@@ -116,11 +116,6 @@ class ItemClusters:
         return cls(faiss.read_index(str(path)))
 
 
-def recency_weights(length: int, half_life: float) -> np.ndarray:
-    """Weights of a history of `length` items, oldest first: the latest weighs 1."""
-    return 0.5 ** (np.arange(length - 1, -1, -1, dtype=np.float64) / half_life)
-
-
 def interest_counts(
     user_ids: np.ndarray, offsets: np.ndarray, item_clusters: np.ndarray, n_clusters: int, half_life: float
 ) -> np.ndarray:
