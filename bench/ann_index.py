@@ -1,6 +1,6 @@
 """ANN recall against exact search, with latency, for each index type the service can build.
 
-    python bench/ann_index.py [--quick] [--json PATH] [--items N]
+    python bench/ann_index.py [--quick] [--json PATH] [--items N] [--index TYPE ...] [--ef-search N ...]
 
 A synthetic catalog of unit vectors (64 dims) drawn around 1,000 centres, like trained item
 vectors; queries come from the same distribution. For each factory string and search knob:
@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100k items and fewer settings")
     parser.add_argument("--items", type=int, default=None)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--index", action="append", choices=("Flat", "IVF,Flat", "IVF,SQ8", "HNSW32"), help="only these types (repeatable)")
+    parser.add_argument("--ef-search", type=int, nargs="+", help="HNSW efSearch values to measure")
     args = parser.parse_args()
     n = args.items or (100_000 if args.quick else 1_000_000)
     n_queries, singles = (500, 200) if args.quick else (1000, 500)
@@ -61,7 +63,9 @@ def main() -> None:
     settings = [("Flat", [SearchParams()])]
     settings.append((f"IVF{nlist},Flat", [SearchParams(nprobe=p) for p in ((16, 32, 64) if args.quick else (8, 16, 32, 64, 128))]))
     settings.append((f"IVF{nlist},SQ8", [SearchParams(nprobe=p) for p in ((32,) if args.quick else (16, 32, 64))]))
-    settings.append(("HNSW32", [SearchParams(ef_search=e) for e in ((128,) if args.quick else (64, 128, 256))]))
+    settings.append(("HNSW32", [SearchParams(ef_search=e) for e in (args.ef_search or ((128, 384) if args.quick else (64, 128, 256, 384, 512)))]))
+    if args.index:
+        settings = [(f, p) for f, p in settings if f.replace(nlist, "") in args.index]
 
     exact = faiss.IndexFlatIP(DIM)
     exact.add(vectors)

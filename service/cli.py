@@ -290,3 +290,38 @@ def index_build(
         ids, vectors = table_item_vectors(bundle, store)
     folder = build_index_version(bundle.folder, ids, vectors, factory, seed)
     typer.echo(f"index version written: {folder} ({len(ids)} items)")
+
+
+knn_embed_app = typer.Typer(help="kNN-Embed's per-user interests in the embedding table.", no_args_is_help=True)
+app.add_typer(knn_embed_app, name="knn-embed")
+
+
+@knn_embed_app.command("refresh")
+def knn_embed_refresh(
+    neighbours: Annotated[Optional[int], typer.Option(min=1, max=1000, help="Nearest users per user; default: the artifact's.")] = None,
+    artifacts: ArtifactsOption = None,
+) -> None:
+    """Recompute every user's smoothing neighbours from the live tables (user and item rows,
+    recent items, interest counts) and write them to the interest_smoothing table."""
+    _setup_logging()
+    from service.online.interests import refresh_smoothing
+    from service.online.recent import RedisRecentItems
+    from service.settings import Settings
+
+    settings = Settings(**({"artifacts": artifacts} if artifacts else {}))
+    if settings.redis_url is None:
+        raise typer.BadParameter(
+            "the in-process tables live inside the serving process: set RECSYS_REDIS_URL to refresh shared tables",
+            param_hint="RECSYS_REDIS_URL",
+        )
+    with _table_store(artifacts) as (bundle, store):
+        recent = RedisRecentItems(store.client, store.config.namespace, settings.history_length, settings.embedding_ttl_seconds)
+        rows = refresh_smoothing(
+            bundle.two_tower,
+            bundle.histories,
+            store,
+            recent,
+            neighbours or bundle.knn_embed_config.neighbours,
+            min(settings.history_length, bundle.two_tower.config.history_length),
+        )
+    typer.echo(f"interest_smoothing rewritten for {rows} users")

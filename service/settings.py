@@ -37,7 +37,7 @@ class Settings(BaseSettings):
         float, Field(ge=0, le=1, description="kNN-Embed: share of the candidates kept for the single-vector search.")
     ] = 0.2
     index_nprobe: Annotated[int, Field(ge=1, le=65536, description="IVF indexes: lists scanned per query.")] = 32
-    index_ef_search: Annotated[int, Field(ge=1, le=65536, description="HNSW indexes: candidate list length per query.")] = 128
+    index_ef_search: Annotated[int, Field(ge=1, le=65536, description="HNSW indexes: candidate list length per query.")] = 384
     index_device: Annotated[
         Literal["cpu", "gpu", "auto"],
         Field(description="Where the item index is searched; gpu needs faiss-gpu (the gpu extra); auto: a GPU if faiss sees one."),

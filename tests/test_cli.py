@@ -103,3 +103,30 @@ def test_index_build_publishes_a_version_the_next_load_serves(artifact_root, tmp
     assert len(bundle.index) == len(bundle.features.items)
     manifest = json.loads((folder / "indexes" / bundle.index_version / "index.json").read_text())
     assert manifest["factory"] == "HNSW32" and manifest["items"] == len(bundle.features.items)
+
+
+def test_knn_embed_refresh_rewrites_the_smoothing_in_redis(artifact_root, bundle, redis_server, monkeypatch):
+    from service.retrieval.knn_embed import SMOOTHING_TABLE, neighbour_mixtures, normalise_rows
+    from service.retrieval.two_tower import user_vectors
+
+    runner = CliRunner()
+    monkeypatch.delenv("RECSYS_REDIS_URL", raising=False)
+    refused = runner.invoke(app, ["knn-embed", "refresh", "--artifacts", str(artifact_root)])
+    assert refused.exit_code == 2 and "RECSYS_REDIS_URL" in refused.output
+
+    monkeypatch.setenv("RECSYS_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("RECSYS_REDIS_NAMESPACE", "smooth")
+    assert runner.invoke(app, ["table", "load", "--artifacts", str(artifact_root)]).exit_code == 0
+    store = RedisEmbeddingStore(table_configs(bundle), RedisStoreConfig(redis_server.url, namespace="smooth", cache_entries=0))
+    users = bundle.mixtures.user_ids
+    store.delete(SMOOTHING_TABLE, users)
+    result = runner.invoke(app, ["knn-embed", "refresh", "--neighbours", "3", "--artifacts", str(artifact_root)])
+    assert result.exit_code == 0, result.output
+    assert f"rewritten for {len(users)} users" in result.output
+    lookup = store.get_many(SMOOTHING_TABLE, users)
+    assert lookup.found.all()
+    # Means of 3 neighbours' mixtures now, not of the artifact's 10.
+    vectors = user_vectors(bundle.two_tower, bundle.features, bundle.histories)
+    expected = neighbour_mixtures(vectors, normalise_rows(bundle.mixtures.counts), 3)
+    assert np.isclose(lookup.vectors, expected, atol=1e-5).all(1).mean() > 0.9
+    assert np.isclose(lookup.vectors, bundle.mixtures.smoothing, atol=1e-5).all(1).mean() < 0.1

@@ -9,8 +9,9 @@ from fastapi.testclient import TestClient
 
 from service.api.app import build_app
 from service.data.schema import Dataset
-from service.embeddings.artifact_tables import ITEM_TABLE, in_memory_store
-from service.online.interests import InterestUpdater
+from service.embeddings.artifact_tables import ITEM_TABLE, USER_TABLE, in_memory_store
+from service.online.interests import InterestUpdater, live_user_vectors, refresh_smoothing
+from service.online.recent import InMemoryRecentItems
 from service.pipeline import PipelineOptions, RecommendPipeline
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
@@ -89,6 +90,10 @@ def test_each_interest_gets_its_share_from_inside_its_cluster(pipeline, bundle, 
     budgets = dict(zip(clusters.tolist(), split_budget(n - 6, weights).tolist()))
     for cluster, count in zip(*np.unique(reported, return_counts=True)):
         assert count <= budgets[int(cluster)]
+    # Items the request excludes are replaced, inside their interests too.
+    dropped = found.item_ids[from_interests][:3]
+    again = pipeline.generator.generate(known_user, n, dropped, "knn_embed", knobs)
+    assert len(again) == n and not set(again.item_ids.tolist()) & set(dropped.tolist())
 
 
 def test_a_full_reserve_is_the_single_vector_and_no_interests_fall_back_to_it(bundle, known_user):
@@ -167,6 +172,40 @@ def test_a_click_moves_the_users_interests_toward_the_items_cluster(bundle, know
     newcomer = np.uint64(2**64 - 9)  # a user with no interests yet gets a row
     updater.update(np.array([newcomer], np.uint64), np.array([item], np.uint64))
     assert store.get_many(INTEREST_TABLE, [newcomer]).vectors[0].argmax() == cluster
+
+
+def test_refresh_recomputes_smoothing_from_the_live_tables(bundle, known_user):
+    store = in_memory_store(bundle)
+    recent = InMemoryRecentItems(50)
+    length = bundle.two_tower.config.history_length
+    clicked = bundle.features.items.ids[:3]
+    recent.push(np.full(3, known_user, np.uint64), clicked)
+    generator = RecommendPipeline(bundle, store).generator
+    generator.recent = recent
+    # The batch job's vectors are the ones serving computes.
+    live, known = live_user_vectors(bundle.two_tower, bundle.histories, store, recent, np.array([known_user], np.uint64), length)
+    served, _ = generator.user_vector(known_user, generator.history(known_user)[0])
+    assert known.all()
+    np.testing.assert_allclose(live, served, atol=1e-6)
+
+    # A user who arrived after the artifact: same row and items as another user, so the same
+    # vector; refresh gives them smoothing like that user's.
+    twin = int(bundle.histories.user_ids[7])
+    newcomer = np.uint64(2**64 - 3)
+    store.put_many(USER_TABLE, [newcomer], store.get_many(USER_TABLE, [twin]).vectors)
+    recent.push(np.full(len(bundle.histories.get(twin)), newcomer, np.uint64), bundle.histories.get(twin))
+    store.put_many(INTEREST_TABLE, [newcomer], store.get_many(INTEREST_TABLE, [twin]).vectors)
+    assert not store.get_many(SMOOTHING_TABLE, [newcomer]).found[0]
+    store.delete(SMOOTHING_TABLE, bundle.mixtures.user_ids[:20])
+    written = refresh_smoothing(bundle.two_tower, bundle.histories, store, recent, 10, length)
+    assert written == len(bundle.mixtures.user_ids) + 1
+    after = store.get_many(SMOOTHING_TABLE, bundle.mixtures.user_ids)
+    assert after.found.all()  # the deleted rows are back
+    # Nothing else changed for most users, so most rows are the artifact's again.
+    same = np.isclose(after.vectors, bundle.mixtures.smoothing, atol=1e-5).all(1)
+    assert same.mean() > 0.9
+    twin_row, newcomer_row = store.get_many(SMOOTHING_TABLE, [twin, newcomer]).vectors
+    assert (twin_row * newcomer_row).sum() > 0.8 * np.sqrt((twin_row**2).sum() * (newcomer_row**2).sum())
 
 
 def test_catalog_items_without_interactions_are_retrievable_by_their_attributes(tiny_dataset):

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from service.data.schema import Dataset
 from service.features import FeatureSpace
 from service.retrieval.index import ItemIndex, SearchParams
-from service.retrieval.two_tower import history_before, in_batch_softmax_loss
+from service.retrieval.generator import is_in_sorted
+from service.retrieval.two_tower import TwoTower, TwoTowerConfig, UserTowerKernel, history_before, in_batch_softmax_loss
 
 
 def test_in_batch_loss_applies_logq_and_masks_accidental_hits():
@@ -31,6 +32,23 @@ def test_history_holds_only_earlier_items():
     row = space.items.rows(np.array([10, 11, 12], dtype=np.uint64)).tolist()
     assert history.tolist() == [[0, 0], [0, row[0]], [row[0], row[1]], [0, 0]]
     assert items.tolist() == [row[0], row[1], row[2], row[0]]
+
+
+def test_serving_user_tower_matches_the_torch_tower():
+    torch.manual_seed(0)
+    model = TwoTower(TwoTowerConfig(id_dim=16, hidden=32, out_dim=8), 3, 3, 3).eval()
+    users, pooled = torch.randn(5, 16), torch.randn(5, 16)
+    pooled[4] = -users[4]  # and a row whose first layer input sums to little
+    with torch.no_grad():
+        expected = model.user_tower(users, pooled).numpy()
+    np.testing.assert_allclose(UserTowerKernel(model)(users.numpy(), pooled.numpy()), expected, atol=1e-6)
+
+
+def test_membership_in_a_sorted_set_covers_the_extreme_ids():
+    members = np.array([0, 7, 2**63, 2**64 - 1], dtype=np.uint64)
+    values = np.array([[0, 1, 2**64 - 1], [2**63, 2**63 + 1, 8]], dtype=np.uint64)
+    assert is_in_sorted(values, members).tolist() == [[True, False, True], [True, False, False]]
+    assert not is_in_sorted(values, np.empty(0, np.uint64)).any()
 
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])

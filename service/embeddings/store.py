@@ -86,13 +86,17 @@ def _lookup_series(backend: str, table: str):
 
 
 def observe_lookup(backend: str, table: str, found: np.ndarray, cached: np.ndarray, degraded: bool, seconds: float) -> None:
-    """Metrics of one batched lookup over distinct ids."""
+    """Metrics of one batched lookup over distinct ids (on every request: counted with
+    `count_nonzero` and no zero increments, a few microseconds less per lookup)."""
     hit, cache_hit, miss, error, batch, latency = _lookup_series(backend, table)
-    n_found = int(found.sum())
-    n_cached = int((found & cached).sum()) if cached.any() else 0
-    cache_hit.inc(n_cached)
-    hit.inc(n_found - n_cached)
-    (error if degraded else miss).inc(len(found) - n_found)
+    n_found = np.count_nonzero(found)
+    n_cached = np.count_nonzero(found & cached) if np.count_nonzero(cached) else 0
+    if n_cached:
+        cache_hit.inc(n_cached)
+    if n_found > n_cached:
+        hit.inc(n_found - n_cached)
+    if len(found) > n_found:
+        (error if degraded else miss).inc(len(found) - n_found)
     batch.observe(len(found))
     latency.observe(seconds)
 

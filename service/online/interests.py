@@ -1,16 +1,25 @@
 """Keeps kNN-Embed's per-user interests current: each positive event adds its item's cluster
 to the user's recency-weighted counts (older counts decay by the same half-life the artifact
-was built with), so the next request splits its budget by the new mixture."""
+was built with), so the next request splits its budget by the new mixture. A batch job
+(`recsys knn-embed refresh`) recomputes every user's smoothing from the live tables, so
+users who arrived or changed since the artifact was built get neighbours that match."""
+
+import logging
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from service.embeddings.artifact_tables import ITEM_TABLE
-from service.embeddings.store import EmbeddingStore
+from service.embeddings.artifact_tables import ITEM_TABLE, USER_TABLE
+from service.embeddings.store import EmbeddingStore, Lookup
 from service.features import FeatureSpace
+from service.history import UserHistories
 from service.metrics import ONLINE_ROWS_WRITTEN
-from service.retrieval.knn_embed import INTEREST_TABLE, ItemClusters, UserMixtures
-from service.retrieval.two_tower import TwoTower
+from service.online.recent import RecentItems
+from service.retrieval.knn_embed import INTEREST_TABLE, SMOOTHING_TABLE, ItemClusters, UserMixtures, neighbour_mixtures, normalise_rows
+from service.retrieval.two_tower import TwoTower, UserTowerKernel
+
+log = logging.getLogger(__name__)
 
 
 class InterestUpdater:
@@ -59,3 +68,70 @@ class InterestUpdater:
                 counts[row, cluster] += 1.0
         self.store.put_many(INTEREST_TABLE, users, counts.astype(np.float32))
         ONLINE_ROWS_WRITTEN.labels(INTEREST_TABLE).inc(len(users))
+
+
+def _checked(lookup: Lookup) -> Lookup:
+    if lookup.degraded:
+        raise ConnectionError("embedding table unavailable")
+    return lookup
+
+
+def live_user_vectors(
+    two_tower: TwoTower,
+    histories: UserHistories,
+    store: EmbeddingStore,
+    recent: RecentItems | None,
+    user_ids: np.ndarray,
+    history_length: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The user-tower vector serving would compute for each user now (user row, mean of the
+    rows of their latest items: the artifact's history, then what arrived since), and which
+    users have any of those rows (the rest have no vector of their own)."""
+    kernel = UserTowerKernel(two_tower)
+    users = _checked(store.get_many(USER_TABLE, user_ids))
+    since = recent.get_many(user_ids) if recent is not None else [np.empty(0, np.uint64)] * len(user_ids)
+    latest = [np.concatenate([histories.get(int(u)), more])[-history_length:] for u, more in zip(user_ids.tolist(), since)]
+    lengths = np.array([len(items) for items in latest])
+    flat = np.concatenate(latest) if len(latest) else np.empty(0, np.uint64)
+    items = _checked(store.get_many(ITEM_TABLE, flat)) if len(flat) else Lookup(np.zeros((0, users.vectors.shape[1]), np.float32), np.zeros(0, bool))
+    owner = np.repeat(np.arange(len(user_ids)), lengths)[items.found]
+    pooled = np.zeros_like(users.vectors)
+    np.add.at(pooled, owner, items.vectors[items.found])
+    found_items = np.bincount(owner, minlength=len(user_ids))
+    pooled /= np.maximum(found_items, 1)[:, None]
+    return kernel(users.vectors, pooled).astype(np.float32), users.found | (found_items > 0)
+
+
+def refresh_smoothing(
+    two_tower: TwoTower,
+    histories: UserHistories,
+    store: EmbeddingStore,
+    recent: RecentItems | None,
+    neighbours: int,
+    history_length: int,
+    batch_size: int = 4096,
+) -> int:
+    """Recompute `interest_smoothing` for every user the `interest` table holds: the mean
+    mixture of their `neighbours` nearest users by live user vector. Users without a vector
+    of their own neither get nor give smoothing. Returns the rows written."""
+    user_ids, counts = [], []
+    for ids, rows in tqdm(store.scan(INTEREST_TABLE, batch_size), desc="interests", unit="batch", mininterval=2):
+        user_ids.append(ids)
+        counts.append(rows)
+    if not user_ids:
+        return 0
+    user_ids, counts = np.concatenate(user_ids), np.concatenate(counts)
+    vectors, known = [], []
+    for start in tqdm(range(0, len(user_ids), batch_size), desc="user vectors", unit="batch", mininterval=2):
+        batch_vectors, batch_known = live_user_vectors(
+            two_tower, histories, store, recent, user_ids[start : start + batch_size], history_length
+        )
+        vectors.append(batch_vectors)
+        known.append(batch_known)
+    known = np.concatenate(known)
+    user_ids, counts, vectors = user_ids[known], counts[known], np.concatenate(vectors)[known]
+    log.info("smoothing %d users' interests over their %d nearest users", len(user_ids), neighbours)
+    smoothing = neighbour_mixtures(vectors, normalise_rows(counts), neighbours)
+    for start in range(0, len(user_ids), batch_size):
+        store.put_many(SMOOTHING_TABLE, user_ids[start : start + batch_size], smoothing[start : start + batch_size])
+    return len(user_ids)

@@ -6,7 +6,6 @@ items for cold users and to fill up."""
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from service.embeddings.artifact_tables import ITEM_TABLE, USER_TABLE
 from service.embeddings.store import EmbeddingStore
@@ -14,23 +13,43 @@ from service.history import UserHistories
 from service.online.recent import RecentItems
 from service.retrieval.index import ItemIndex
 from service.retrieval.knn_embed import INTEREST_TABLE, SMOOTHING_TABLE, ItemClusters, MixtureKnobs, smoothed_mixture, split_budget
-from service.retrieval.two_tower import TwoTower
+from service.retrieval.two_tower import TwoTower, UserTowerKernel
 
 SOURCE_TWO_TOWER, SOURCE_KNN_EMBED, SOURCE_POPULAR = "two_tower", "knn_embed", "popular"
 STRATEGY_TWO_TOWER, STRATEGY_KNN_EMBED = "two_tower", "knn_embed"
+
+
+def labels(value, n: int) -> np.ndarray:
+    """`n` copies of a per-candidate label, as an object array (fancy-indexed with the ids)."""
+    out = np.empty(n, dtype=object)
+    out[:] = value
+    return out
+
+
+def is_in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Which `values` (any shape) are in the sorted, distinct `sorted_set`: a binary search,
+    cheaper than `np.isin`'s sort of both sides for a request's few hundred ids."""
+    if not len(sorted_set):
+        return np.zeros(values.shape, dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[at] == values
 
 
 @dataclass
 class Candidates:
     item_ids: np.ndarray  # uint64
     scores: np.ndarray  # float32 cosine: with the user vector, or the cold-user vector for popular
-    sources: list[str]
+    sources: np.ndarray  # object: each candidate's source name
     degraded: bool = False  # the embedding store failed: vectors were defaults
-    components: list[int | None] = field(default_factory=list)  # kNN-Embed: each candidate's cluster
+    components: np.ndarray | None = None  # object: kNN-Embed's cluster of each candidate, else None
 
     def __post_init__(self) -> None:
-        if not self.components:
-            self.components = [None] * len(self.sources)
+        if self.components is None:
+            self.components = labels(None, len(self.item_ids))
+
+    @classmethod
+    def empty(cls) -> "Candidates":
+        return cls(np.empty(0, np.uint64), np.empty(0, np.float32), labels(None, 0))
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -38,21 +57,15 @@ class Candidates:
     def ranked(self) -> "Candidates":
         """Best score first, whatever found it (ties keep their order)."""
         order = np.argsort(-self.scores, kind="stable")
-        return Candidates(
-            self.item_ids[order],
-            self.scores[order],
-            [self.sources[i] for i in order],
-            self.degraded,
-            [self.components[i] for i in order],
-        )
+        return Candidates(self.item_ids[order], self.scores[order], self.sources[order], self.degraded, self.components[order])
 
     def extended(self, more: "Candidates") -> "Candidates":
         return Candidates(
             np.concatenate([self.item_ids, more.item_ids]),
             np.concatenate([self.scores, more.scores]).astype(np.float32),
-            self.sources + more.sources,
+            np.concatenate([self.sources, more.sources]),
             self.degraded or more.degraded,
-            self.components + more.components,
+            np.concatenate([self.components, more.components]),
         )
 
 
@@ -72,7 +85,7 @@ class CandidateGenerator:
     ):
         """`clusters`: kNN-Embed's item clusters (none: only the single-vector strategy);
         `knobs`: its defaults, which a request may override."""
-        self.two_tower = two_tower
+        self.user_tower = UserTowerKernel(two_tower)
         self.index = index
         self.clusters = clusters
         self.knobs = knobs
@@ -93,10 +106,11 @@ class CandidateGenerator:
         known_items = items is not None and items.found.any()
         if not user.found[0] and not known_items:
             return None, degraded
-        pooled = items.vectors[items.found].mean(0) if known_items else np.zeros(user.vectors.shape[1], np.float32)
-        with torch.inference_mode():
-            vector = self.two_tower.user_tower(torch.from_numpy(user.vectors), torch.from_numpy(pooled[None, :]))
-        return vector.numpy(), degraded
+        if not known_items:
+            pooled = np.zeros(user.vectors.shape[1], np.float32)
+        else:
+            pooled = (items.vectors if items.found.all() else items.vectors[items.found]).mean(0)
+        return self.user_tower(user.vectors, pooled[None, :]).astype(np.float32), degraded
 
     def history(self, user_id: int) -> tuple[np.ndarray, bool]:
         """The user's items, oldest first: the artifact's, then those since; and whether the
@@ -108,9 +122,10 @@ class CandidateGenerator:
         return (np.concatenate([history, recent]) if len(recent) else history), degraded
 
     def popular(self, n: int, excluded: np.ndarray) -> Candidates:
-        keep = ~np.isin(self.popular_items, excluded)
+        """`excluded`: sorted, distinct."""
+        keep = ~is_in_sorted(self.popular_items, excluded)
         ids = self.popular_items[keep][:n]
-        return Candidates(ids, self.popular_scores[keep][:n], [SOURCE_POPULAR] * len(ids))
+        return Candidates(ids, self.popular_scores[keep][:n], labels(SOURCE_POPULAR, len(ids)))
 
     def mixture(self, user_id: int, knobs: MixtureKnobs) -> tuple[np.ndarray, np.ndarray, bool]:
         """The user's top-m interests (clusters, weights; empty without interests) and
@@ -126,28 +141,31 @@ class CandidateGenerator:
         return clusters, weights, degraded
 
     def single_vector(self, vector: np.ndarray, n: int, excluded: np.ndarray) -> Candidates:
+        """The user vector's nearest `n` items; `excluded`: sorted, distinct."""
         scores, ids = self.index.search(vector, n + len(excluded))
         scores, ids = scores[0], ids[0]
-        keep = np.isfinite(scores) & ~np.isin(ids, excluded)
+        keep = np.isfinite(scores) & ~is_in_sorted(ids, excluded)
         ids, scores = ids[keep][:n], scores[keep][:n].astype(np.float32)
-        return Candidates(ids, scores, [SOURCE_TWO_TOWER] * len(ids))
+        return Candidates(ids, scores, labels(SOURCE_TWO_TOWER, len(ids)))
 
     def per_interest(self, vector: np.ndarray, n: int, excluded: np.ndarray, clusters: np.ndarray, weights: np.ndarray) -> Candidates:
-        """Each interest's share of `n`: the user vector's nearest items inside that cluster."""
+        """Each interest's share of `n`: the user vector's nearest items inside that cluster.
+        `excluded`: sorted, distinct."""
         budgets = split_budget(n, weights)
         clusters, budgets = clusters[budgets > 0], budgets[budgets > 0]
         if not len(clusters):
-            return Candidates(np.empty(0, np.uint64), np.empty(0, np.float32), [])
+            return Candidates.empty()
         # Excluded items may sit in any cluster: ask each for that many more.
         scores, ids = self.clusters.search_components(vector[0], clusters, int(budgets.max()) + len(excluded))
-        found_ids, found_scores, found_from = [], [], []
-        for cluster, budget, row_scores, row_ids in zip(clusters.tolist(), budgets, scores, ids):
-            keep = np.isfinite(row_scores) & ~np.isin(row_ids, excluded)
-            found_ids.append(row_ids[keep][:budget])
-            found_scores.append(row_scores[keep][:budget])
-            found_from += [cluster] * len(found_ids[-1])
-        item_ids = np.concatenate(found_ids)
-        return Candidates(item_ids, np.concatenate(found_scores).astype(np.float32), [SOURCE_KNN_EMBED] * len(item_ids), components=found_from)
+        keep = np.isfinite(scores) & ~is_in_sorted(ids, excluded)
+        keep &= np.cumsum(keep, axis=1) <= budgets[:, None]  # each row's first `budget` kept
+        taken = keep.sum(1)
+        return Candidates(
+            ids[keep],  # row by row: the components in mixture order, each best first
+            scores[keep].astype(np.float32),
+            labels(SOURCE_KNN_EMBED, int(taken.sum())),
+            components=np.repeat(np.array(clusters.tolist(), dtype=object), taken),
+        )
 
     def generate(
         self,
@@ -165,7 +183,7 @@ class CandidateGenerator:
             result = self.popular(n, excluded)
             result.degraded = degraded
             return result
-        result = Candidates(np.empty(0, np.uint64), np.empty(0, np.float32), [])
+        result = Candidates.empty()
         if strategy == STRATEGY_KNN_EMBED and self.clusters is not None:
             knobs = knobs or self.knobs
             clusters, weights, mixture_degraded = self.mixture(user_id, knobs)
@@ -173,8 +191,11 @@ class CandidateGenerator:
             reserved = int(round(n * knobs.reserved_share)) if len(clusters) else n
             result = self.per_interest(vector, n - reserved, excluded, clusters, weights)
         # The single vector fills what is left: its reserved share, interests that ran short.
-        fill = self.single_vector(vector, n - len(result), np.union1d(excluded, result.item_ids))
-        result = result.extended(fill).ranked()
+        if len(result):
+            fill = self.single_vector(vector, n - len(result), np.union1d(excluded, result.item_ids))
+            result = result.extended(fill).ranked()
+        else:  # FAISS ranked them already
+            result = self.single_vector(vector, n, excluded)
         result.degraded = degraded
         if len(result) < n:  # a small catalog: fill up with popular items
             result = result.extended(self.popular(n - len(result), np.union1d(excluded, result.item_ids)))

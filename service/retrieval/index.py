@@ -21,10 +21,13 @@ from typing import Literal
 
 import faiss
 import numpy as np
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
 FLAT_MAX_ITEMS = 50_000  # exact search stays fast enough below this many items
+TRAIN_POINTS_PER_LIST = 256  # what faiss's k-means uses per centroid at most: more is wasted
+ADD_BATCH = 100_000  # items added per step of a build, so that progress shows
 GPU_MAX_K = 2048  # faiss GPU k-selection limit
 MISSING_SCORE = -1e38  # faiss pads missing inner-product results with -FLT_MAX
 Device = Literal["cpu", "gpu", "auto"]
@@ -37,6 +40,25 @@ def default_factory(n_items: int) -> str:
     return f"IDMap2,IVF{nlist},Flat"
 
 
+def training_sample(vectors: np.ndarray, lists: int, seed: int) -> np.ndarray:
+    """What k-means into `lists` centroids trains on: a uniform sample of 256 vectors per
+    centroid (faiss would subsample to that itself, after copying the whole catalog)."""
+    limit = TRAIN_POINTS_PER_LIST * lists
+    if len(vectors) <= limit:
+        return vectors
+    rows = np.sort(np.random.default_rng(seed).choice(len(vectors), size=limit, replace=False))
+    return vectors[rows]
+
+
+def add_with_progress(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, name: str) -> None:
+    """`index.add_with_ids` in steps, with a progress bar for catalogs of millions."""
+    keys = np.asarray(ids, dtype=np.uint64).view(np.int64)
+    with tqdm(total=len(keys), desc=name, unit="item", unit_scale=True, mininterval=2, disable=len(keys) <= ADD_BATCH) as bar:
+        for start in range(0, len(keys), ADD_BATCH):
+            index.add_with_ids(vectors[start : start + ADD_BATCH], keys[start : start + ADD_BATCH])
+            bar.update(len(keys[start : start + ADD_BATCH]))
+
+
 def gpus_available() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
@@ -44,7 +66,7 @@ def gpus_available() -> int:
 @dataclass(frozen=True)
 class SearchParams:
     nprobe: int = 32  # IVF: lists scanned per query
-    ef_search: int = 128  # HNSW: candidate list length per query
+    ef_search: int = 384  # HNSW: candidate list length per query (0.96 recall@100 at 1M items)
 
 
 class ItemIndex:
@@ -79,12 +101,14 @@ class ItemIndex:
         index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
             try:
-                faiss.extract_index_ivf(index).cp.seed = seed
-            except RuntimeError:
-                pass  # not IVF: nothing seeded
-            log.info("training %s on %d vectors", factory, len(vectors))
-            index.train(vectors)  # faiss samples 256 points per centroid: millions of items are fine
-        index.add_with_ids(vectors, np.asarray(ids, dtype=np.uint64).view(np.int64))
+                ivf = faiss.extract_index_ivf(index)
+                ivf.cp.seed = seed
+                sample = training_sample(vectors, ivf.nlist, seed)
+            except RuntimeError:  # not IVF: trains on everything
+                sample = vectors
+            log.info("training %s on %d of %d vectors", factory, len(sample), len(vectors))
+            index.train(sample)
+        add_with_progress(index, ids, vectors, f"index {factory}")
         return cls(index, params, device)
 
     @staticmethod

@@ -26,7 +26,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
-from service.retrieval.index import MISSING_SCORE
+from service.retrieval.index import MISSING_SCORE, add_with_progress, training_sample
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,14 @@ class ItemClusters:
     def build(cls, ids: np.ndarray, vectors: np.ndarray, n_clusters: int, iterations: int = 25, seed: int = 0) -> "ItemClusters":
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         n_clusters = max(1, min(n_clusters, len(vectors)))
-        log.info("clustering %d item vectors into %d interests", len(vectors), n_clusters)
-        # faiss samples at most 256 points per centroid for training: millions of items are fine.
+        sample = training_sample(vectors, n_clusters, seed)
+        log.info("clustering %d item vectors into %d interests, trained on %d", len(vectors), n_clusters, len(sample))
         kmeans = faiss.Kmeans(vectors.shape[1], n_clusters, niter=iterations, spherical=True, seed=seed)
-        kmeans.train(vectors)
+        kmeans.train(sample)
         quantizer = faiss.IndexFlatIP(vectors.shape[1])
         quantizer.add(kmeans.centroids)
         index = faiss.IndexIVFFlat(quantizer, vectors.shape[1], n_clusters, faiss.METRIC_INNER_PRODUCT)
-        index.add_with_ids(vectors, np.asarray(ids, dtype=np.uint64).view(np.int64))
+        add_with_progress(index, ids, vectors, "interest clusters")
         return cls(index)
 
     @property
@@ -158,12 +158,13 @@ def neighbour_mixtures(user_vectors: np.ndarray, mixtures: np.ndarray, k: int, b
 def smoothed_mixture(counts: np.ndarray, smoothing: np.ndarray | None, knobs: MixtureKnobs) -> tuple[np.ndarray, np.ndarray]:
     """Top-m (clusters, weights summing to 1) of (1-a) P + a N; empty for a user without
     counts. Ties go to the lower cluster id."""
-    mixture = normalise_rows(counts[None, :])[0]
-    if not mixture.any():
+    total = float(counts.sum())
+    if total <= 0:
         return np.empty(0, np.int64), np.empty(0, np.float32)
-    if smoothing is not None and smoothing.any():
+    mixture = counts / total
+    if smoothing is not None and np.count_nonzero(smoothing):
         mixture = (1 - knobs.alpha) * mixture + knobs.alpha * smoothing
-    order = np.lexsort((np.arange(len(mixture)), -mixture))[: knobs.components]
+    order = np.argsort(-mixture, kind="stable")[: knobs.components]  # stable: ties by cluster id
     order = order[mixture[order] > 0]
     weights = mixture[order]
     return order.astype(np.int64), (weights / weights.sum()).astype(np.float32)

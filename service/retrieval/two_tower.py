@@ -77,6 +77,29 @@ class TwoTower(nn.Module):
         return self.user_tower(self.user_id(user_rows), pooled)
 
 
+class UserTowerKernel:
+    """The user tower's dense layers as numpy arrays, for serving one request: torch's
+    per-operation dispatch costs about 0.1 ms at batch size 1, a numpy pass a fraction of
+    that. The layers do not change after training (online updates move id vectors only),
+    so the copy stays exact; `TwoTower.user_tower` is the reference it is tested against."""
+
+    def __init__(self, model: TwoTower):
+        first, last = model.user_mlp[0], model.user_mlp[2]
+        weight = first.weight.detach().numpy().T.astype(np.float32)
+        d = model.config.id_dim
+        # Two halves of the first layer instead of concatenating the inputs per request.
+        self.w_user, self.w_history = weight[:d].copy(), weight[d:].copy()
+        self.b_first = first.bias.detach().numpy().astype(np.float32)
+        self.w_last = last.weight.detach().numpy().T.astype(np.float32).copy()
+        self.b_last = last.bias.detach().numpy().astype(np.float32)
+
+    def __call__(self, user_vectors: np.ndarray, pooled_history: np.ndarray) -> np.ndarray:
+        hidden = np.maximum(user_vectors @ self.w_user + pooled_history @ self.w_history + self.b_first, 0.0)
+        out = hidden @ self.w_last + self.b_last
+        norm = np.sqrt(np.square(out).sum(-1, keepdims=True))  # np.linalg.norm costs 3x more here
+        return out / np.maximum(norm, 1e-12)  # as F.normalize
+
+
 def in_batch_softmax_loss(
     user: torch.Tensor,
     item: torch.Tensor,
