@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--index", action="append", choices=("Flat", "IVF,Flat", "IVF,SQ8", "HNSW32"), help="only these types (repeatable)")
     parser.add_argument("--ef-search", type=int, nargs="+", help="HNSW efSearch values to measure")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="gpu: faiss-gpu (pip install -e .[gpu])")
     args = parser.parse_args()
     n = args.items or (100_000 if args.quick else 1_000_000)
     n_queries, singles = (500, 200) if args.quick else (1000, 500)
@@ -75,26 +76,25 @@ def main() -> None:
     rows = []
     for factory, params_list in tqdm(settings, desc="index types", unit="type"):
         started = time.perf_counter()
-        index = ItemIndex.build(ids, vectors, factory, params_list[0])
+        index = ItemIndex.build(ids, vectors, factory, params_list[0], device=args.device)
         build = time.perf_counter() - started
-        size = len(faiss.serialize_index(index.index))
+        size = index.serialized_bytes()
         for params in params_list:
-            index.params = params
-            index._apply_params(index.index)
+            index.set_params(params)
             row = {"factory": factory, "nprobe": params.nprobe if "IVF" in factory else None,
                    "ef_search": params.ef_search if "HNSW" in factory else None,
-                   "build_s": round(build, 1), "index_mb": round(size / 2**20, 1)}
+                   "device": index.device, "build_s": round(build, 1), "index_mb": round(size / 2**20, 1)}
             row.update(measure(index, queries, truth, singles))
             rows.append(row)
             print(row, flush=True)
         del index
     results = {"items": n, "dim": DIM, "queries": n_queries, "default_factory": default_factory(n), "rows": rows}
     print(f"\n{n:,} items x {DIM} dims, recall@{K} against exact search")
-    print("| index | knob | recall@100 | single p50 ms | single p99 ms | batched q/s | build s | MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| index | knob | device | recall@100 | single p50 ms | single p99 ms | batched q/s | build s | MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         knob = f"nprobe={r['nprobe']}" if r["nprobe"] else (f"efSearch={r['ef_search']}" if r["ef_search"] else "exact")
-        print(f"| {r['factory']} | {knob} | {r['recall_at_100']:.4f} | {r['single_p50_ms']} | {r['single_p99_ms']} | {r['batched_qps']} | {r['build_s']} | {r['index_mb']} |")
+        print(f"| {r['factory']} | {knob} | {r['device']} | {r['recall_at_100']:.4f} | {r['single_p50_ms']} | {r['single_p99_ms']} | {r['batched_qps']} | {r['build_s']} | {r['index_mb']} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

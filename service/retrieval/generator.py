@@ -3,7 +3,7 @@ search (single vector, or kNN-Embed's per-interest searches plus a reserved sing
 share), exclusion of what the user has seen (in the artifact's history and since), popular
 items for cold users and to fill up."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

@@ -134,11 +134,22 @@ class ItemIndex:
         except RuntimeError as exc:  # e.g. HNSW has no GPU implementation
             log.warning("index stays on the CPU: %s", exc)
             return
+        self.index, self.device = gpu, "gpu"
+        self._apply_gpu_params()
+
+    def _apply_gpu_params(self) -> None:
         try:
-            faiss.GpuParameterSpace().set_index_parameter(gpu, "nprobe", self.params.nprobe)
+            faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", self.params.nprobe)
         except RuntimeError:
             pass  # not IVF
-        self.index, self.device = gpu, "gpu"
+
+    def set_params(self, params: SearchParams) -> None:
+        """Change nprobe / efSearch for the searches that follow."""
+        with self._lock:
+            self.params = params
+            self._apply_params(self._cpu)
+            if self.device == "gpu":
+                self._apply_gpu_params()
 
     @property
     def description(self) -> str:
@@ -226,6 +237,11 @@ class ItemIndex:
         probes = rng.normal(size=(queries, self._cpu.d)).astype(np.float32)
         probes /= np.linalg.norm(probes, axis=1, keepdims=True)
         self.search(probes, k)
+
+    def serialized_bytes(self) -> int:
+        """The size of the main index as `save` writes it (its memory, near enough)."""
+        with self._lock:
+            return len(faiss.serialize_index(self._cpu))
 
     def save(self, path: Path) -> None:
         """The main index only: a rebuilt version (`recsys index build`) takes the upserts in."""
