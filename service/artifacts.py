@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-FORMAT = "recsys-artifact/3"
+FORMAT = "recsys-artifact/4"
 
 
 class ArtifactError(RuntimeError):

@@ -1,15 +1,25 @@
 import numpy as np
+import pytest
 import torch
 
+from service.ranking.dcn_v2 import DCNv2, DCNv2Config
 from service.ranking.deepfm import DeepFM, DeepFMConfig
 from service.ranking.inputs import context_rows
 from service.ranking.ranker import Ranker
 
 
-def test_deepfm_scores_a_batch_and_learns_an_interaction():
-    """A label that depends only on the pair (field 0, field 1) needs the FM/deep terms."""
+MODELS = {
+    "deepfm": lambda: DeepFM(DeepFMConfig(field_sizes=(5, 5), attribute_size=3, numeric_fields=1, dim=8, hidden=(16,))),
+    "deepfm-factorised": lambda: DeepFM(DeepFMConfig(field_sizes=(5, 5), attribute_size=3, numeric_fields=1, dim=8, hidden=(16,), rank=3)),
+    "dcn-v2": lambda: DCNv2(DCNv2Config(field_sizes=(5, 5), attribute_size=3, numeric_fields=1, dim=8, hidden=(16,))),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_ctr_models_learn_an_interaction(name):
+    """A label that depends only on the pair (field 0, field 1) needs the FM/cross/deep terms."""
     torch.manual_seed(0)
-    model = DeepFM(DeepFMConfig(field_sizes=(5, 5), attribute_size=3, numeric_fields=1, dim=8, hidden=(16,)))
+    model = MODELS[name]()
     a = torch.randint(1, 5, (4096,))
     b = torch.randint(1, 5, (4096,))
     labels = ((a + b) % 2 == 0).float()
@@ -25,6 +35,15 @@ def test_deepfm_scores_a_batch_and_learns_an_interaction():
     model.eval()
     accuracy = ((model(categorical, attributes, numeric) > 0).float() == labels).float().mean()
     assert accuracy > 0.95
+
+
+def test_factorised_tables_hold_rank_r_codes():
+    full = DeepFM(DeepFMConfig(field_sizes=(1000, 500), attribute_size=3, numeric_fields=1, dim=16))
+    factorised = DeepFM(DeepFMConfig(field_sizes=(1000, 500), attribute_size=3, numeric_fields=1, dim=16, rank=4))
+    assert factorised.fields.codes.weight.shape == (1500, 4)
+    assert factorised.fields.up.shape == (2, 4, 16)
+    table = sum(p.numel() for n, p in factorised.fields.named_parameters() if n in ("codes.weight", "up"))
+    assert table == 1500 * 4 + 2 * 4 * 16 < full.fields.embedding.weight.numel() / 3
 
 
 def test_context_rows_from_epoch_seconds():

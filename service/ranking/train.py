@@ -8,7 +8,6 @@ timestamp, so training sees what serving sees. Validation rows are each user's l
 interactions, so early stopping measures the future the ranker will serve.
 """
 
-import copy
 import logging
 from dataclasses import asdict, dataclass
 
@@ -20,6 +19,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from tqdm import tqdm
 
 from service.features import FeatureSpace
+from service.ranking.ctr import EarlyStopping
 from service.ranking.deepfm import DeepFM, DeepFMConfig
 from service.ranking.inputs import NUMERIC_FIELDS, RankingEncoder, context_rows, field_sizes
 from service.retrieval.index import ItemIndex
@@ -147,7 +147,7 @@ def train_ranker(
         model.bias.fill_(np.log(base_rate / (1 - base_rate)) - float(train.scores.mean()) * score_scale)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = max(1, len(train.labels) // config.batch_size)
-    best_auc, best_state, history, stale = -1.0, None, [], 0
+    stopping, history = EarlyStopping(config.patience), []
     with tqdm(total=config.epochs * steps, desc="ranker", unit="batch", mininterval=2) as bar:
         for epoch in range(config.epochs):
             model.train()
@@ -169,17 +169,12 @@ def train_ranker(
             )
             bar.set_postfix(epoch=epoch + 1, val_auc=f"{auc:.4f}")
             log.info("ranker epoch %d/%d val AUC %.4f logloss %.4f", epoch + 1, config.epochs, auc, logloss)
-            if auc > best_auc:
-                best_auc, best_state, stale = auc, copy.deepcopy(model.state_dict()), 0
-            else:
-                stale += 1
-                if stale >= config.patience:
-                    break
-    model.load_state_dict(best_state)
-    model.eval()
+            if stopping.should_stop(model, auc):
+                break
+    stopping.restore_best(model)
     best = max(history, key=lambda e: e["val_auc"])
     metrics = {
-        "val_auc": best_auc,
+        "val_auc": best["val_auc"],
         "val_logloss": best["val_logloss"],
         "val_mean_prediction": best["val_mean_prediction"],
         "val_click_rate": float(validation.labels.mean()),
