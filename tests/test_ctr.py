@@ -1,18 +1,29 @@
-"""CTR data: the field map built from the training split, the Criteo reader, and training
-DeepFM / DCN-v2 on the Criteo rows."""
+"""CTR data: the field map built from the training split, the Criteo reader, training
+DeepFM / DCN-v2 on the Criteo rows, and their low-rank compression."""
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from service.data.criteo import CATEGORICAL_COLUMNS, INTEGER_COLUMNS, load_criteo_splits, read_criteo
 from service.data.schema import DataError
+from service.ranking.compression import (
+    CompressionConfig,
+    compress,
+    compress_fields,
+    compress_linear_outputs,
+    layer_outputs,
+    model_bytes,
+    svd_linear,
+)
 from service.ranking.ctr import CtrTrainConfig, evaluate, predict, train_ctr
 from service.ranking.dcn_v2 import DCNv2, DCNv2Config
 from service.ranking.deepfm import DeepFM, DeepFMConfig
-from service.ranking.fields import FieldMap
+from service.ranking.fields import EncodedRows, FieldMap
 
 CRITEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo-kaggle-8k"
 
@@ -71,3 +82,47 @@ def test_ctr_models_learn_criteo(model_name):
     predicted = predict(model, test)
     assert evaluate(test.labels, predicted)["auc"] > 0.65  # the click rate alone gives 0.5
     assert abs(predicted.mean() - test.labels.mean()) < 0.05  # started calibrated, stays near it
+
+
+def test_output_feature_compression_keeps_what_the_outputs_use_and_svd_does_not():
+    """Inputs in a 3-dim subspace make a full-rank layer's outputs rank 3: compressing the
+    outputs to rank 3 is exact on such inputs, compressing the weights to rank 3 is not."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 24)
+    inputs = torch.randn(2000, 3) @ torch.randn(3, 32)
+    outputs = layer(inputs).detach()
+    by_outputs = compress_linear_outputs(layer, outputs, 3)
+    by_weights = svd_linear(layer, 3)
+    with torch.no_grad():
+        assert float((by_outputs(inputs) - outputs).norm() / outputs.norm()) < 1e-4
+        assert float((by_weights(inputs) - outputs).norm() / outputs.norm()) > 0.1
+        everything = compress_linear_outputs(layer, outputs, 24)  # all output directions: exact anywhere
+        anywhere = torch.randn(100, 32)
+        torch.testing.assert_close(everything(anywhere), layer(anywhere), atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in by_weights.parameters()) == 32 * 3 + 3 * 24 + 24
+
+
+@pytest.mark.parametrize("model_class, config_class", [(DeepFM, DeepFMConfig), (DCNv2, DCNv2Config)])
+def test_compressed_models_shrink_and_full_rank_changes_nothing(model_class, config_class):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    n = 3000
+    rows = EncodedRows(
+        np.stack([rng.integers(0, 400, n), rng.integers(0, 300, n)], 1), np.zeros((n, 1), np.int64),
+        rng.normal(size=(n, 2)).astype(np.float32), (rng.random(n) < 0.3).astype(np.float32),
+    )
+    model = model_class(config_class(field_sizes=(400, 300), attribute_size=1, numeric_fields=2, dim=16, hidden=(64, 32)))
+    with torch.no_grad():  # a spread of weights like a trained model's
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    before = predict(model, rows)
+    _, looked_up = layer_outputs(model, [], rows)
+    for method in ("output_features", "weight_svd"):
+        exact = copy.deepcopy(model)
+        exact.fields = compress_fields(model.fields, method, 16, looked_up)  # rank d: a change of basis
+        np.testing.assert_allclose(predict(exact, rows), before, atol=1e-5)
+        small = compress(model, method, CompressionConfig(embedding_rank=4, dense_keep=0.3), rows)
+        assert small.fields.codes.weight.shape == (700, 4)
+        assert model_bytes(model)["total"] / model_bytes(small)["total"] > 2.5
+        assert model_bytes(small)["embeddings"] == 700 * 4 * 4
+        assert np.corrcoef(predict(small, rows), before)[0, 1] > 0.5

@@ -4,8 +4,8 @@ first-order weight per field.
 A categorical field is a lookup in its table (all tables stacked in one, offset per field);
 the multi-valued field is the mean of its values' vectors; a numeric field is its value
 times a learned vector. With `rank`, the stacked table is factorised end to end: each row
-holds an r-dim code and each field an (r x d) up-projection, E_f = A_f B_f, so the rows an
-embedding store would hold shrink from d to r values.
+holds an r-dim code and each field an (r x d) up-projection, E_f = A_f B_f (+ a per-field
+shift), so the rows an embedding store would hold shrink from d to r values.
 """
 
 from dataclasses import dataclass
@@ -46,6 +46,9 @@ class FieldEmbedding(nn.Module):
             # The product keeps about the full table's initial scale (std 0.01).
             nn.init.normal_(self.codes.weight, std=0.1)
             nn.init.normal_(self.up, std=0.1 / layout.rank**0.5)
+            # Per-field offset added after the up-projection: zero when trained factorised,
+            # the field's mean vector when compressed from a full table by PCA.
+            self.register_buffer("shift", torch.zeros(len(layout.field_sizes), d))
         self.linear = nn.Embedding(total, 1)
         nn.init.zeros_(self.linear.weight)
         self.attribute = nn.Embedding(layout.attribute_size, d, padding_idx=0)
@@ -64,7 +67,7 @@ class FieldEmbedding(nn.Module):
         """(B, F) stacked-table rows -> (B, F, d)."""
         if self.layout.rank is None:
             return self.embedding(rows)
-        return torch.einsum("bfr,frd->bfd", self.codes(rows), self.up)
+        return torch.einsum("bfr,frd->bfd", self.codes(rows), self.up) + self.shift
 
     def forward(self, categorical: torch.Tensor, attributes: torch.Tensor, numeric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """categorical (B, F) rows per field, attributes (B, A) rows 0-padded, numeric (B, N).
