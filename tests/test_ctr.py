@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from service.data.criteo import CATEGORICAL_COLUMNS, INTEGER_COLUMNS, load_criteo_splits, read_criteo
+from service.data.ctr import interactions_as_ctr
 from service.data.schema import DataError
 from service.ranking.compression import (
     CompressionConfig,
@@ -126,3 +127,19 @@ def test_compressed_models_shrink_and_full_rank_changes_nothing(model_class, con
         assert model_bytes(model)["total"] / model_bytes(small)["total"] > 2.5
         assert model_bytes(small)["embeddings"] == 700 * 4 * 4
         assert np.corrcoef(predict(small, rows), before)[0, 1] > 0.5
+
+
+def test_interactions_become_a_temporal_ctr_table_with_unseen_negatives(tiny_dataset):
+    table = interactions_as_ctr(tiny_dataset, negatives=3, seed=1)
+    n = len(tiny_dataset.interactions)
+    assert len(table) == 4 * n and table["label"].sum() == n
+    seen = set(zip(tiny_dataset.interactions["user_id"].astype(str), tiny_dataset.interactions["item_id"].astype(str)))
+    negatives = table[table["label"] == 0]
+    assert not seen & set(zip(negatives["user_id"], negatives["item_id"]))
+    positives = table[table["label"] == 1].merge(
+        tiny_dataset.interactions.astype({"user_id": str, "item_id": str}), on=["user_id", "item_id"]
+    )
+    latest_train = positives.loc[positives["split"] == "train", "timestamp"].max()
+    assert (positives.loc[positives["split"] == "test", "timestamp"] >= latest_train).all()
+    assert table["split"].value_counts(normalize=True).round(1).to_dict() == {"train": 0.8, "dev": 0.1, "test": 0.1}
+    assert set(tiny_dataset.attribute_columns) <= set(table.columns)
