@@ -123,7 +123,8 @@ def factorised_fields(fields: FieldEmbedding, rank: int, codes: torch.Tensor, up
     return compact
 
 
-def compress_fields(fields: FieldEmbedding, method: Method, rank: int, looked_up: torch.Tensor) -> FieldEmbedding:
+def compress_fields(fields: FieldEmbedding, method: Method, rank: int, looked_up: torch.Tensor | None) -> FieldEmbedding:
+    """`looked_up`: (rows, F, d) field vectors of the calibration rows; output features only."""
     table = fields.embedding.weight.detach().double()
     sizes = fields.layout.field_sizes
     codes, ups, shifts, start = [], [], [], 0
@@ -155,7 +156,10 @@ def compress(model: nn.Module, method: Method, config: CompressionConfig, calibr
         raise ValueError("the model's tables are factorised already")
     compact = copy.deepcopy(model).eval()
     targets = compressible_layers(compact)
-    outputs, looked_up = layer_outputs(compact, [layer for _, _, layer in targets], calibration)
+    if method == "output_features":
+        outputs, looked_up = layer_outputs(compact, [layer for _, _, layer in targets], calibration)
+    else:  # weights alone: no calibration pass
+        outputs, looked_up = [None] * len(targets), None
     for (parent, name, layer), output in zip(targets, outputs):
         rank = dense_rank(layer, config.dense_keep)
         if rank is None:
