@@ -13,11 +13,12 @@ from safetensors.numpy import load_file as load_arrays
 from safetensors.numpy import save_file as save_arrays
 from safetensors.torch import load_file as load_tensors
 from safetensors.torch import save_file as save_tensors
+from torch import nn
 
 from service.artifacts import FORMAT, MANIFEST, read_manifest, resolve_version, sha256_file
 from service.features import FeatureSpace
 from service.history import UserHistories
-from service.ranking.deepfm import DeepFM, DeepFMConfig
+from service.ranking.models import build_ranker, ranker_name
 from service.retrieval.index import Device, ItemIndex, SearchParams
 from service.retrieval.index_versions import load_index_version, newest_index_file
 from service.retrieval.knn_embed import ItemClusters, KnnEmbedConfig, UserMixtures
@@ -32,7 +33,7 @@ class ModelBundle:
     features: FeatureSpace
     two_tower: TwoTower
     index: ItemIndex
-    ranker: DeepFM
+    ranker: nn.Module  # DeepFM or DCN-v2
     histories: UserHistories
     clusters: ItemClusters  # kNN-Embed: item clusters, the interests
     mixtures: UserMixtures  # kNN-Embed: the artifact's users' interests
@@ -73,7 +74,7 @@ class ModelBundle:
                 "config": config,
                 "models": {
                     "two_tower": self.two_tower.config.__dict__,
-                    "ranker": {"type": "deepfm", **self.ranker.config.__dict__},
+                    "ranker": {"type": ranker_name(self.ranker), **self.ranker.config.__dict__},
                     "knn_embed": {**config.get("knn_embed", {}), "clusters": self.clusters.n_clusters},
                 },
                 "data_schema": schema,
@@ -105,10 +106,7 @@ class ModelBundle:
         two_tower = TwoTower(two_tower_config, features.users.size, features.items.size, features.attribute_size)
         two_tower.load_state_dict(load_tensors(folder / "two_tower.safetensors"))
         ranker_config = dict(manifest["models"]["ranker"])
-        ranker_config.pop("type")
-        ranker_config["field_sizes"] = tuple(ranker_config["field_sizes"])
-        ranker_config["hidden"] = tuple(ranker_config["hidden"])
-        ranker = DeepFM(DeepFMConfig(**ranker_config))
+        ranker = build_ranker(ranker_config.pop("type"), ranker_config)
         ranker.load_state_dict(load_tensors(folder / "ranker.safetensors"))
         popular = load_arrays(folder / "popular.safetensors")
         index_file, index_version = newest_index_file(folder)

@@ -5,6 +5,7 @@ import json
 import logging
 import tempfile
 from dataclasses import replace
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -53,15 +54,21 @@ def _train_config(
     index_factory: str,
     knn_clusters: int | None = None,
     knn_neighbours: int | None = None,
+    ranker_model: str = "deepfm",
 ):
     from service.training import TrainConfig
 
     config = TrainConfig(index_factory=index_factory)
     two_tower = replace(config.two_tower, seed=seed, **({"epochs": two_tower_epochs} if two_tower_epochs else {}))
-    ranker = replace(config.ranker, seed=seed, **({"epochs": ranker_epochs} if ranker_epochs else {}))
+    ranker = replace(config.ranker, seed=seed, model=ranker_model, **({"epochs": ranker_epochs} if ranker_epochs else {}))
     knn = {"clusters": knn_clusters, "neighbours": knn_neighbours}
     knn_embed = replace(config.knn_embed, seed=seed, **{k: v for k, v in knn.items() if v is not None})
     return replace(config, two_tower=two_tower, ranker=ranker, knn_embed=knn_embed)
+
+
+class RankerModel(str, Enum):
+    deepfm = "deepfm"
+    dcn_v2 = "dcn_v2"
 
 
 KnnClustersOption = Annotated[Optional[int], typer.Option(min=1, max=65536, help="kNN-Embed: item clusters (interests).")]
@@ -79,10 +86,11 @@ def train(
     index_factory: Annotated[str, typer.Option(help="FAISS factory string, or auto.")] = "auto",
     knn_clusters: KnnClustersOption = None,
     knn_neighbours: KnnNeighboursOption = None,
+    ranker: Annotated[RankerModel, typer.Option(help="The ranking model.")] = RankerModel.deepfm,
     seed: int = 0,
     if_missing: Annotated[bool, typer.Option(help="Do nothing when --out already holds a version.")] = False,
 ) -> None:
-    """Train two-tower retrieval, the item index and the DeepFM ranker into a new artifact version."""
+    """Train two-tower retrieval, the item index and the ranker (DeepFM or DCN-v2) into a new artifact version."""
     _setup_logging()
     from service.artifacts import ArtifactError, resolve_version
     from service.training import train_and_save
@@ -95,7 +103,8 @@ def train(
             pass
 
     data = _load(dataset, interactions, items)
-    folder = train_and_save(data, str(out), _train_config(two_tower_epochs, ranker_epochs, seed, index_factory, knn_clusters, knn_neighbours))
+    config = _train_config(two_tower_epochs, ranker_epochs, seed, index_factory, knn_clusters, knn_neighbours, ranker.value)
+    folder = train_and_save(data, str(out), config)
     typer.echo(f"artifact written: {folder}")
 
 

@@ -9,6 +9,7 @@ from service.embeddings.artifact_tables import in_memory_store
 from service.embeddings.store import EmbeddingStore
 from service.online.recent import RecentItems
 from service.metrics import CANDIDATES, COLD_START, DEGRADED, MODEL_INFO, STAGE_LATENCY
+from service.ranking.models import ranker_name
 from service.ranking.ranker import Ranker
 from service.retrieval.generator import SOURCE_KNN_EMBED, SOURCE_POPULAR, SOURCE_TWO_TOWER, CandidateGenerator, Candidates
 from service.retrieval.knn_embed import MixtureKnobs
@@ -49,7 +50,7 @@ class RecommendPipeline:
             options.knn_embed,
         )
         self.ranker = Ranker(bundle.ranker, bundle.features, 1.0 / bundle.two_tower.config.temperature)
-        MODEL_INFO.info({"version": bundle.version, "retrieval": options.strategy, "ranker": "deepfm"})
+        MODEL_INFO.info({"version": bundle.version, "retrieval": options.strategy, "ranker": ranker_name(bundle.ranker)})
 
     @property
     def model_version(self) -> str:

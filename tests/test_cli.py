@@ -130,3 +130,30 @@ def test_knn_embed_refresh_rewrites_the_smoothing_in_redis(artifact_root, bundle
     expected = neighbour_mixtures(vectors, normalise_rows(bundle.mixtures.counts), 3)
     assert np.isclose(lookup.vectors, expected, atol=1e-5).all(1).mean() > 0.9
     assert np.isclose(lookup.vectors, bundle.mixtures.smoothing, atol=1e-5).all(1).mean() < 0.1
+
+
+def test_train_with_the_dcn_v2_ranker_serves_and_reports_it(tmp_path):
+    from prometheus_client import REGISTRY
+
+    from service.cli import RankerModel
+    from service.pipeline import RecommendPipeline
+    from service.ranking.dcn_v2 import DCNv2
+    from service.ranking.models import RANKERS
+    from service.schemas import RecommendRequest
+
+    assert {m.value for m in RankerModel} == set(RANKERS)
+    data = generate(SyntheticConfig(users=60, items=90, categories=3, seed=5))
+    data.interactions[["user_id", "item_id", "timestamp"]].to_csv(tmp_path / "clicks.csv", index=False)
+    out = tmp_path / "artifacts"
+    result = CliRunner().invoke(app, ["train", "--interactions", str(tmp_path / "clicks.csv"), "--out", str(out),
+                                      "--two-tower-epochs", "2", "--ranker-epochs", "1", "--ranker", "dcn_v2"])
+    assert result.exit_code == 0, result.output
+    bundle = ModelBundle.load(out)
+    assert isinstance(bundle.ranker, DCNv2)
+    assert json.loads((resolve_version(out) / "manifest.json").read_text())["models"]["ranker"]["type"] == "dcn_v2"
+    user = int(bundle.features.users.ids[0])
+    answer = RecommendPipeline(bundle).recommend(RecommendRequest(user_id=user, k=5))
+    assert len(answer.items) == 5
+    assert REGISTRY.get_sample_value("recsys_model_info", {"version": bundle.version, "retrieval": "two_tower", "ranker": "dcn_v2"}) == 1.0
+    refused = CliRunner().invoke(app, ["train", "--dataset", "synthetic", "--out", str(out), "--ranker", "xgboost"])
+    assert refused.exit_code == 2 and "xgboost" in refused.output

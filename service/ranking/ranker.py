@@ -2,14 +2,15 @@
 
 import numpy as np
 import torch
+from torch import nn
 
 from service.features import FeatureSpace
-from service.ranking.deepfm import DeepFM
 from service.ranking.inputs import RankingEncoder
 
 
 class Ranker:
-    def __init__(self, model: DeepFM, features: FeatureSpace, score_scale: float):
+    def __init__(self, model: nn.Module, features: FeatureSpace, score_scale: float):
+        """`model`: DeepFM or DCN-v2 (`service.ranking.models`)."""
         self.model = model.eval()
         self.encoder = RankingEncoder(features, score_scale)
 

@@ -10,6 +10,7 @@ interactions, so early stopping measures the future the ranker will serve.
 
 import logging
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from service.features import FeatureSpace
 from service.ranking.ctr import EarlyStopping
-from service.ranking.deepfm import DeepFM, DeepFMConfig
+from service.ranking.models import build_ranker
 from service.ranking.inputs import NUMERIC_FIELDS, RankingEncoder, context_rows, field_sizes
 from service.retrieval.index import ItemIndex
 from service.retrieval.two_tower import TwoTower, history_before
@@ -42,6 +43,7 @@ class RankerTrainConfig:
     weight_decay: float = 1e-6
     validation_fraction: float = 0.1
     dim: int = 16
+    model: Literal["deepfm", "dcn_v2"] = "deepfm"
     seed: int = 0
 
 
@@ -120,7 +122,7 @@ def build_rows(
     return rows.take(np.flatnonzero(all_valid))
 
 
-def _predict(model: DeepFM, encoder: RankingEncoder, rows: RankingRows, batch_size: int = 16384) -> np.ndarray:
+def _predict(model: torch.nn.Module, encoder: RankingEncoder, rows: RankingRows, batch_size: int = 16384) -> np.ndarray:
     model.eval()
     out = []
     with torch.inference_mode():
@@ -133,13 +135,16 @@ def _predict(model: DeepFM, encoder: RankingEncoder, rows: RankingRows, batch_si
 
 def train_ranker(
     rows: RankingRows, features: FeatureSpace, config: RankerTrainConfig, score_scale: float
-) -> tuple[DeepFM, dict]:
+) -> tuple[torch.nn.Module, dict]:
     """`score_scale` turns retrieval cosines into two-tower logits (1 / temperature)."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     encoder = RankingEncoder(features, score_scale)
-    model_config = DeepFMConfig(field_sizes(features), features.attribute_size, len(NUMERIC_FIELDS), dim=config.dim)
-    model = DeepFM(model_config, start_from_numeric=NUMERIC_FIELDS.index("retrieval_score"))
+    model = build_ranker(
+        config.model,
+        dict(field_sizes=field_sizes(features), attribute_size=features.attribute_size, numeric_fields=len(NUMERIC_FIELDS), dim=config.dim),
+        start_from_numeric=NUMERIC_FIELDS.index("retrieval_score"),
+    )
     validation, train = rows.take(np.flatnonzero(rows.validation)), rows.take(np.flatnonzero(~rows.validation))
     # Start calibrated: the untrained ranker's mean prediction is the training click rate.
     base_rate = float(train.labels.mean())
