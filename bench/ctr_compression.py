@@ -30,9 +30,8 @@ from service.data.ctr import interactions_as_ctr  # noqa: E402
 from service.data.movielens import load_movielens_100k  # noqa: E402
 from service.ranking.compression import CompressionConfig, compress, model_bytes  # noqa: E402
 from service.ranking.ctr import CtrTrainConfig, predict, tensors, train_ctr  # noqa: E402
-from service.ranking.dcn_v2 import DCNv2, DCNv2Config  # noqa: E402
-from service.ranking.deepfm import DeepFM, DeepFMConfig  # noqa: E402
 from service.ranking.fields import FieldMap  # noqa: E402
+from service.ranking.models import build_ranker  # noqa: E402
 
 BATCHES = (1, 64, 256, 1024)
 VARIANTS = ("uncompressed", "factorised", "output_features", "weight_svd")
@@ -56,8 +55,8 @@ def datasets(root: Path) -> dict[str, tuple[FieldMap, dict]]:
 
 
 def build(model: str, fields: FieldMap, rank: int | None) -> torch.nn.Module:
-    args = (fields.field_sizes, fields.multi_size, len(fields.numeric))
-    return DeepFM(DeepFMConfig(*args, rank=rank)) if model == "deepfm" else DCNv2(DCNv2Config(*args, rank=rank))
+    layout = {"field_sizes": fields.field_sizes, "attribute_size": fields.multi_size, "numeric_fields": len(fields.numeric), "rank": rank}
+    return build_ranker(model, layout)
 
 
 def bootstrap(labels: np.ndarray, predicted: dict[str, np.ndarray], rng: np.random.Generator, resamples: int) -> dict:
