@@ -25,11 +25,9 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.data.criteo import CATEGORICAL_COLUMNS, INTEGER_COLUMNS, load_criteo_splits  # noqa: E402
-from service.data.ctr import interactions_as_ctr  # noqa: E402
-from service.data.movielens import load_movielens_100k  # noqa: E402
 from service.ranking.compression import CompressionConfig, compress, model_bytes  # noqa: E402
 from service.ranking.ctr import CtrTrainConfig, predict, tensors, train_ctr  # noqa: E402
+from service.ranking.ctr_data import load_ctr_table  # noqa: E402
 from service.ranking.fields import FieldMap  # noqa: E402
 from service.ranking.models import build_ranker  # noqa: E402
 
@@ -38,19 +36,12 @@ VARIANTS = ("uncompressed", "factorised", "output_features", "weight_svd")
 
 
 def datasets(root: Path) -> dict[str, tuple[FieldMap, dict]]:
-    """name -> (field map, {split: frame})."""
+    """name -> (field map, {split: frame}) of the click tables found under `root`."""
     found = {}
-    movielens = root / "movielens-100k"
-    if movielens.is_dir():
-        frame = interactions_as_ctr(load_movielens_100k(movielens), negatives=4, seed=0)
-        splits = {s: frame[frame["split"] == s] for s in ("train", "dev", "test")}
-        fields = FieldMap.build(splits["train"], ["user_id", "item_id", "hour", "weekday"], [], multi="genres", label="label")
-        found["movielens-100k-ctr"] = (fields, splits)
-    criteo = root / "criteo-kaggle-8k"
-    if criteo.is_dir():
-        splits = load_criteo_splits(criteo)
-        fields = FieldMap.build(splits["train"], list(CATEGORICAL_COLUMNS), list(INTEGER_COLUMNS), label="label", min_count=3)
-        found["criteo-8k"] = (fields, splits)
+    if (root / "movielens-100k").is_dir():
+        found["movielens-100k-ctr"] = load_ctr_table(f"movielens-100k:{root / 'movielens-100k'}")
+    if (root / "criteo-kaggle-8k").is_dir():
+        found["criteo-8k"] = load_ctr_table(f"criteo:{root / 'criteo-kaggle-8k'}")
     return found
 
 
@@ -106,15 +97,17 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--rank", type=int, default=4, help="embedding rank of every compressed variant")
     parser.add_argument("--dense-keep", type=float, default=0.3, help="share of each compressed dense layer's weights kept")
+    parser.add_argument("--explained-variance", type=float, help="ranks keep this share of variance instead of --rank/--dense-keep; "
+                        "the factorised model takes output-feature compression's embedding rank")
     args = parser.parse_args()
     torch.set_num_threads(1)
     train_config = CtrTrainConfig(epochs=2 if args.quick else 20)
-    compression = CompressionConfig(args.rank, args.dense_keep)
+    compression = CompressionConfig(args.rank, args.dense_keep, args.explained_variance)
     repetitions, resamples, max_train = (20, 100, 40_000) if args.quick else (200, 500, None)
     found = datasets(args.data)
     if not found:
         sys.exit(f"no data under {args.data}: needs movielens-100k and/or criteo-kaggle-8k")
-    results = {"compression": {"embedding_rank": args.rank, "dense_keep": args.dense_keep}, "epochs": train_config.epochs,
+    results = {"compression": compression.__dict__, "epochs": train_config.epochs,
                "latency_repetitions": repetitions, "bootstrap_resamples": resamples, "rows": []}
     for dataset, (fields, splits) in found.items():
         train, dev, test = (fields.encode(splits[s]) for s in ("train", "dev", "test"))
@@ -123,31 +116,33 @@ def main() -> None:
         calibration = train.take(np.random.default_rng(0).choice(len(train), min(4096, len(train)), replace=False))
         for model_name in ("deepfm", "dcn_v2"):
             print(f"\n{dataset} / {model_name}: {len(train):,} train, {len(dev):,} dev, {len(test):,} test rows", flush=True)
-            models = {"uncompressed": build(model_name, fields, None), "factorised": build(model_name, fields, args.rank)}
-            epochs = {}
-            for name in ("uncompressed", "factorised"):
-                trained = train_ctr(models[name], train, dev, train_config, f"{model_name} {name}")
-                epochs[name] = trained["best"]["epoch"]
+            models, epochs, plans = {"uncompressed": build(model_name, fields, None)}, {}, {}
+            epochs["uncompressed"] = train_ctr(models["uncompressed"], train, dev, train_config, f"{model_name} uncompressed")["best"]["epoch"]
             for method in ("output_features", "weight_svd"):
-                models[method] = compress(models["uncompressed"], method, compression, calibration)
+                models[method], plans[method] = compress(models["uncompressed"], method, compression, tensors(calibration))
+            models["factorised"] = build(model_name, fields, plans["output_features"].embedding_rank)
+            epochs["factorised"] = train_ctr(models["factorised"], train, dev, train_config, f"{model_name} factorised")["best"]["epoch"]
             quality = bootstrap(test.labels, {name: predict(m, test) for name, m in models.items()}, np.random.default_rng(0), resamples)
             speed = latencies(models, test, repetitions)
             sizes = {name: model_bytes(m) for name, m in models.items()}
             for name in VARIANTS:
                 results["rows"].append({
                     "dataset": dataset, "model": model_name, "variant": name, "best_epoch": epochs.get(name),
+                    "plan": plans[name].to_json() if name in plans else {"embedding_rank": models[name].fields.layout.rank, "layers": {}},
                     "bytes": sizes[name], "ratio": round(sizes["uncompressed"]["total"] / sizes[name]["total"], 2),
                     **quality[name], "latency": speed[name],
                     "speedup_256": round(speed["uncompressed"]["256"]["p50_ms"] / speed[name]["256"]["p50_ms"], 2),
                     "speedup_1024": round(speed["uncompressed"]["1024"]["p50_ms"] / speed[name]["1024"]["p50_ms"], 2),
                 })
-    print(f"\nembedding rank {args.rank}, dense layers keep {args.dense_keep}; test split; 95% bootstrap intervals")
-    print("| data | model | variant | emb KiB | dense KiB | total KiB | × smaller | AUC [95% CI] | ΔAUC [95% CI] | logloss | p50 ms @1 / 64 / 256 / 1024 | speedup @256 / 1024 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    budget = f"variance kept {args.explained_variance}" if args.explained_variance else f"embedding rank {args.rank}, dense layers keep {args.dense_keep}"
+    print(f"\n{budget}; test split; 95% bootstrap intervals")
+    print("| data | model | variant | ranks: emb; dense | emb KiB | dense KiB | total KiB | × smaller | AUC [95% CI] | ΔAUC [95% CI] | logloss | p50 ms @1 / 64 / 256 / 1024 | speedup @256 / 1024 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
-        b, lat = r["bytes"], r["latency"]
+        b, lat, plan = r["bytes"], r["latency"], r["plan"]
+        ranks = f"{plan['embedding_rank']}; {', '.join(str(v) for v in plan['layers'].values())}" if plan["embedding_rank"] else ""
         print(
-            f"| {r['dataset']} | {r['model']} | {r['variant']} | {b['embeddings'] / 1024:.0f} | {b['dense'] / 1024:.0f} | {b['total'] / 1024:.0f} "
+            f"| {r['dataset']} | {r['model']} | {r['variant']} | {ranks} | {b['embeddings'] / 1024:.0f} | {b['dense'] / 1024:.0f} | {b['total'] / 1024:.0f} "
             f"| {r['ratio']} | {r['auc']:.4f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}] | {r['delta_auc']:+.4f} [{r['delta_auc_ci'][0]:+.4f}, {r['delta_auc_ci'][1]:+.4f}] "
             f"| {r['logloss']:.4f} | {' / '.join(str(lat[str(n)]['p50_ms']) for n in BATCHES)} | {r['speedup_256']} / {r['speedup_1024']} |"
         )

@@ -5,10 +5,16 @@
         features.safetensors   id vocabularies, item attributes, item counts
         features.json          attribute value names
         two_tower.safetensors  two-tower weights (id vectors + tower layers)
-        ranker.safetensors     DeepFM weights
+        ranker.safetensors     the ranker's weights as trained (DeepFM or DCN-v2, full or
+                               factorised tables)
+        ranker.<method>.safetensors  low-rank compressed copies of a full-table ranker
+                               (output_features, weight_svd); their shapes in the manifest
         items.faiss            FAISS index of item vectors over real item ids
         histories.safetensors  each user's training items, oldest first
         popular.safetensors    items by training popularity, with their cosine to a cold user
+
+A standalone CTR model (`recsys ctr train`) is a version folder of the same kind with its
+own format: model.safetensors, field_map.json and the manifest.
 
 A version is written to a hidden temporary folder and renamed into place, so a reader
 never sees half of one. Loading checks every file's sha256 against the manifest and
@@ -19,6 +25,11 @@ artifacts without importing torch.
 
 import hashlib
 import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -51,8 +62,35 @@ def resolve_version(path: str | Path) -> Path:
     return versions[-1]
 
 
-def read_manifest(folder: Path, root: Path | None = None) -> dict:
-    """The manifest of a version folder, after checking every file it lists."""
+def write_version(root: str | Path, fmt: str, write: Callable[[Path], dict]) -> tuple[Path, dict]:
+    """A new version folder under `root`: `write(folder)` writes the files and returns the
+    manifest's content; the manifest adds format, version, time and every file's sha256.
+    Staged in a hidden folder and renamed into place."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
+    staging = root / f".staging-{version}"
+    staging.mkdir()
+    try:
+        content = write(staging)
+        manifest = {
+            "format": fmt,
+            "version": version,
+            "created_at": datetime.now(UTC).isoformat(),
+            **content,
+            "files": {p.name: sha256_file(p) for p in sorted(staging.iterdir())},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=list))
+        final = root / version
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final, manifest
+
+
+def read_manifest(folder: Path, root: Path | None = None, fmt: str = FORMAT) -> dict:
+    """The manifest of a version folder in format `fmt`, after checking every file it lists."""
     folder = folder.resolve()
     if root is not None and not folder.is_relative_to(Path(root).resolve()):
         raise ArtifactError(f"{folder} is outside the artifact root {Path(root).resolve()}")
@@ -60,9 +98,9 @@ def read_manifest(folder: Path, root: Path | None = None) -> dict:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"cannot read {folder / MANIFEST}: {exc}") from None
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") != fmt:
         raise ArtifactError(
-            f"{folder}: artifact format {manifest.get('format')!r}, this version reads {FORMAT!r}: "
+            f"{folder}: artifact format {manifest.get('format')!r}, this version reads {fmt!r}: "
             "train a new version with `recsys train`"
         )
     for name, expected in manifest["files"].items():

@@ -1,11 +1,6 @@
 """The models of one artifact version, written and loaded as `service.artifacts` lays out."""
 
-import json
-import os
-import secrets
-import shutil
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +10,12 @@ from safetensors.torch import load_file as load_tensors
 from safetensors.torch import save_file as save_tensors
 from torch import nn
 
-from service.artifacts import FORMAT, MANIFEST, read_manifest, resolve_version, sha256_file
+from service.artifacts import FORMAT, read_manifest, resolve_version, write_version
 from service.features import FeatureSpace
 from service.history import UserHistories
+from service.ranking.compression import CompressionPlan, compressed_shape
 from service.ranking.models import build_ranker, ranker_name
+from service.ranking.train import RankerVariant, trained_variant
 from service.retrieval.index import Device, ItemIndex, SearchParams
 from service.retrieval.index_versions import load_index_version, newest_index_file
 from service.retrieval.knn_embed import ItemClusters, KnnEmbedConfig, UserMixtures
@@ -33,7 +30,7 @@ class ModelBundle:
     features: FeatureSpace
     two_tower: TwoTower
     index: ItemIndex
-    ranker: nn.Module  # DeepFM or DCN-v2
+    ranker: nn.Module  # DeepFM or DCN-v2: the variant that serves
     histories: UserHistories
     clusters: ItemClusters  # kNN-Embed: item clusters, the interests
     mixtures: UserMixtures  # kNN-Embed: the artifact's users' interests
@@ -42,6 +39,8 @@ class ModelBundle:
     manifest: dict
     folder: Path | None = None  # the version folder it was loaded from
     index_version: str = "artifact"  # which index: the artifact's own, or a rebuilt one (indexes/)
+    ranker_variant: str = "full"  # full or factorised (as trained), output_features or weight_svd
+    compressed_rankers: dict[str, RankerVariant] = field(default_factory=dict)  # to save beside the ranker
 
     @property
     def knn_embed_config(self) -> KnnEmbedConfig:
@@ -53,41 +52,33 @@ class ModelBundle:
         return self.version.rsplit("-", 1)[-1]
 
     def save(self, root: str | Path, config: dict, schema: dict, metrics: dict) -> Path:
-        root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
-        version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
-        staging = root / f".staging-{version}"
-        staging.mkdir()
-        try:
-            self.features.save(staging)
-            save_tensors({k: v.contiguous() for k, v in self.two_tower.state_dict().items()}, staging / "two_tower.safetensors")
-            save_tensors({k: v.contiguous() for k, v in self.ranker.state_dict().items()}, staging / "ranker.safetensors")
-            self.index.save(staging / "items.faiss")
-            self.histories.save(staging / "histories.safetensors")
-            self.clusters.save(staging / "clusters.faiss")
-            self.mixtures.save(staging / "interests.safetensors")
-            save_arrays({"items": self.popular_items, "scores": self.popular_scores}, staging / "popular.safetensors")
-            manifest = {
-                "format": FORMAT,
-                "version": version,
-                "created_at": datetime.now(UTC).isoformat(),
+        def write(folder: Path) -> dict:
+            self.features.save(folder)
+            save_tensors({k: v.contiguous() for k, v in self.two_tower.state_dict().items()}, folder / "two_tower.safetensors")
+            save_tensors({k: v.contiguous() for k, v in self.ranker.state_dict().items()}, folder / "ranker.safetensors")
+            variants = {}
+            for method, variant in self.compressed_rankers.items():
+                file = f"ranker.{method}.safetensors"
+                save_tensors({k: v.contiguous() for k, v in variant.model.state_dict().items()}, folder / file)
+                variants[method] = {"file": file, **variant.plan.to_json()}
+            self.index.save(folder / "items.faiss")
+            self.histories.save(folder / "histories.safetensors")
+            self.clusters.save(folder / "clusters.faiss")
+            self.mixtures.save(folder / "interests.safetensors")
+            save_arrays({"items": self.popular_items, "scores": self.popular_scores}, folder / "popular.safetensors")
+            return {
                 "config": config,
                 "models": {
                     "two_tower": self.two_tower.config.__dict__,
-                    "ranker": {"type": ranker_name(self.ranker), **self.ranker.config.__dict__},
+                    "ranker": {"type": ranker_name(self.ranker), **self.ranker.config.__dict__, "variants": variants},
                     "knn_embed": {**config.get("knn_embed", {}), "clusters": self.clusters.n_clusters},
                 },
                 "data_schema": schema,
                 "metrics": metrics,
-                "files": {p.name: sha256_file(p) for p in sorted(staging.iterdir())},
             }
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=list))
-            final = root / version
-            os.rename(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        self.version, self.manifest, self.folder = version, manifest, final
+
+        final, manifest = write_version(root, FORMAT, write)
+        self.version, self.manifest, self.folder = manifest["version"], manifest, final
         return final
 
     @classmethod
@@ -97,17 +88,17 @@ class ModelBundle:
         root: str | Path | None = None,
         index_params: SearchParams = SearchParams(),
         index_device: Device = "cpu",
+        ranker_variant: str | None = None,
     ) -> "ModelBundle":
-        """The newest version under `path` (or `path` itself), serving its newest index version."""
+        """The newest version under `path` (or `path` itself), serving its newest index version
+        and the named ranker variant (None: the ranker as trained)."""
         folder = resolve_version(path)
         manifest = read_manifest(folder, root if root is not None else path)
         features = FeatureSpace.load(folder)
         two_tower_config = TwoTowerConfig(**manifest["models"]["two_tower"])
         two_tower = TwoTower(two_tower_config, features.users.size, features.items.size, features.attribute_size)
         two_tower.load_state_dict(load_tensors(folder / "two_tower.safetensors"))
-        ranker_config = dict(manifest["models"]["ranker"])
-        ranker = build_ranker(ranker_config.pop("type"), ranker_config)
-        ranker.load_state_dict(load_tensors(folder / "ranker.safetensors"))
+        ranker, variant = load_ranker(folder, manifest, ranker_variant)
         popular = load_arrays(folder / "popular.safetensors")
         index_file, index_version = newest_index_file(folder)
         if index_version == "artifact":
@@ -128,4 +119,25 @@ class ModelBundle:
             manifest=manifest,
             folder=folder,
             index_version=index_version,
+            ranker_variant=variant,
         )
+
+
+def load_ranker(folder: Path, manifest: dict, variant: str | None) -> tuple[nn.Module, str]:
+    """The ranker as trained (`variant` None or its own name), or a compressed variant
+    rebuilt in the shape its plan records."""
+    config = dict(manifest["models"]["ranker"])
+    name, stored = config.pop("type"), config.pop("variants", {})
+    model = build_ranker(name, config)
+    trained = trained_variant(config.get("rank"))
+    if variant is None or variant == trained:
+        model.load_state_dict(load_tensors(folder / "ranker.safetensors"))
+        return model, trained
+    if variant not in stored:
+        raise ValueError(
+            f"artifact {manifest['version']} has no ranker variant {variant!r}; it has {[trained, *stored]}"
+            " (compressed variants are made from full-table rankers: train without --ranker-rank)"
+        )
+    model = compressed_shape(model, CompressionPlan.from_json(stored[variant]))
+    model.load_state_dict(load_tensors(folder / stored[variant]["file"]))
+    return model, variant

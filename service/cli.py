@@ -55,12 +55,18 @@ def _train_config(
     knn_clusters: int | None = None,
     knn_neighbours: int | None = None,
     ranker_model: str = "deepfm",
+    ranker_rank: int | None = None,
+    explained_variance: float | None = None,
 ):
     from service.training import TrainConfig
 
     config = TrainConfig(index_factory=index_factory)
     two_tower = replace(config.two_tower, seed=seed, **({"epochs": two_tower_epochs} if two_tower_epochs else {}))
-    ranker = replace(config.ranker, seed=seed, model=ranker_model, **({"epochs": ranker_epochs} if ranker_epochs else {}))
+    compression = replace(config.ranker.compression, explained_variance=explained_variance)
+    ranker = replace(
+        config.ranker, seed=seed, model=ranker_model, rank=ranker_rank, compression=compression,
+        **({"epochs": ranker_epochs} if ranker_epochs else {}),
+    )
     knn = {"clusters": knn_clusters, "neighbours": knn_neighbours}
     knn_embed = replace(config.knn_embed, seed=seed, **{k: v for k, v in knn.items() if v is not None})
     return replace(config, two_tower=two_tower, ranker=ranker, knn_embed=knn_embed)
@@ -87,6 +93,13 @@ def train(
     knn_clusters: KnnClustersOption = None,
     knn_neighbours: KnnNeighboursOption = None,
     ranker: Annotated[RankerModel, typer.Option(help="The ranking model.")] = RankerModel.deepfm,
+    ranker_rank: Annotated[
+        Optional[int], typer.Option(min=1, help="Train the ranker's tables factorised: rank-r codes per row (no compressed copies then).")
+    ] = None,
+    compression_variance: Annotated[
+        Optional[float],
+        typer.Option(min=0.5, max=0.9999, help="Compressed ranker copies keep this share of each layer's variance; unset: a size budget (rank 4, 30% of dense weights)."),
+    ] = None,
     seed: int = 0,
     if_missing: Annotated[bool, typer.Option(help="Do nothing when --out already holds a version.")] = False,
 ) -> None:
@@ -103,7 +116,9 @@ def train(
             pass
 
     data = _load(dataset, interactions, items)
-    config = _train_config(two_tower_epochs, ranker_epochs, seed, index_factory, knn_clusters, knn_neighbours, ranker.value)
+    config = _train_config(
+        two_tower_epochs, ranker_epochs, seed, index_factory, knn_clusters, knn_neighbours, ranker.value, ranker_rank, compression_variance
+    )
     folder = train_and_save(data, str(out), config)
     typer.echo(f"artifact written: {folder}")
 
@@ -334,3 +349,59 @@ def knn_embed_refresh(
             min(settings.history_length, bundle.two_tower.config.history_length),
         )
     typer.echo(f"interest_smoothing rewritten for {rows} users")
+
+
+ctr_app = typer.Typer(help="Standalone CTR models (DeepFM, DCN-v2) on click tables, compressed or not.", no_args_is_help=True)
+app.add_typer(ctr_app, name="ctr")
+
+
+class CompressionMethod(str, Enum):
+    output_features = "output_features"
+    weight_svd = "weight_svd"
+
+
+@ctr_app.command("train")
+def ctr_train(
+    dataset: Annotated[str, typer.Option(help="criteo:PATH (a criteo-kaggle-8k folder), movielens-100k:PATH or synthetic[:opts].")],
+    out: Annotated[Path, typer.Option(help="Model root; each run adds a version.")] = Path("ctr-models"),
+    model: Annotated[RankerModel, typer.Option(help="The CTR model.")] = RankerModel.deepfm,
+    dim: Annotated[int, typer.Option(min=2, max=256, help="Field vector size.")] = 16,
+    rank: Annotated[Optional[int], typer.Option(min=1, help="Train factorised tables: rank-r codes per row.")] = None,
+    compress: Annotated[Optional[CompressionMethod], typer.Option(help="Compress the trained model after training.")] = None,
+    embedding_rank: Annotated[int, typer.Option(min=1, help="--compress: embedding rank.")] = 4,
+    dense_keep: Annotated[float, typer.Option(min=0.01, max=1.0, help="--compress: share of each dense layer's weights kept.")] = 0.3,
+    explained_variance: Annotated[
+        Optional[float], typer.Option(min=0.5, max=0.9999, help="--compress: ranks keep this share of variance instead of the size budget.")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="At most; early stopping on dev AUC.")] = 20,
+    seed: int = 0,
+) -> None:
+    """Train a CTR model on a click table with early stopping on dev AUC, optionally compress
+    it, and write weights, field map and manifest (metrics, sizes) as a new version."""
+    _setup_logging()
+    from service.data.schema import DataError
+    from service.ranking.compression import CompressionConfig
+    from service.ranking.ctr import CtrTrainConfig
+    from service.ranking.ctr_model import CtrModelConfig, fit_ctr_model
+
+    if rank is not None and compress is not None:
+        raise typer.BadParameter("a factorised model (--rank) is low-rank already; --compress applies to full-table models", param_hint="--compress")
+    config = CtrModelConfig(
+        model=model.value,
+        dim=dim,
+        rank=rank,
+        compression=compress.value if compress else None,
+        compression_config=CompressionConfig(embedding_rank, dense_keep, explained_variance),
+        train=CtrTrainConfig(epochs=epochs, seed=seed),
+    )
+    try:
+        saved = fit_ctr_model(dataset, out, config)
+    except DataError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--dataset") from None
+    metrics, size = saved.manifest["metrics"], saved.manifest["bytes"]
+    typer.echo(
+        f"CTR model written: {saved.folder}\n"
+        f"test AUC {metrics['test']['auc']:.4f}, logloss {metrics['test']['logloss']:.4f}; "
+        f"{size['total'] / 1024:.0f} KiB ({size['embeddings'] / 1024:.0f} KiB embeddings)"
+        + (f"; as trained: test AUC {metrics['trained']['test']['auc']:.4f}, {metrics['trained']['bytes']['total'] / 1024:.0f} KiB" if "trained" in metrics else "")
+    )

@@ -15,7 +15,7 @@ CANDIDATES = Histogram(
     "recsys_candidates", "Candidates per request by source.", ["source"], buckets=(0, 10, 50, 100, 200, 500, 1000, 2000)
 )
 COLD_START = Counter("recsys_cold_start_total", "Requests for users with no vector and no history.")
-MODEL_INFO = Info("recsys_model", "The artifact version being served.")
+MODEL_INFO = Info("recsys_model", "The artifact version being served, its retrieval strategy and ranker.")
 READY = Gauge("recsys_ready", "1 when models and index are loaded.")
 
 DEGRADED = Counter("recsys_degraded_responses_total", "Responses served by a fallback.", ["reason"])

@@ -13,7 +13,7 @@ from service.ranking.models import ranker_name
 from service.ranking.ranker import Ranker
 from service.retrieval.generator import SOURCE_KNN_EMBED, SOURCE_POPULAR, SOURCE_TWO_TOWER, CandidateGenerator, Candidates
 from service.retrieval.knn_embed import MixtureKnobs
-from service.schemas import Candidate, CandidatesResponse, RecommendRequest, RecommendResponse, ScoredItem
+from service.schemas import Candidate, CandidatesResponse, RankerInfo, RecommendRequest, RecommendResponse, ScoredItem
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,10 @@ class RecommendPipeline:
             options.knn_embed,
         )
         self.ranker = Ranker(bundle.ranker, bundle.features, 1.0 / bundle.two_tower.config.temperature)
-        MODEL_INFO.info({"version": bundle.version, "retrieval": options.strategy, "ranker": ranker_name(bundle.ranker)})
+        self.ranker_info = RankerInfo(model=ranker_name(bundle.ranker), variant=bundle.ranker_variant)
+        MODEL_INFO.info(
+            {"version": bundle.version, "retrieval": options.strategy, "ranker": self.ranker_info.model, "ranker_variant": self.ranker_info.variant}
+        )
 
     @property
     def model_version(self) -> str:
@@ -108,4 +111,5 @@ class RecommendPipeline:
             items=[ScoredItem(item_id=int(found.item_ids[i]), score=float(scores[i])) for i in order],
             degraded=found.degraded,
             model_version=self.model_version,
+            ranker=self.ranker_info,
         )

@@ -82,11 +82,17 @@ class Candidate(ScoredItem):
     component: int | None = Field(None, description="knn_embed: the item cluster (interest) it was retrieved for.")
 
 
+class RankerInfo(BaseModel):
+    model: str = Field(description="The CTR model: deepfm or dcn_v2.")
+    variant: str = Field(description="full or factorised (as trained), output_features or weight_svd (compressed copies).")
+
+
 class RecommendResponse(BaseModel):
     user_id: Uint64
     items: list[ScoredItem]
     degraded: bool = Field(description="True when a stage failed and its fallback answered.")
     model_version: str
+    ranker: RankerInfo | None = Field(description="What ranked the items; null when they are in retrieval order (fallback).")
 
 
 class CandidatesResponse(BaseModel):

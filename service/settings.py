@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         Field(description="Candidate generation when a request names none: one user vector, or kNN-Embed."),
     ] = "two_tower"
     knn_alpha: Annotated[float, Field(ge=0, le=1, description="kNN-Embed: weight of the neighbours' mixture.")] = 0.5
+    ranker_variant: Annotated[
+        Literal["output_features", "weight_svd"] | None,
+        Field(description="Serve a low-rank compressed copy of the ranker the artifact holds (output_features: the "
+                          "output-feature compression; weight_svd: SVD of the weights); unset: the ranker as trained."),
+    ] = None
     knn_components: Annotated[int, Field(ge=1, le=MAX_COMPONENTS, description="kNN-Embed: interests kept (m).")] = 8
     knn_reserved_share: Annotated[
         float, Field(ge=0, le=1, description="kNN-Embed: share of the candidates kept for the single-vector search.")

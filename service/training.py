@@ -10,7 +10,7 @@ from service.bundle import ModelBundle
 from service.data.schema import Dataset
 from service.features import FeatureSpace
 from service.history import UserHistories
-from service.ranking.train import RankerTrainConfig, build_rows, train_ranker
+from service.ranking.train import RankerTrainConfig, build_rows, compress_ranker, train_ranker, trained_variant
 from service.retrieval.index import ItemIndex, SearchParams
 from service.retrieval.knn_embed import ItemClusters, KnnEmbedConfig, UserMixtures
 from service.retrieval.two_tower import TwoTowerConfig, cold_user_vector, item_vectors, train_two_tower, user_vectors
@@ -43,6 +43,8 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig()) -> tuple[ModelB
 
     rows = build_rows(interactions, features, two_tower, index, vectors, config.ranker)
     ranker, ranker_metrics = train_ranker(rows, features, config.ranker, 1.0 / config.two_tower.temperature)
+    compressed = compress_ranker(ranker, rows, features, config.ranker, 1.0 / config.two_tower.temperature)
+    ranker_metrics["variants"] = {method: variant.metrics for method, variant in compressed.items()}
 
     counts = features.item_counts[1:]
     order = np.lexsort((features.items.ids, -counts))  # most popular first, ties by id
@@ -55,6 +57,8 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig()) -> tuple[ModelB
         two_tower=two_tower,
         index=index,
         ranker=ranker,
+        ranker_variant=trained_variant(config.ranker.rank),
+        compressed_rankers=compressed,
         histories=histories,
         clusters=clusters,
         mixtures=mixtures,

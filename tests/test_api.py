@@ -45,6 +45,7 @@ def test_recommend_returns_k_distinct_unseen_items_sorted(http, bundle, known_us
     body = recommend(http, user_id=known_user, k=10)
     assert body["user_id"] == known_user and body["degraded"] is False
     assert body["model_version"] == bundle.version
+    assert body["ranker"] == {"model": "deepfm", "variant": "full"}
     ids = [item["item_id"] for item in body["items"]]
     scores = [item["score"] for item in body["items"]]
     assert len(ids) == 10 == len(set(ids))
@@ -153,6 +154,7 @@ def test_grpc_and_http_answer_identically(http, stub, known_user, fields):
     over_grpc = stub.Recommend(as_request(user_id=known_user, **fields), timeout=10)
     assert over_grpc.model_version == over_http["model_version"]
     assert over_grpc.degraded == over_http["degraded"]
+    assert {"model": over_grpc.ranker.model, "variant": over_grpc.ranker.variant} == over_http["ranker"]
     assert [(i.item_id, i.score) for i in over_grpc.items] == [(i["item_id"], i["score"]) for i in over_http["items"]]
 
 

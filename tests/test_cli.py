@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from service.artifacts import resolve_version
@@ -146,14 +147,19 @@ def test_train_with_the_dcn_v2_ranker_serves_and_reports_it(tmp_path):
     data.interactions[["user_id", "item_id", "timestamp"]].to_csv(tmp_path / "clicks.csv", index=False)
     out = tmp_path / "artifacts"
     result = CliRunner().invoke(app, ["train", "--interactions", str(tmp_path / "clicks.csv"), "--out", str(out),
-                                      "--two-tower-epochs", "2", "--ranker-epochs", "1", "--ranker", "dcn_v2"])
+                                      "--two-tower-epochs", "2", "--ranker-epochs", "1", "--ranker", "dcn_v2", "--ranker-rank", "3"])
     assert result.exit_code == 0, result.output
     bundle = ModelBundle.load(out)
     assert isinstance(bundle.ranker, DCNv2)
-    assert json.loads((resolve_version(out) / "manifest.json").read_text())["models"]["ranker"]["type"] == "dcn_v2"
+    assert bundle.ranker.fields.codes.weight.shape[1] == 3 and bundle.ranker_variant == "factorised"
+    ranker_manifest = json.loads((resolve_version(out) / "manifest.json").read_text())["models"]["ranker"]
+    assert ranker_manifest["type"] == "dcn_v2" and ranker_manifest["variants"] == {}  # factorised: no compressed copies
     user = int(bundle.features.users.ids[0])
     answer = RecommendPipeline(bundle).recommend(RecommendRequest(user_id=user, k=5))
-    assert len(answer.items) == 5
-    assert REGISTRY.get_sample_value("recsys_model_info", {"version": bundle.version, "retrieval": "two_tower", "ranker": "dcn_v2"}) == 1.0
+    assert len(answer.items) == 5 and answer.ranker.model == "dcn_v2" and answer.ranker.variant == "factorised"
+    info = {"version": bundle.version, "retrieval": "two_tower", "ranker": "dcn_v2", "ranker_variant": "factorised"}
+    assert REGISTRY.get_sample_value("recsys_model_info", info) == 1.0
+    with pytest.raises(ValueError, match="no ranker variant 'output_features'.*'factorised'"):
+        ModelBundle.load(out, ranker_variant="output_features")
     refused = CliRunner().invoke(app, ["train", "--dataset", "synthetic", "--out", str(out), "--ranker", "xgboost"])
     assert refused.exit_code == 2 and "xgboost" in refused.output

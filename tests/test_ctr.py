@@ -14,14 +14,17 @@ from service.data.ctr import interactions_as_ctr
 from service.data.schema import DataError
 from service.ranking.compression import (
     CompressionConfig,
+    CompressionPlan,
     compress,
     compress_fields,
+    compressed_shape,
     compress_linear_outputs,
     layer_outputs,
     model_bytes,
     svd_linear,
+    variance_rank,
 )
-from service.ranking.ctr import CtrTrainConfig, evaluate, predict, train_ctr
+from service.ranking.ctr import CtrTrainConfig, evaluate, predict, tensors, train_ctr
 from service.ranking.dcn_v2 import DCNv2, DCNv2Config
 from service.ranking.deepfm import DeepFM, DeepFMConfig
 from service.ranking.fields import EncodedRows, FieldMap
@@ -103,30 +106,54 @@ def test_output_feature_compression_keeps_what_the_outputs_use_and_svd_does_not(
     assert sum(p.numel() for p in by_weights.parameters()) == 32 * 3 + 3 * 24 + 24
 
 
+def random_rows(n: int, field_sizes: tuple[int, int]) -> EncodedRows:
+    """Two uniform categorical fields, two normal numeric ones, 30% positives."""
+    rng = np.random.default_rng(0)
+    return EncodedRows(
+        np.stack([rng.integers(0, size, n) for size in field_sizes], 1), np.zeros((n, 1), np.int64),
+        rng.normal(size=(n, 2)).astype(np.float32), (rng.random(n) < 0.3).astype(np.float32),
+    )
+
+
 @pytest.mark.parametrize("model_class, config_class", [(DeepFM, DeepFMConfig), (DCNv2, DCNv2Config)])
 def test_compressed_models_shrink_and_full_rank_changes_nothing(model_class, config_class):
     torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    n = 3000
-    rows = EncodedRows(
-        np.stack([rng.integers(0, 400, n), rng.integers(0, 300, n)], 1), np.zeros((n, 1), np.int64),
-        rng.normal(size=(n, 2)).astype(np.float32), (rng.random(n) < 0.3).astype(np.float32),
-    )
+    rows = random_rows(3000, (400, 300))
     model = model_class(config_class(field_sizes=(400, 300), attribute_size=1, numeric_fields=2, dim=16, hidden=(64, 32)))
     with torch.no_grad():  # a spread of weights like a trained model's
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
     before = predict(model, rows)
-    _, looked_up = layer_outputs(model, [], rows)
+    _, looked_up = layer_outputs(model, [], tensors(rows))
     for method in ("output_features", "weight_svd"):
         exact = copy.deepcopy(model)
         exact.fields = compress_fields(model.fields, method, 16, looked_up)  # rank d: a change of basis
         np.testing.assert_allclose(predict(exact, rows), before, atol=1e-5)
-        small = compress(model, method, CompressionConfig(embedding_rank=4, dense_keep=0.3), rows)
+        small, plan = compress(model, method, CompressionConfig(embedding_rank=4, dense_keep=0.3), tensors(rows))
         assert small.fields.codes.weight.shape == (700, 4)
         assert model_bytes(model)["total"] / model_bytes(small)["total"] > 2.5
         assert model_bytes(small)["embeddings"] == 700 * 4 * 4
         assert np.corrcoef(predict(small, rows), before)[0, 1] > 0.5
+        # The plan alone rebuilds the compressed shape: its weights load and predict the same.
+        rebuilt = compressed_shape(model_class(model.config), CompressionPlan.from_json(plan.to_json()))
+        rebuilt.load_state_dict(small.state_dict())
+        np.testing.assert_array_equal(predict(rebuilt.eval(), rows), predict(small, rows))
+        assert plan.embedding_rank == 4 and plan.layers and set(plan.layers) <= {"mlp.0", "mlp.3", "cross.0.linear", "cross.1.linear"}
+
+
+def test_ranks_by_explained_variance_follow_the_spectrum():
+    assert variance_rank(torch.tensor([6.0, 3.0, 1.0, 0.0]), 0.85) == 2
+    assert variance_rank(torch.tensor([6.0, 3.0, 1.0, 0.0]), 0.95) == 3
+    torch.manual_seed(0)
+    rows = random_rows(2000, (50, 40))
+    model = DeepFM(DeepFMConfig(field_sizes=(50, 40), attribute_size=1, numeric_fields=2, dim=16, hidden=(64, 32)))
+    with torch.no_grad():  # tables of rank 3: three components hold all of every field's variance
+        model.fields.embedding.weight.copy_(torch.randn(90, 3) @ torch.randn(3, 16))
+    small, plan = compress(model, "output_features", CompressionConfig(explained_variance=0.999), tensors(rows))
+    assert plan.embedding_rank == 3
+    np.testing.assert_allclose(predict(small, rows), predict(model, rows), atol=2e-3)
+    with pytest.raises(ValueError, match="explained_variance"):
+        CompressionConfig(explained_variance=1.5)
 
 
 def test_interactions_become_a_temporal_ctr_table_with_unseen_negatives(tiny_dataset):
@@ -143,3 +170,40 @@ def test_interactions_become_a_temporal_ctr_table_with_unseen_negatives(tiny_dat
     assert (positives.loc[positives["split"] == "test", "timestamp"] >= latest_train).all()
     assert table["split"].value_counts(normalize=True).round(1).to_dict() == {"train": 0.8, "dev": 0.1, "test": 0.1}
     assert set(tiny_dataset.attribute_columns) <= set(table.columns)
+
+
+def test_ctr_train_command_writes_a_model_that_loads_and_scores_as_measured(tmp_path):
+    from typer.testing import CliRunner
+
+    from service.artifacts import ArtifactError
+    from service.cli import app
+    from service.ranking.ctr_data import load_ctr_table
+    from service.ranking.ctr_model import load_ctr_model
+
+    spec, out = "synthetic:users=120,items=150,seed=2", tmp_path / "ctr"
+    result = CliRunner().invoke(app, ["ctr", "train", "--dataset", spec, "--out", str(out), "--model", "dcn_v2",
+                                      "--compress", "weight_svd", "--embedding-rank", "3", "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    saved = load_ctr_model(out)
+    manifest = saved.manifest
+    assert manifest["model"]["type"] == "dcn_v2" and manifest["model"]["compression"]["embedding_rank"] == 3
+    assert saved.model.fields.codes.weight.shape[1] == 3
+    assert manifest["bytes"]["total"] < manifest["metrics"]["trained"]["bytes"]["total"] / 2
+    assert set(manifest["files"]) == {"model.safetensors", "field_map.json"}
+    # The loaded weights and field map reproduce the recorded test metrics exactly.
+    _, splits = load_ctr_table(spec)
+    test = saved.fields.encode(splits["test"])
+    assert evaluate(test.labels, predict(saved.model, test)) == pytest.approx(manifest["metrics"]["test"], abs=1e-6)
+    assert "test AUC" in result.output
+
+    (saved.folder / "model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(ArtifactError, match="sha256 of model.safetensors"):
+        load_ctr_model(out)
+
+    def refusal(*args: str) -> str:
+        result = CliRunner().invoke(app, ["ctr", "train", *args])
+        assert result.exit_code == 2
+        return " ".join(result.output.replace("│", " ").split())  # the error box wraps lines
+
+    assert "low-rank already" in refusal("--dataset", spec, "--rank", "4", "--compress", "output_features")
+    assert "criteo-kaggle-8k" in refusal("--dataset", f"criteo:{tmp_path / 'nowhere'}")

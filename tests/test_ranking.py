@@ -1,11 +1,16 @@
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
+from service.api.app import build_app
+from service.bundle import ModelBundle
 from service.ranking.dcn_v2 import DCNv2, DCNv2Config
 from service.ranking.deepfm import DeepFM, DeepFMConfig
 from service.ranking.inputs import context_rows
 from service.ranking.ranker import Ranker
+from service.settings import Settings
 
 
 MODELS = {
@@ -66,3 +71,35 @@ def test_ranker_beats_chance_and_is_calibrated_on_validation(bundle):
     metrics = bundle.manifest["metrics"]["ranker"]
     assert metrics["val_auc"] > 0.6
     assert abs(metrics["val_mean_prediction"] - metrics["val_click_rate"]) < 0.1
+
+
+@pytest.mark.parametrize("variant", ["output_features", "weight_svd"])
+def test_compressed_ranker_variants_are_saved_measured_and_served_by_setting(artifact_root, bundle, known_user, variant):
+    stored = bundle.manifest["models"]["ranker"]["variants"][variant]
+    assert stored["file"] in bundle.manifest["files"]  # hashed and verified like every file
+    measured = bundle.manifest["metrics"]["ranker"]["variants"][variant]
+    assert measured["ratio"] > 2
+    assert measured["bytes"]["total"] < bundle.manifest["metrics"]["ranker"]["bytes"]["total"] / 2
+    assert abs(measured["val_auc"] - bundle.manifest["metrics"]["ranker"]["val_auc"]) < 0.05
+
+    compact = ModelBundle.load(artifact_root, ranker_variant=variant)
+    assert compact.ranker_variant == variant
+    assert compact.ranker.fields.codes.weight.shape[1] == stored["embedding_rank"]
+    scale = 1.0 / bundle.two_tower.config.temperature
+    items = bundle.features.items.ids[:100]
+    retrieval = np.random.default_rng(0).normal(0.3, 0.1, 100).astype(np.float32)
+    full_scores = Ranker(bundle.ranker, bundle.features, scale).score(known_user, items, retrieval, 3, 2)
+    compact_scores = Ranker(compact.ranker, bundle.features, scale).score(known_user, items, retrieval, 3, 2)
+    assert not np.array_equal(full_scores, compact_scores)
+    assert np.corrcoef(full_scores, compact_scores)[0, 1] > 0.9
+
+    settings = Settings(artifacts=artifact_root, grpc_port=0, ranker_variant=variant)
+    with TestClient(build_app(settings)) as client:
+        body = client.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
+        assert body["ranker"] == {"model": "deepfm", "variant": variant}
+        assert f'ranker_variant="{variant}"' in client.get("/metrics").text
+
+
+def test_an_unknown_ranker_variant_is_refused_at_startup(artifact_root):
+    with pytest.raises(ValidationError, match="ranker_variant"):
+        Settings(artifacts=artifact_root, ranker_variant="int8")

@@ -24,10 +24,13 @@ log = logging.getLogger(__name__)
 
 def load_service(settings: Settings) -> tuple[RecommendPipeline, OnlineLearning]:
     params = SearchParams(nprobe=settings.index_nprobe, ef_search=settings.index_ef_search)
-    bundle = ModelBundle.load(settings.artifacts, index_params=params, index_device=settings.index_device)
+    bundle = ModelBundle.load(
+        settings.artifacts, index_params=params, index_device=settings.index_device, ranker_variant=settings.ranker_variant
+    )
     log.info(
-        "serving artifact %s (%d items, %d users), index %s (%s on %s)",
+        "serving artifact %s (%d items, %d users), index %s (%s on %s), ranker %s",
         bundle.version, len(bundle.index), len(bundle.histories), bundle.index_version, bundle.index.description, bundle.index.device,
+        bundle.ranker_variant,
     )
     options = PipelineOptions(
         default_candidates=settings.default_candidates,

@@ -97,6 +97,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 items=[pb.ScoredItem(item_id=i.item_id, score=i.score) for i in result.items],
                 degraded=result.degraded,
                 model_version=result.model_version,
+                ranker=None if result.ranker is None else pb.RankerInfo(model=result.ranker.model, variant=result.ranker.variant),
             )
 
         return self._call("Recommend", context, self._pipeline, lambda: request_from_proto(request), answer)

@@ -9,7 +9,7 @@ interactions, so early stopping measures the future the ranker will serve.
 """
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -20,9 +20,10 @@ from sklearn.metrics import log_loss, roc_auc_score
 from tqdm import tqdm
 
 from service.features import FeatureSpace
+from service.ranking.compression import METHODS, CompressionConfig, CompressionPlan, compress, model_bytes
 from service.ranking.ctr import EarlyStopping
-from service.ranking.models import build_ranker
 from service.ranking.inputs import NUMERIC_FIELDS, RankingEncoder, context_rows, field_sizes
+from service.ranking.models import build_ranker
 from service.retrieval.index import ItemIndex
 from service.retrieval.two_tower import TwoTower, history_before
 
@@ -44,7 +45,27 @@ class RankerTrainConfig:
     validation_fraction: float = 0.1
     dim: int = 16
     model: Literal["deepfm", "dcn_v2"] = "deepfm"
+    rank: int | None = None  # factorised tables trained end to end: r-dim codes per row
+    # Post-training compressed variants saved beside the trained model (full tables only);
+    # which one serves is a setting (RECSYS_RANKER_VARIANT).
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    calibration_rows: int = 4096  # training rows whose layer outputs output-feature compression reads
     seed: int = 0
+
+
+@dataclass
+class RankerVariant:
+    """A compressed copy of the trained ranker, the plan that rebuilds its shape, and its
+    validation metrics next to the trained model's."""
+
+    model: torch.nn.Module
+    plan: CompressionPlan
+    metrics: dict
+
+
+def trained_variant(rank: int | None) -> str:
+    """The name a trained ranker serves under: `full`, or `factorised` (rank-r tables)."""
+    return "full" if rank is None else "factorised"
 
 
 @dataclass
@@ -142,7 +163,13 @@ def train_ranker(
     encoder = RankingEncoder(features, score_scale)
     model = build_ranker(
         config.model,
-        dict(field_sizes=field_sizes(features), attribute_size=features.attribute_size, numeric_fields=len(NUMERIC_FIELDS), dim=config.dim),
+        dict(
+            field_sizes=field_sizes(features),
+            attribute_size=features.attribute_size,
+            numeric_fields=len(NUMERIC_FIELDS),
+            dim=config.dim,
+            rank=config.rank,
+        ),
         start_from_numeric=NUMERIC_FIELDS.index("retrieval_score"),
     )
     validation, train = rows.take(np.flatnonzero(rows.validation)), rows.take(np.flatnonzero(~rows.validation))
@@ -185,6 +212,35 @@ def train_ranker(
         "val_click_rate": float(validation.labels.mean()),
         "epochs": history,
         "rows": int(len(rows.labels)),
+        "bytes": model_bytes(model),
         "config": asdict(config),
     }
     return model, metrics
+
+
+def compress_ranker(
+    model: torch.nn.Module, rows: RankingRows, features: FeatureSpace, config: RankerTrainConfig, score_scale: float
+) -> dict[str, RankerVariant]:
+    """The trained full-table ranker compressed by every method, each measured on the
+    validation rows; none for a factorised ranker (its tables are low-rank already)."""
+    if model.fields.layout.rank is not None:
+        return {}
+    encoder = RankingEncoder(features, score_scale)
+    train, validation = np.flatnonzero(~rows.validation), rows.take(np.flatnonzero(rows.validation))
+    picked = rows.take(np.random.default_rng(config.seed).choice(train, min(config.calibration_rows, len(train)), replace=False))
+    batch = encoder.encode_rows(picked.user_rows, picked.item_rows, picked.hour_rows, picked.weekday_rows, picked.scores)
+    calibration = (batch.categorical, batch.attributes, batch.numeric)
+    variants, trained_bytes = {}, model_bytes(model)["total"]
+    for method in METHODS:
+        compact, plan = compress(model, method, config.compression, calibration)
+        predicted = _predict(compact, encoder, validation)
+        size = model_bytes(compact)
+        metrics = {
+            "val_auc": float(roc_auc_score(validation.labels, predicted)),
+            "val_logloss": float(log_loss(validation.labels, np.clip(predicted, 1e-7, 1 - 1e-7))),
+            "bytes": size,
+            "ratio": round(trained_bytes / size["total"], 2),
+        }
+        log.info("ranker %s: %.2fx smaller, val AUC %.4f", method, metrics["ratio"], metrics["val_auc"])
+        variants[method] = RankerVariant(compact, plan, metrics)
+    return variants

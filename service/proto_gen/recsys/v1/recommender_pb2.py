@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-service/proto_gen/recsys/v1/recommender.proto\x12\trecsys.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"G\n\x07\x43ontext\x12\x11\n\x04hour\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x07weekday\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_hourB\n\n\x08_weekday\"\x87\x01\n\x0fKnnEmbedOptions\x12\x12\n\x05\x61lpha\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\ncomponents\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0ereserved_share\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_alphaB\r\n\x0b_componentsB\x11\n\x0f_reserved_share\"\xe1\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12#\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x12.recsys.v1.Context\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\x04\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12\x17\n\ncandidates\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12-\n\tknn_embed\x18\x07 \x01(\x0b\x32\x1a.recsys.v1.KnnEmbedOptionsB\x04\n\x02_kB\r\n\x0b_candidates\",\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12\r\n\x05score\x18\x02 \x01(\x01\"s\n\x11RecommendResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"a\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x16\n\tcomponent\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x0c\n\n_component\"x\n\x12\x43\x61ndidatesResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12(\n\ncandidates\x18\x02 \x03(\x0b\x32\x14.recsys.v1.Candidate\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"f\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12\x0f\n\x07item_id\x18\x02 \x01(\x04\x12\x0c\n\x04type\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x11SendEventsRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.recsys.v1.Event\"&\n\x12SendEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x32\xea\x01\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponse\x12H\n\nCandidates\x12\x1b.recsys.v1.RecommendRequest\x1a\x1d.recsys.v1.CandidatesResponse\x12I\n\nSendEvents\x12\x1c.recsys.v1.SendEventsRequest\x1a\x1d.recsys.v1.SendEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-service/proto_gen/recsys/v1/recommender.proto\x12\trecsys.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"G\n\x07\x43ontext\x12\x11\n\x04hour\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x07weekday\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_hourB\n\n\x08_weekday\"\x87\x01\n\x0fKnnEmbedOptions\x12\x12\n\x05\x61lpha\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\ncomponents\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0ereserved_share\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_alphaB\r\n\x0b_componentsB\x11\n\x0f_reserved_share\"\xe1\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12#\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x12.recsys.v1.Context\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\x04\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12\x17\n\ncandidates\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12-\n\tknn_embed\x18\x07 \x01(\x0b\x32\x1a.recsys.v1.KnnEmbedOptionsB\x04\n\x02_kB\r\n\x0b_candidates\",\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12\r\n\x05score\x18\x02 \x01(\x01\",\n\nRankerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\"\x9a\x01\n\x11RecommendResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12%\n\x06ranker\x18\x05 \x01(\x0b\x32\x15.recsys.v1.RankerInfo\"a\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x16\n\tcomponent\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x0c\n\n_component\"x\n\x12\x43\x61ndidatesResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12(\n\ncandidates\x18\x02 \x03(\x0b\x32\x14.recsys.v1.Candidate\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"f\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12\x0f\n\x07item_id\x18\x02 \x01(\x04\x12\x0c\n\x04type\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x11SendEventsRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.recsys.v1.Event\"&\n\x12SendEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x32\xea\x01\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponse\x12H\n\nCandidates\x12\x1b.recsys.v1.RecommendRequest\x1a\x1d.recsys.v1.CandidatesResponse\x12I\n\nSendEvents\x12\x1c.recsys.v1.SendEventsRequest\x1a\x1d.recsys.v1.SendEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,18 +40,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECOMMENDREQUEST']._serialized_end=530
   _globals['_SCOREDITEM']._serialized_start=532
   _globals['_SCOREDITEM']._serialized_end=576
-  _globals['_RECOMMENDRESPONSE']._serialized_start=578
-  _globals['_RECOMMENDRESPONSE']._serialized_end=693
-  _globals['_CANDIDATE']._serialized_start=695
-  _globals['_CANDIDATE']._serialized_end=792
-  _globals['_CANDIDATESRESPONSE']._serialized_start=794
-  _globals['_CANDIDATESRESPONSE']._serialized_end=914
-  _globals['_EVENT']._serialized_start=916
-  _globals['_EVENT']._serialized_end=1018
-  _globals['_SENDEVENTSREQUEST']._serialized_start=1020
-  _globals['_SENDEVENTSREQUEST']._serialized_end=1073
-  _globals['_SENDEVENTSRESPONSE']._serialized_start=1075
-  _globals['_SENDEVENTSRESPONSE']._serialized_end=1113
-  _globals['_RECOMMENDER']._serialized_start=1116
-  _globals['_RECOMMENDER']._serialized_end=1350
+  _globals['_RANKERINFO']._serialized_start=578
+  _globals['_RANKERINFO']._serialized_end=622
+  _globals['_RECOMMENDRESPONSE']._serialized_start=625
+  _globals['_RECOMMENDRESPONSE']._serialized_end=779
+  _globals['_CANDIDATE']._serialized_start=781
+  _globals['_CANDIDATE']._serialized_end=878
+  _globals['_CANDIDATESRESPONSE']._serialized_start=880
+  _globals['_CANDIDATESRESPONSE']._serialized_end=1000
+  _globals['_EVENT']._serialized_start=1002
+  _globals['_EVENT']._serialized_end=1104
+  _globals['_SENDEVENTSREQUEST']._serialized_start=1106
+  _globals['_SENDEVENTSREQUEST']._serialized_end=1159
+  _globals['_SENDEVENTSRESPONSE']._serialized_start=1161
+  _globals['_SENDEVENTSRESPONSE']._serialized_end=1199
+  _globals['_RECOMMENDER']._serialized_start=1202
+  _globals['_RECOMMENDER']._serialized_end=1436
 # @@protoc_insertion_point(module_scope)

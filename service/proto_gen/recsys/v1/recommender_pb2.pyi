@@ -53,17 +53,27 @@ class ScoredItem(_message.Message):
     score: float
     def __init__(self, item_id: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
 
+class RankerInfo(_message.Message):
+    __slots__ = ("model", "variant")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    variant: str
+    def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
+
 class RecommendResponse(_message.Message):
-    __slots__ = ("user_id", "items", "degraded", "model_version")
+    __slots__ = ("user_id", "items", "degraded", "model_version", "ranker")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RANKER_FIELD_NUMBER: _ClassVar[int]
     user_id: int
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     degraded: bool
     model_version: str
-    def __init__(self, user_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
+    ranker: RankerInfo
+    def __init__(self, user_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ..., ranker: _Optional[_Union[RankerInfo, _Mapping]] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("item_id", "score", "source", "component")
