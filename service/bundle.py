@@ -141,3 +141,20 @@ def load_ranker(folder: Path, manifest: dict, variant: str | None) -> tuple[nn.M
     model = compressed_shape(model, CompressionPlan.from_json(stored[variant]))
     model.load_state_dict(load_tensors(folder / stored[variant]["file"]))
     return model, variant
+
+
+@dataclass
+class PopularItems:
+    """What a gateway needs from an artifact to answer when retrieval cannot: the popular
+    items with their retrieval-scale scores, and the version they come from."""
+
+    version: str
+    items: np.ndarray  # uint64, most popular first
+    scores: np.ndarray  # float32
+
+    @classmethod
+    def load(cls, path: str | Path, root: str | Path | None = None) -> "PopularItems":
+        folder = resolve_version(path)
+        manifest = read_manifest(folder, root if root is not None else path)
+        popular = load_arrays(folder / "popular.safetensors")
+        return cls(manifest["version"], popular["items"], popular["scores"])

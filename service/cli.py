@@ -123,22 +123,51 @@ def train(
     typer.echo(f"artifact written: {folder}")
 
 
+class Tier(str, Enum):
+    all = "all"
+    gateway = "gateway"
+    retrieval = "retrieval"
+    ranking = "ranking"
+    online_train = "online-train"
+
+
 @app.command()
 def serve(
+    tier: Annotated[
+        Tier,
+        typer.Argument(help="all: every tier in one process (embedded); gateway: HTTP and gRPC front calling the tiers at "
+                            "RECSYS_RETRIEVAL_ADDRESS and RECSYS_RANKING_ADDRESS; retrieval, ranking, online-train: one tier."),
+    ] = Tier.all,
     artifacts: Annotated[Optional[Path], typer.Option(help="Artifact root or version folder.")] = None,
     host: Annotated[Optional[str], typer.Option()] = None,
     port: Annotated[Optional[int], typer.Option(help="HTTP port.")] = None,
     grpc_port: Annotated[Optional[int], typer.Option(help="gRPC port; 0 turns gRPC off.")] = None,
 ) -> None:
-    """Serve HTTP and gRPC in one process (embedded mode). Flags override RECSYS_* settings."""
+    """Serve every tier in one process (embedded, the default) or one tier of the distributed
+    topology. Flags override RECSYS_* settings; a tier's --port serves its /metrics."""
+    if tier == Tier.online_train:
+        return online_train(artifacts)
     import uvicorn
+    from pydantic import ValidationError
 
     from service.api.app import build_app
     from service.settings import Settings
 
     overrides = {"artifacts": artifacts, "host": host, "http_port": port, "grpc_port": grpc_port}
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from None
     _setup_logging(settings.log_level)
+    if tier in (Tier.retrieval, Tier.ranking):
+        from service.api.tiers import serve_tier
+
+        return serve_tier(settings, tier.value)
+    if (tier == Tier.gateway) != settings.remote_tiers:
+        raise typer.BadParameter(
+            "`serve gateway` needs RECSYS_RETRIEVAL_ADDRESS and RECSYS_RANKING_ADDRESS; `serve all` (embedded) needs neither",
+            param_hint="TIER",
+        )
     uvicorn.run(build_app(settings), host=settings.host, port=settings.http_port, log_level=settings.log_level.lower())
 
 

@@ -1,4 +1,8 @@
-"""The one pipeline HTTP and gRPC both call: retrieve candidates, rank them, answer."""
+"""The one pipeline HTTP and gRPC both call: retrieve candidates, rank them, answer.
+
+`RecommendPipeline` runs both stages in process (the embedded mode, and inside the retrieval
+and ranking tiers); `service.api.remote.RemotePipeline` calls the tiers over gRPC and answers
+through the same `candidates_response` and `ranked_response`."""
 
 from dataclasses import dataclass, replace
 
@@ -13,7 +17,7 @@ from service.ranking.models import ranker_name
 from service.ranking.ranker import Ranker
 from service.retrieval.generator import SOURCE_KNN_EMBED, SOURCE_POPULAR, SOURCE_TWO_TOWER, CandidateGenerator, Candidates
 from service.retrieval.knn_embed import MixtureKnobs
-from service.schemas import Candidate, CandidatesResponse, RankerInfo, RecommendRequest, RecommendResponse, ScoredItem
+from service.schemas import Candidate, CandidatesResponse, Context, RankerInfo, RecommendRequest, RecommendResponse, ScoredItem
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,26 @@ class PipelineOptions:
     history_length: int = 50
     strategy: str = "two_tower"  # when a request names none
     knn_embed: MixtureKnobs = MixtureKnobs()
+
+
+class RankingStage:
+    """The artifact's ranker (the configured variant) over a request's candidates: the
+    ranking tier's whole job, and the second stage in process."""
+
+    def __init__(self, bundle: ModelBundle):
+        self.model_version = bundle.version
+        self.ranker = Ranker(bundle.ranker, bundle.features, 1.0 / bundle.two_tower.config.temperature)
+        self.ranker_info = RankerInfo(model=ranker_name(bundle.ranker), variant=bundle.ranker_variant)
+
+    def rank(self, user_id: int, item_ids: np.ndarray, retrieval_scores: np.ndarray, context: Context | None) -> np.ndarray:
+        with STAGE_LATENCY.labels("rank").time():
+            return self.ranker.score(
+                user_id,
+                item_ids,
+                retrieval_scores,
+                hour=context.hour if context else None,
+                weekday=context.weekday if context else None,
+            )
 
 
 class RecommendPipeline:
@@ -49,8 +73,8 @@ class RecommendPipeline:
             bundle.clusters,
             options.knn_embed,
         )
-        self.ranker = Ranker(bundle.ranker, bundle.features, 1.0 / bundle.two_tower.config.temperature)
-        self.ranker_info = RankerInfo(model=ranker_name(bundle.ranker), variant=bundle.ranker_variant)
+        self.ranking = RankingStage(bundle)
+        self.ranker_info = self.ranking.ranker_info
         MODEL_INFO.info(
             {"version": bundle.version, "retrieval": options.strategy, "ranker": self.ranker_info.model, "ranker_variant": self.ranker_info.variant}
         )
@@ -82,34 +106,45 @@ class RecommendPipeline:
             DEGRADED.labels("embedding_store").inc()
         return candidates
 
-    def candidates(self, request: RecommendRequest) -> CandidatesResponse:
-        found = self._retrieve(request)
-        return CandidatesResponse(
-            user_id=request.user_id,
-            candidates=[
-                Candidate(item_id=int(i), score=float(s), source=src, component=c)
-                for i, s, src, c in zip(found.item_ids, found.scores, found.sources, found.components)
-            ],
-            degraded=found.degraded,
-            model_version=self.model_version,
-        )
+    def candidates(self, request: RecommendRequest, deadline: float | None = None) -> CandidatesResponse:
+        """`deadline` (monotonic seconds) is for remote pipelines; in process there is no wait."""
+        return candidates_response(request.user_id, self._retrieve(request), self.model_version)
 
-    def recommend(self, request: RecommendRequest) -> RecommendResponse:
+    def recommend(self, request: RecommendRequest, deadline: float | None = None) -> RecommendResponse:
         found = self._retrieve(request)
-        context = request.context
-        with STAGE_LATENCY.labels("rank").time():
-            scores = self.ranker.score(
-                request.user_id,
-                found.item_ids,
-                found.scores,
-                hour=context.hour if context else None,
-                weekday=context.weekday if context else None,
-            )
-        order = np.lexsort((found.item_ids, -scores))[: request.k]  # by score, ties by id
-        return RecommendResponse(
-            user_id=request.user_id,
-            items=[ScoredItem(item_id=int(found.item_ids[i]), score=float(scores[i])) for i in order],
-            degraded=found.degraded,
-            model_version=self.model_version,
-            ranker=self.ranker_info,
-        )
+        scores = self.ranking.rank(request.user_id, found.item_ids, found.scores, request.context)
+        return ranked_response(request, found, scores, self.model_version, self.ranker_info)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def candidates_response(user_id: int, found: Candidates, model_version: str) -> CandidatesResponse:
+    return CandidatesResponse(
+        user_id=user_id,
+        candidates=[
+            Candidate(item_id=int(i), score=float(s), source=src, component=c)
+            for i, s, src, c in zip(found.item_ids, found.scores, found.sources, found.components)
+        ],
+        degraded=found.degraded,
+        model_version=model_version,
+    )
+
+
+def ranked_response(
+    request: RecommendRequest, found: Candidates, scores: np.ndarray | None, model_version: str, ranker: RankerInfo | None, degraded: bool = False
+) -> RecommendResponse:
+    """The top `request.k` by ranker score (ties by id); with no `scores` (ranking fell
+    back), the first k in retrieval order, `ranker` None."""
+    if scores is None:
+        order = np.arange(min(request.k, len(found.item_ids)))
+        scores = found.scores
+    else:
+        order = np.lexsort((found.item_ids, -scores))[: request.k]
+    return RecommendResponse(
+        user_id=request.user_id,
+        items=[ScoredItem(item_id=int(found.item_ids[i]), score=float(scores[i])) for i in order],
+        degraded=found.degraded or degraded,
+        model_version=model_version,
+        ranker=ranker,
+    )

@@ -72,6 +72,23 @@ class RecommendRequest(BaseModel):
         return self
 
 
+class RankRequest(BaseModel):
+    """What the gateway sends the ranking tier: a user's candidates and their retrieval scores."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Uint64
+    context: Context | None = None
+    item_ids: Annotated[list[Uint64], Field(min_length=1, max_length=MAX_CANDIDATES)]
+    retrieval_scores: Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(max_length=MAX_CANDIDATES)]
+
+    @model_validator(mode="after")
+    def _one_score_per_item(self) -> "RankRequest":
+        if len(self.retrieval_scores) != len(self.item_ids):
+            raise ValueError(f"{len(self.retrieval_scores)} retrieval scores for {len(self.item_ids)} items")
+        return self
+
+
 class ScoredItem(BaseModel):
     item_id: Uint64
     score: float

@@ -4,7 +4,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.schemas import MAX_CANDIDATES, MAX_COMPONENTS
@@ -51,6 +51,20 @@ class Settings(BaseSettings):
         float, Field(ge=0, description="How often to look for a newer index version (`recsys index build`); 0: never.")
     ] = 10.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    retrieval_address: Annotated[
+        str | None,
+        Field(description="host:port of the retrieval tier; with ranking_address, `recsys serve gateway` calls the tiers over gRPC."),
+    ] = None
+    ranking_address: Annotated[str | None, Field(description="host:port of the ranking tier.")] = None
+    default_deadline_seconds: Annotated[
+        float, Field(gt=0, le=60, description="Gateway: a request's deadline when the client sets none.")
+    ] = 0.5
+    max_deadline_seconds: Annotated[
+        float, Field(gt=0, le=60, description="Gateway: longest deadline a client may set; longer ones are cut to it.")
+    ] = 2.0
+    retrieval_deadline_share: Annotated[
+        float, Field(gt=0, lt=1, description="Gateway: share of the remaining time retrieval may use; ranking gets the rest.")
+    ] = 0.6
 
     redis_url: Annotated[
         str | None,
@@ -92,3 +106,24 @@ class Settings(BaseSettings):
         if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("RECSYS_REDIS_URL must start with redis://, rediss:// or unix://")
         return url
+
+    @field_validator("retrieval_address", "ranking_address")
+    @classmethod
+    def _host_port(cls, address: str | None) -> str | None:
+        if address is not None and not address.rpartition(":")[2].isdigit():
+            raise ValueError(f"{address!r} is not host:port")
+        return address
+
+    @model_validator(mode="after")
+    def _gateway_needs_both_tiers_and_the_event_log(self) -> "Settings":
+        if (self.retrieval_address is None) != (self.ranking_address is None):
+            raise ValueError("set both RECSYS_RETRIEVAL_ADDRESS and RECSYS_RANKING_ADDRESS (a gateway calls both tiers), or neither")
+        if self.retrieval_address is not None and self.redis_url is None:
+            raise ValueError("a gateway calling remote tiers needs RECSYS_REDIS_URL: its events go to the shared stream")
+        if self.default_deadline_seconds > self.max_deadline_seconds:
+            raise ValueError("RECSYS_DEFAULT_DEADLINE_SECONDS must not exceed RECSYS_MAX_DEADLINE_SECONDS")
+        return self
+
+    @property
+    def remote_tiers(self) -> bool:
+        return self.retrieval_address is not None

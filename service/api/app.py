@@ -7,12 +7,13 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 
-from service.api.grpc_server import GrpcServer
+from service.api.grpc_server import GrpcServer, RecommenderServicer
+from service.api.remote import RemotePipeline
 from service.api.http import create_app
-from service.bundle import ModelBundle
+from service.bundle import ModelBundle, PopularItems
 from service.embeddings.artifact_tables import open_store
 from service.metrics import READY
-from service.online.runtime import OnlineLearning, make_index_sync, make_trainer, open_online
+from service.online.runtime import OnlineLearning, make_index_sync, make_trainer, open_event_log, open_online
 from service.pipeline import PipelineOptions, RecommendPipeline
 from service.retrieval.index import SearchParams
 from service.retrieval.index_versions import IndexReloader
@@ -55,6 +56,15 @@ def load_service(settings: Settings) -> tuple[RecommendPipeline, OnlineLearning]
     return pipeline, online
 
 
+def load_gateway(settings: Settings) -> tuple[RemotePipeline, OnlineLearning]:
+    """Distributed mode: the tiers over gRPC, the artifact's popular items as the fallback,
+    events appended to the shared stream."""
+    popular = PopularItems.load(settings.artifacts)
+    log.info("gateway: retrieval at %s, ranking at %s; fallback items from %s", settings.retrieval_address, settings.ranking_address, popular.version)
+    namespace = settings.redis_namespace or popular.version.rsplit("-", 1)[-1]
+    return RemotePipeline(settings, popular, settings.default_candidates), open_event_log(settings, namespace)
+
+
 def build_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -63,14 +73,14 @@ def build_app(settings: Settings) -> FastAPI:
         grpc_server = None
         if settings.grpc_port:
             grpc_server = GrpcServer(
-                lambda: app.state.pipeline, lambda: app.state.online,
+                [RecommenderServicer(lambda: app.state.pipeline, lambda: app.state.online)],
                 f"{settings.host}:{settings.grpc_port}", settings.grpc_workers,
             )
             grpc_server.start()
             log.info("gRPC listening on %s:%d", settings.host, grpc_server.port)
         app.state.grpc_server = grpc_server
         try:
-            app.state.pipeline, app.state.online = load_service(settings)
+            app.state.pipeline, app.state.online = (load_gateway if settings.remote_tiers else load_service)(settings)
             READY.set(1)
             if grpc_server is not None:
                 grpc_server.set_serving(True)
@@ -82,6 +92,6 @@ def build_app(settings: Settings) -> FastAPI:
             if app.state.online is not None:
                 app.state.online.stop()
             if app.state.pipeline is not None:
-                app.state.pipeline.store.close()
+                app.state.pipeline.close()
 
     return create_app(lifespan)

@@ -1,4 +1,5 @@
-"""gRPC transport: recsys.v1.Recommender, grpc.health.v1 and server reflection.
+"""gRPC transport: recsys.v1.Recommender (the gateway), recsys.v1.Retrieval and
+recsys.v1.Ranking (the tiers), grpc.health.v1 and server reflection.
 
 Requests are validated by the same pydantic models as HTTP; a validation error becomes
 INVALID_ARGUMENT with the same message.
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from concurrent import futures
 
 import grpc
+import numpy as np
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -17,12 +19,11 @@ from pydantic import ValidationError
 from service.metrics import REQUEST_LATENCY, REQUESTS
 from service.online.runtime import OnlineLearning
 from service.online.streams import EventLogUnavailable, accept_events
-from service.pipeline import RecommendPipeline
+from service.pipeline import RankingStage, RecommendPipeline
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
-from service.schemas import EventsRequest, RecommendRequest
+from service.schemas import CandidatesResponse, EventsRequest, RankerInfo, RankRequest, RecommendRequest
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 MAX_MESSAGE_BYTES = 1 << 20
 
 
@@ -56,84 +57,136 @@ def _validation_message(error: ValidationError) -> str:
     )
 
 
+def serve_call(endpoint: str, context: grpc.ServicerContext, ready, parse, answer):
+    """Metrics and status codes around one call: UNAVAILABLE before `ready()` gives what
+    `answer` needs, INVALID_ARGUMENT when `parse` refuses the request."""
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        resource = ready()
+        if resource is None:
+            code = grpc.StatusCode.UNAVAILABLE
+            context.abort(code, "models are not loaded yet")
+        try:
+            parsed = parse()
+        except ValidationError as exc:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            context.abort(code, _validation_message(exc))
+        try:
+            return answer(resource, parsed)
+        except EventLogUnavailable as exc:
+            code = grpc.StatusCode.UNAVAILABLE
+            context.abort(code, f"{exc}; no event of the request was appended, retry")
+    except Exception:
+        if code == grpc.StatusCode.OK:
+            code = grpc.StatusCode.INTERNAL
+        raise
+    finally:
+        REQUESTS.labels("grpc", endpoint, code.name).inc()
+        REQUEST_LATENCY.labels("grpc", endpoint).observe(time.perf_counter() - started)
+
+
+def deadline_of(context: grpc.ServicerContext) -> float | None:
+    """The client's deadline as monotonic seconds, None when it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def candidates_to_proto(result: CandidatesResponse) -> pb.CandidatesResponse:
+    return pb.CandidatesResponse(
+        user_id=result.user_id,
+        candidates=[pb.Candidate(item_id=c.item_id, score=c.score, source=c.source, component=c.component) for c in result.candidates],
+        degraded=result.degraded,
+        model_version=result.model_version,
+    )
+
+
+def ranker_to_proto(ranker: RankerInfo | None) -> pb.RankerInfo | None:
+    return None if ranker is None else pb.RankerInfo(model=ranker.model, variant=ranker.variant)
+
+
+def rank_request_from_proto(message: pb.RankRequest) -> RankRequest:
+    return RankRequest.model_validate({
+        "user_id": message.user_id,
+        "context": MessageToDict(message.context, preserving_proto_field_name=True) if message.HasField("context") else None,
+        "item_ids": list(message.item_ids),
+        "retrieval_scores": list(message.retrieval_scores),
+    })
+
+
 class RecommenderServicer(pb_grpc.RecommenderServicer):
+    """The gateway's service: over an in-process pipeline (embedded) or a remote one."""
+
+    service = "Recommender"
+
     def __init__(self, pipeline: Callable[[], RecommendPipeline | None], online: Callable[[], OnlineLearning | None]):
         self._pipeline = pipeline
         self._online = online
 
-    def _call(self, endpoint: str, context: grpc.ServicerContext, ready, parse, answer):
-        """Metrics and status codes around one call: UNAVAILABLE before `ready()` gives what
-        `answer` needs, INVALID_ARGUMENT when `parse` refuses the request."""
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            resource = ready()
-            if resource is None:
-                code = grpc.StatusCode.UNAVAILABLE
-                context.abort(code, "models are not loaded yet")
-            try:
-                parsed = parse()
-            except ValidationError as exc:
-                code = grpc.StatusCode.INVALID_ARGUMENT
-                context.abort(code, _validation_message(exc))
-            try:
-                return answer(resource, parsed)
-            except EventLogUnavailable as exc:
-                code = grpc.StatusCode.UNAVAILABLE
-                context.abort(code, f"{exc}; no event of the request was appended, retry")
-        except Exception:
-            if code == grpc.StatusCode.OK:
-                code = grpc.StatusCode.INTERNAL
-            raise
-        finally:
-            REQUESTS.labels("grpc", endpoint, code.name).inc()
-            REQUEST_LATENCY.labels("grpc", endpoint).observe(time.perf_counter() - started)
-
     def Recommend(self, request, context):
         def answer(pipeline: RecommendPipeline, parsed: RecommendRequest) -> pb.RecommendResponse:
-            result = pipeline.recommend(parsed)
+            result = pipeline.recommend(parsed, deadline_of(context))
             return pb.RecommendResponse(
                 user_id=result.user_id,
                 items=[pb.ScoredItem(item_id=i.item_id, score=i.score) for i in result.items],
                 degraded=result.degraded,
                 model_version=result.model_version,
-                ranker=None if result.ranker is None else pb.RankerInfo(model=result.ranker.model, variant=result.ranker.variant),
+                ranker=ranker_to_proto(result.ranker),
             )
 
-        return self._call("Recommend", context, self._pipeline, lambda: request_from_proto(request), answer)
+        return serve_call("Recommend", context, self._pipeline, lambda: request_from_proto(request), answer)
 
     def Candidates(self, request, context):
         def answer(pipeline: RecommendPipeline, parsed: RecommendRequest) -> pb.CandidatesResponse:
-            result = pipeline.candidates(parsed)
-            return pb.CandidatesResponse(
-                user_id=result.user_id,
-                candidates=[
-                    pb.Candidate(item_id=c.item_id, score=c.score, source=c.source, component=c.component)
-                    for c in result.candidates
-                ],
-                degraded=result.degraded,
-                model_version=result.model_version,
-            )
+            return candidates_to_proto(pipeline.candidates(parsed, deadline_of(context)))
 
-        return self._call("Candidates", context, self._pipeline, lambda: request_from_proto(request), answer)
+        return serve_call("Candidates", context, self._pipeline, lambda: request_from_proto(request), answer)
 
     def SendEvents(self, request, context):
         def answer(online: OnlineLearning, parsed: EventsRequest) -> pb.SendEventsResponse:
             return pb.SendEventsResponse(accepted=accept_events(online.events, parsed).accepted)
 
-        return self._call("SendEvents", context, self._online, lambda: events_from_proto(request), answer)
+        return serve_call("SendEvents", context, self._online, lambda: events_from_proto(request), answer)
+
+
+class RetrievalServicer(pb_grpc.RetrievalServicer):
+    """The candidate-generation tier over its in-process pipeline."""
+
+    service = "Retrieval"
+
+    def __init__(self, pipeline: Callable[[], RecommendPipeline | None]):
+        self._pipeline = pipeline
+
+    def Retrieve(self, request, context):
+        def answer(pipeline: RecommendPipeline, parsed: RecommendRequest) -> pb.CandidatesResponse:
+            return candidates_to_proto(pipeline.candidates(parsed))
+
+        return serve_call("Retrieve", context, self._pipeline, lambda: request_from_proto(request), answer)
+
+
+class RankingServicer(pb_grpc.RankingServicer):
+    """The ranking tier: the artifact's ranker over the candidates it is sent."""
+
+    service = "Ranking"
+
+    def __init__(self, ranking: Callable[[], RankingStage | None]):
+        self._ranking = ranking
+
+    def Rank(self, request, context):
+        def answer(ranking: RankingStage, parsed: RankRequest) -> pb.RankResponse:
+            ids = np.array(parsed.item_ids, dtype=np.uint64)
+            scores = ranking.rank(parsed.user_id, ids, np.array(parsed.retrieval_scores, np.float32), parsed.context)
+            return pb.RankResponse(scores=scores.tolist(), ranker=ranker_to_proto(ranking.ranker_info), model_version=ranking.model_version)
+
+        return serve_call("Rank", context, self._ranking, lambda: rank_request_from_proto(request), answer)
 
 
 class GrpcServer:
-    """The gRPC server with health (NOT_SERVING until the pipeline is ready) and reflection."""
+    """A gRPC server for the given services, with health (NOT_SERVING until `set_serving`)
+    and reflection: the gateway's Recommender, or a tier's Retrieval or Ranking."""
 
-    def __init__(
-        self,
-        pipeline: Callable[[], RecommendPipeline | None],
-        online: Callable[[], OnlineLearning | None],
-        address: str,
-        workers: int = 8,
-    ):
+    def __init__(self, services: list, address: str, workers: int = 8):
+        """`services`: the servicers (RecommenderServicer, RetrievalServicer, RankingServicer)."""
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             options=[
@@ -141,11 +194,14 @@ class GrpcServer:
                 ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES),
             ],
         )
-        pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(pipeline, online), self.server)
+        self.names = []
+        for servicer in services:
+            getattr(pb_grpc, f"add_{servicer.service}Servicer_to_server")(servicer, self.server)
+            self.names.append(pb.DESCRIPTOR.services_by_name[servicer.service].full_name)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (*self.names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
         self.port = self.server.add_insecure_port(address)
@@ -153,12 +209,13 @@ class GrpcServer:
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
+        for name in ("", *self.names):
             self.health.set(name, status)
 
     def start(self) -> None:
         self.server.start()
 
     def stop(self, grace: float = 5.0) -> None:
+        """Health goes NOT_SERVING first, then in-flight calls get `grace` seconds to finish."""
         self.set_serving(False)
         self.server.stop(grace).wait()

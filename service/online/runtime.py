@@ -6,7 +6,7 @@ import threading
 from dataclasses import dataclass, field, replace
 
 from service.bundle import ModelBundle
-from service.embeddings.redis_store import RedisEmbeddingStore, connect
+from service.embeddings.redis_store import RedisEmbeddingStore, RedisStoreConfig, connect
 from service.embeddings.store import EmbeddingStore
 from service.online.index_sync import IndexSync
 from service.online.interests import InterestUpdater
@@ -24,8 +24,8 @@ BLOCK_SECONDS = 1.0  # how long background readers wait on a stream; their socke
 class OnlineLearning:
     events: EventLog  # appends, on the request path
     trainer_events: EventLog  # the same log, for the trainer's blocking reads
-    recent: RecentItems
-    updates: ItemUpdateFeed
+    recent: RecentItems | None  # None in a gateway, which only appends events
+    updates: ItemUpdateFeed | None
     _closers: list = field(default_factory=list)
     _threads: list[threading.Thread] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -62,6 +62,15 @@ def open_online(settings, bundle: ModelBundle, store: EmbeddingStore) -> OnlineL
         RedisItemUpdateFeed(background, namespace),
         [background.close],
     )
+
+
+def open_event_log(settings, namespace: str) -> OnlineLearning:
+    """A gateway's part of online learning: appends to the shared Redis stream, whose
+    trainer group (created here if need be) is the one `open_online` names."""
+    client = connect(RedisStoreConfig(settings.redis_url, cluster=settings.redis_cluster, socket_timeout=settings.redis_socket_timeout))
+    events = RedisEventLog(client, settings.events_stream, f"trainer.{namespace}", settings.events_max_length)
+    events.ensure_group()
+    return OnlineLearning(events, events, None, None, [client.close])
 
 
 def make_trainer(settings, bundle: ModelBundle, store: EmbeddingStore, online: OnlineLearning) -> OnlineTrainer:

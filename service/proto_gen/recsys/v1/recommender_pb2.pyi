@@ -122,3 +122,25 @@ class SendEventsResponse(_message.Message):
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     def __init__(self, accepted: _Optional[int] = ...) -> None: ...
+
+class RankRequest(_message.Message):
+    __slots__ = ("user_id", "context", "item_ids", "retrieval_scores")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_SCORES_FIELD_NUMBER: _ClassVar[int]
+    user_id: int
+    context: Context
+    item_ids: _containers.RepeatedScalarFieldContainer[int]
+    retrieval_scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, user_id: _Optional[int] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., item_ids: _Optional[_Iterable[int]] = ..., retrieval_scores: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class RankResponse(_message.Message):
+    __slots__ = ("scores", "ranker", "model_version")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    RANKER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    ranker: RankerInfo
+    model_version: str
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., ranker: _Optional[_Union[RankerInfo, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...

@@ -184,3 +184,155 @@ class Recommender:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RetrievalStub:
+    """The candidate-generation tier, called by the gateway in distributed mode.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Retrieve = channel.unary_unary(
+                '/recsys.v1.Retrieval/Retrieve',
+                request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RecommendRequest.SerializeToString,
+                response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CandidatesResponse.FromString,
+                _registered_method=True)
+
+
+class RetrievalServicer:
+    """The candidate-generation tier, called by the gateway in distributed mode.
+    """
+
+    def Retrieve(self, request, context):
+        """The candidate set for a request (as Recommender.Candidates answers it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RetrievalServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Retrieve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Retrieve,
+                    request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RecommendRequest.FromString,
+                    response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CandidatesResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'recsys.v1.Retrieval', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('recsys.v1.Retrieval', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Retrieval:
+    """The candidate-generation tier, called by the gateway in distributed mode.
+    """
+
+    @staticmethod
+    def Retrieve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Retrieval/Retrieve',
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RecommendRequest.SerializeToString,
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CandidatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class RankingStub:
+    """The ranking tier, called by the gateway in distributed mode.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Rank = channel.unary_unary(
+                '/recsys.v1.Ranking/Rank',
+                request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RankRequest.SerializeToString,
+                response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RankResponse.FromString,
+                _registered_method=True)
+
+
+class RankingServicer:
+    """The ranking tier, called by the gateway in distributed mode.
+    """
+
+    def Rank(self, request, context):
+        """Click probabilities of a user's candidates, in one forward pass.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RankingServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Rank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rank,
+                    request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RankRequest.FromString,
+                    response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RankResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'recsys.v1.Ranking', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('recsys.v1.Ranking', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Ranking:
+    """The ranking tier, called by the gateway in distributed mode.
+    """
+
+    @staticmethod
+    def Rank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Ranking/Rank',
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RankRequest.SerializeToString,
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,160 @@
+"""The gateway's pipeline in distributed mode: the retrieval and ranking tiers over gRPC.
+
+Every request has a deadline: the client's (cut to `max_deadline_seconds`) or
+`default_deadline_seconds`. Retrieval may use `retrieval_deadline_share` of it, ranking what
+is left, so the answer is never later than the deadline. A read is retried once, and only
+when the tier answered UNAVAILABLE and time remains. Each tier has a circuit breaker: after
+`BREAKER_FAILURES` failures in a row its calls fail at once for `BREAKER_RESET_SECONDS`, then
+one trial call decides. When a stage fails or runs out of time its fallback answers and the
+response says `degraded`: no candidates -> the artifact's popular items (minus exclusions);
+no ranking -> the candidates in retrieval order, `ranker` null.
+"""
+
+import logging
+import time
+
+import grpc
+import numpy as np
+import pybreaker
+
+from service.bundle import PopularItems
+from service.metrics import DEGRADED, STAGE_LATENCY
+from service.pipeline import candidates_response, ranked_response
+from service.proto_gen.recsys.v1 import recommender_pb2 as pb
+from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
+from service.retrieval.generator import SOURCE_POPULAR, Candidates, is_in_sorted, labels
+from service.schemas import CandidatesResponse, RankerInfo, RecommendRequest, RecommendResponse
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BREAKER_FAILURES = 5
+BREAKER_RESET_SECONDS = 2.0
+MIN_CALL_SECONDS = 0.002  # less time than this left: do not start a call
+
+
+class StageFailed(Exception):
+    """A tier did not answer in time or at all."""
+
+
+class Tier:
+    """One downstream tier: its channel, its breaker, reads with one retry on UNAVAILABLE."""
+
+    def __init__(self, name: str, address: str):
+        self.name = name
+        self.channel = grpc.insecure_channel(address)
+        self.breaker = pybreaker.CircuitBreaker(fail_max=BREAKER_FAILURES, reset_timeout=BREAKER_RESET_SECONDS, name=name)
+
+    def read(self, method, message, until: float):
+        for attempt in range(2):
+            timeout = until - time.monotonic()
+            if timeout < MIN_CALL_SECONDS:
+                raise StageFailed(f"{self.name}: no time left")
+            try:
+                return self.breaker.call(method, message, timeout=timeout)
+            except pybreaker.CircuitBreakerError as exc:
+                raise StageFailed(f"{self.name}: breaker open") from exc
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and attempt == 0:
+                    continue
+                raise StageFailed(f"{self.name}: {exc.code().name}") from exc
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def request_to_proto(request: RecommendRequest) -> pb.RecommendRequest:
+    context = request.context.model_dump(exclude_none=True) if request.context else None
+    knobs = request.knn_embed.model_dump(exclude_none=True) if request.knn_embed else None
+    return pb.RecommendRequest(
+        user_id=request.user_id,
+        k=request.k,
+        context=pb.Context(**context) if context is not None else None,
+        exclude_item_ids=request.exclude_item_ids,
+        strategy=request.strategy or "",
+        candidates=request.candidates,
+        knn_embed=pb.KnnEmbedOptions(**knobs) if knobs is not None else None,
+    )
+
+
+def candidates_from_proto(message: pb.CandidatesResponse) -> Candidates:
+    n = len(message.candidates)
+    components = labels(None, n)
+    for i, c in enumerate(message.candidates):
+        if c.HasField("component"):
+            components[i] = c.component
+    return Candidates(
+        np.fromiter((c.item_id for c in message.candidates), np.uint64, n),
+        np.fromiter((c.score for c in message.candidates), np.float32, n),
+        np.array([c.source for c in message.candidates], dtype=object),
+        message.degraded,
+        components,
+    )
+
+
+class RemotePipeline:
+    """Same calls as `RecommendPipeline`, answered by the tiers."""
+
+    def __init__(self, settings: Settings, popular: PopularItems, default_candidates: int):
+        self.settings = settings
+        self.popular = popular
+        self.default_candidates = default_candidates
+        self.retrieval = Tier("retrieval", settings.retrieval_address)
+        self.ranking = Tier("ranking", settings.ranking_address)
+        self._retrieve_stub = pb_grpc.RetrievalStub(self.retrieval.channel).Retrieve
+        self._rank_stub = pb_grpc.RankingStub(self.ranking.channel).Rank
+        self.model_version = popular.version  # until the retrieval tier names its own
+
+    def _until(self, deadline: float | None) -> float:
+        now = time.monotonic()
+        budget = self.settings.default_deadline_seconds if deadline is None else deadline - now
+        return now + min(max(budget, 0.0), self.settings.max_deadline_seconds)
+
+    def _retrieve(self, request: RecommendRequest, until: float) -> Candidates:
+        share = self.settings.retrieval_deadline_share
+        stage_until = time.monotonic() + (until - time.monotonic()) * share
+        with STAGE_LATENCY.labels("retrieve").time():
+            try:
+                answer = self.retrieval.read(self._retrieve_stub, request_to_proto(request), stage_until)
+            except StageFailed as exc:
+                log.warning("retrieval fell back to popular items: %s", exc)
+                DEGRADED.labels("retrieval").inc()
+                return self._popular(request)
+        self.model_version = answer.model_version
+        return candidates_from_proto(answer)
+
+    def _popular(self, request: RecommendRequest) -> Candidates:
+        n = max(request.k, request.candidates or self.default_candidates)
+        keep = ~is_in_sorted(self.popular.items, np.unique(np.array(request.exclude_item_ids, dtype=np.uint64)))
+        items, scores = self.popular.items[keep][:n], self.popular.scores[keep][:n]
+        return Candidates(items, scores, labels(SOURCE_POPULAR, len(items)), degraded=True)
+
+    def candidates(self, request: RecommendRequest, deadline: float | None = None) -> CandidatesResponse:
+        return candidates_response(request.user_id, self._retrieve(request, self._until(deadline)), self.model_version)
+
+    def recommend(self, request: RecommendRequest, deadline: float | None = None) -> RecommendResponse:
+        until = self._until(deadline)
+        found = self._retrieve(request, until)
+        if not len(found):
+            return ranked_response(request, found, None, self.model_version, None)
+        context = request.context.model_dump(exclude_none=True) if request.context else None
+        message = pb.RankRequest(
+            user_id=request.user_id,
+            context=pb.Context(**context) if context is not None else None,
+            item_ids=found.item_ids.tolist(),
+            retrieval_scores=found.scores.tolist(),
+        )
+        with STAGE_LATENCY.labels("rank").time():
+            try:
+                ranked = self.ranking.read(self._rank_stub, message, until)
+            except StageFailed as exc:
+                log.warning("ranking fell back to retrieval order: %s", exc)
+                DEGRADED.labels("ranking").inc()
+                return ranked_response(request, found, None, self.model_version, None, degraded=True)
+        ranker = RankerInfo(model=ranked.ranker.model, variant=ranked.ranker.variant)
+        return ranked_response(request, found, np.array(ranked.scores, np.float32), self.model_version, ranker)
+
+    def close(self) -> None:
+        self.retrieval.close()
+        self.ranking.close()

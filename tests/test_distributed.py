@@ -1,0 +1,176 @@
+"""The distributed topology as separate processes on loopback: Redis, the retrieval and
+ranking tiers, the online trainer and the gateway, driven over HTTP and gRPC."""
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.api.grpc_server import GrpcServer
+from service.api.remote import BREAKER_FAILURES, StageFailed, Tier
+from service.proto_gen.recsys.v1 import recommender_pb2 as pb
+from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
+from service.schemas import RankRequest
+from tests.conftest import free_port
+from tests.test_end_to_end import BIN, wait_ready
+from tests.test_online import assert_new_item_reaches_similar_users
+
+
+def wait_serving(address: str, process: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"tier exited with {process.returncode}: {process.stdout.read()}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError(f"{address} not serving after {timeout}s")
+
+
+def stop(process: subprocess.Popen, signum=signal.SIGTERM) -> str:
+    if process.poll() is None:
+        process.send_signal(signum)
+    return process.communicate(timeout=30)[0]
+
+
+@pytest.fixture(scope="module")
+def stack(artifact_root, redis_server):
+    namespace = uuid.uuid4().hex[:8]
+    env = dict(
+        os.environ, RECSYS_ARTIFACTS=str(artifact_root), RECSYS_REDIS_URL=redis_server.url, RECSYS_REDIS_NAMESPACE=namespace,
+        RECSYS_EVENTS_STREAM=f"events-{namespace}", RECSYS_HOST="127.0.0.1", RECSYS_TRAINER_METRICS_PORT="0",
+        RECSYS_TRAINER_CONSUMER="t1", RECSYS_INDEX_POLL_SECONDS="0",
+    )
+    ports = {tier: (free_port(), free_port()) for tier in ("retrieval", "ranking", "gateway")}
+    processes = {}
+
+    def start(tier: str, **extra) -> subprocess.Popen:
+        tier_env = {**env, **extra}
+        if tier in ports:
+            tier_env.update(RECSYS_HTTP_PORT=str(ports[tier][0]), RECSYS_GRPC_PORT=str(ports[tier][1]))
+        processes[tier] = subprocess.Popen(
+            [str(BIN / "recsys"), "serve", tier], env=tier_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        return processes[tier]
+
+    try:
+        for tier in ("retrieval", "ranking"):
+            start(tier)
+        for tier in ("retrieval", "ranking"):
+            wait_serving(f"127.0.0.1:{ports[tier][1]}", processes[tier])
+        start("online-train")
+        gateway = start(
+            "gateway",
+            RECSYS_RETRIEVAL_ADDRESS=f"127.0.0.1:{ports['retrieval'][1]}",
+            RECSYS_RANKING_ADDRESS=f"127.0.0.1:{ports['ranking'][1]}",
+        )
+        wait_ready(f"http://127.0.0.1:{ports['gateway'][0]}/readyz", gateway)
+        with httpx.Client(base_url=f"http://127.0.0.1:{ports['gateway'][0]}", timeout=10) as http:
+            yield http, ports, processes
+    finally:
+        for process in processes.values():
+            stop(process, signal.SIGKILL)
+
+
+def test_gateway_answers_through_the_tiers_over_http_and_grpc(stack, bundle, known_user):
+    http, ports, _ = stack
+    body = http.post("/v1/recommend", json={"user_id": known_user, "k": 8, "context": {"hour": 9}}).json()
+    assert body["degraded"] is False and body["model_version"] == bundle.version
+    assert body["ranker"] == {"model": "deepfm", "variant": "full"}
+    assert len({i["item_id"] for i in body["items"]}) == 8
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)  # ranker probabilities
+    with grpc.insecure_channel(f"127.0.0.1:{ports['gateway'][1]}") as channel:
+        answer = pb_grpc.RecommenderStub(channel).Recommend(
+            pb.RecommendRequest(user_id=known_user, k=8, context=pb.Context(hour=9)), timeout=5
+        )
+    assert [(i.item_id, i.score) for i in answer.items] == [(i["item_id"], i["score"]) for i in body["items"]]
+    assert answer.ranker.variant == "full" and not answer.degraded
+    refused = http.post("/v1/recommend", json={"user_id": known_user, "k": 0})
+    assert refused.status_code == 422
+    for tier in ("retrieval", "ranking"):
+        metrics = httpx.get(f"http://127.0.0.1:{ports[tier][0]}/metrics").text
+        assert f'recsys_requests_total{{code="OK",endpoint="{"Retrieve" if tier == "retrieval" else "Rank"}",transport="grpc"}}' in metrics
+
+
+def test_events_through_the_gateway_change_later_recommendations(stack, tiny_dataset):
+    http, _, _ = stack
+    assert_new_item_reaches_similar_users(http, tiny_dataset)
+
+
+def test_a_tier_that_goes_away_is_replaced_by_its_fallback(stack, known_user):
+    http, ports, processes = stack
+    ranked = http.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
+    output = stop(processes["ranking"])  # SIGTERM: drains, then exits
+    assert processes["ranking"].returncode == 0, output
+    unranked = http.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
+    assert unranked["degraded"] is True and unranked["ranker"] is None
+    retrieval = http.post("/v1/candidates", json={"user_id": known_user, "k": 5, "candidates": 5}).json()
+    assert [i["item_id"] for i in unranked["items"]] == [c["item_id"] for c in retrieval["candidates"]]  # retrieval order
+    assert ranked["items"] != unranked["items"]
+
+    stop(processes["retrieval"], signal.SIGKILL)
+    started = time.monotonic()
+    popular = http.post("/v1/candidates", json={"user_id": known_user, "k": 5}).json()
+    assert time.monotonic() - started < 1.0  # within the default deadline, not a hang
+    assert popular["degraded"] is True and {c["source"] for c in popular["candidates"]} == {"popular"}
+    answer = http.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
+    assert answer["degraded"] is True and len(answer["items"]) == 5
+    metrics = http.get("/metrics").text
+    assert 'recsys_degraded_responses_total{reason="ranking"}' in metrics
+    assert 'recsys_degraded_responses_total{reason="retrieval"}' in metrics
+
+
+class SlowRanking(pb_grpc.RankingServicer):
+    service = "Ranking"
+
+    def __init__(self):
+        self.calls = 0
+
+    def Rank(self, request, context):
+        self.calls += 1
+        time.sleep(0.3)
+        return pb.RankResponse()
+
+
+def test_a_slow_tier_fails_at_its_deadline_and_then_opens_its_breaker():
+    servicer = SlowRanking()
+    server = GrpcServer([servicer], "127.0.0.1:0", workers=8)
+    server.start()
+    tier = Tier("ranking", f"127.0.0.1:{server.port}")
+    rank = pb_grpc.RankingStub(tier.channel).Rank
+    try:
+        for failure in range(1, BREAKER_FAILURES + 1):
+            started = time.monotonic()
+            # The failure that reaches the limit trips the breaker and reports it open.
+            with pytest.raises(StageFailed, match="DEADLINE_EXCEEDED" if failure < BREAKER_FAILURES else "breaker open"):
+                tier.read(rank, pb.RankRequest(user_id=1), time.monotonic() + 0.05)
+            assert time.monotonic() - started < 0.25  # gave up at the deadline, not after the slow answer
+        calls = servicer.calls
+        with pytest.raises(StageFailed, match="breaker open"):
+            tier.read(rank, pb.RankRequest(user_id=1), time.monotonic() + 0.05)
+        assert servicer.calls == calls  # an open breaker fails without calling
+        fresh = Tier("ranking", f"127.0.0.1:{server.port}")
+        with pytest.raises(StageFailed, match="no time left"):
+            fresh.read(pb_grpc.RankingStub(fresh.channel).Rank, pb.RankRequest(user_id=1), time.monotonic())
+        fresh.close()
+    finally:
+        tier.close()
+        server.stop(0)
+
+
+def test_rank_requests_are_validated_like_every_other():
+    assert "2 retrieval scores for 1 items" in str(pytest.raises(ValueError, RankRequest, user_id=1, item_ids=[5], retrieval_scores=[0.1, 0.2]).value)
+    with pytest.raises(ValueError, match="finite"):
+        RankRequest(user_id=1, item_ids=[5], retrieval_scores=[float("nan")])
