@@ -45,20 +45,18 @@ class Tier:
         self.channel = grpc.insecure_channel(address)
         self.breaker = pybreaker.CircuitBreaker(fail_max=BREAKER_FAILURES, reset_timeout=BREAKER_RESET_SECONDS, name=name)
 
-    def read(self, method, message, until: float):
-        for attempt in range(2):
-            timeout = until - time.monotonic()
-            if timeout < MIN_CALL_SECONDS:
-                raise StageFailed(f"{self.name}: no time left")
-            try:
-                return self.breaker.call(method, message, timeout=timeout)
-            except pybreaker.CircuitBreakerError as exc:
-                raise StageFailed(f"{self.name}: breaker open") from exc
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE and attempt == 0:
-                    continue
-                raise StageFailed(f"{self.name}: {exc.code().name}") from exc
-        raise AssertionError("unreachable")
+    def read(self, method, message, until: float, retry: bool = True):
+        timeout = until - time.monotonic()
+        if timeout < MIN_CALL_SECONDS:
+            raise StageFailed(f"{self.name}: no time left")
+        try:
+            return self.breaker.call(method, message, timeout=timeout)
+        except pybreaker.CircuitBreakerError as exc:
+            raise StageFailed(f"{self.name}: breaker open") from exc
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and retry:
+                return self.read(method, message, until, retry=False)
+            raise StageFailed(f"{self.name}: {exc.code().name}") from exc
 
     def close(self) -> None:
         self.channel.close()
