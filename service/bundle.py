@@ -22,6 +22,11 @@ from service.retrieval.knn_embed import ItemClusters, KnnEmbedConfig, UserMixtur
 from service.retrieval.two_tower import TwoTower, TwoTowerConfig
 
 
+def version_namespace(version: str) -> str:
+    """A short name for a version's tables in a shared store: its random token."""
+    return version.rsplit("-", 1)[-1]
+
+
 @dataclass
 class ModelBundle:
     """Everything the serving pipeline needs from one artifact version."""
@@ -48,8 +53,7 @@ class ModelBundle:
 
     @property
     def namespace(self) -> str:
-        """A short name for this version's tables in a shared store: its random token."""
-        return self.version.rsplit("-", 1)[-1]
+        return version_namespace(self.version)
 
     def save(self, root: str | Path, config: dict, schema: dict, metrics: dict) -> Path:
         def write(folder: Path) -> dict:
@@ -158,3 +162,7 @@ class PopularItems:
         manifest = read_manifest(folder, root if root is not None else path)
         popular = load_arrays(folder / "popular.safetensors")
         return cls(manifest["version"], popular["items"], popular["scores"])
+
+    @property
+    def namespace(self) -> str:
+        return version_namespace(self.version)

@@ -61,8 +61,7 @@ def load_gateway(settings: Settings) -> tuple[RemotePipeline, OnlineLearning]:
     events appended to the shared stream."""
     popular = PopularItems.load(settings.artifacts)
     log.info("gateway: retrieval at %s, ranking at %s; fallback items from %s", settings.retrieval_address, settings.ranking_address, popular.version)
-    namespace = settings.redis_namespace or popular.version.rsplit("-", 1)[-1]
-    return RemotePipeline(settings, popular, settings.default_candidates), open_event_log(settings, namespace)
+    return RemotePipeline(settings, popular), open_event_log(settings, settings.redis_namespace or popular.namespace)
 
 
 def build_app(settings: Settings) -> FastAPI:

@@ -23,7 +23,7 @@ from service.pipeline import candidates_response, ranked_response
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.retrieval.generator import SOURCE_POPULAR, Candidates, is_in_sorted, labels
-from service.schemas import CandidatesResponse, RankerInfo, RecommendRequest, RecommendResponse
+from service.schemas import CandidatesResponse, Context, RankerInfo, RecommendRequest, RecommendResponse
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,13 +62,16 @@ class Tier:
         self.channel.close()
 
 
+def context_to_proto(context: Context | None) -> pb.Context | None:
+    return None if context is None else pb.Context(**context.model_dump(exclude_none=True))
+
+
 def request_to_proto(request: RecommendRequest) -> pb.RecommendRequest:
-    context = request.context.model_dump(exclude_none=True) if request.context else None
     knobs = request.knn_embed.model_dump(exclude_none=True) if request.knn_embed else None
     return pb.RecommendRequest(
         user_id=request.user_id,
         k=request.k,
-        context=pb.Context(**context) if context is not None else None,
+        context=context_to_proto(request.context),
         exclude_item_ids=request.exclude_item_ids,
         strategy=request.strategy or "",
         candidates=request.candidates,
@@ -94,10 +97,9 @@ def candidates_from_proto(message: pb.CandidatesResponse) -> Candidates:
 class RemotePipeline:
     """Same calls as `RecommendPipeline`, answered by the tiers."""
 
-    def __init__(self, settings: Settings, popular: PopularItems, default_candidates: int):
+    def __init__(self, settings: Settings, popular: PopularItems):
         self.settings = settings
         self.popular = popular
-        self.default_candidates = default_candidates
         self.retrieval = Tier("retrieval", settings.retrieval_address)
         self.ranking = Tier("ranking", settings.ranking_address)
         self._retrieve_stub = pb_grpc.RetrievalStub(self.retrieval.channel).Retrieve
@@ -123,7 +125,7 @@ class RemotePipeline:
         return candidates_from_proto(answer)
 
     def _popular(self, request: RecommendRequest) -> Candidates:
-        n = max(request.k, request.candidates or self.default_candidates)
+        n = max(request.k, request.candidates or self.settings.default_candidates)
         keep = ~is_in_sorted(self.popular.items, np.unique(np.array(request.exclude_item_ids, dtype=np.uint64)))
         items, scores = self.popular.items[keep][:n], self.popular.scores[keep][:n]
         return Candidates(items, scores, labels(SOURCE_POPULAR, len(items)), degraded=True)
@@ -136,10 +138,9 @@ class RemotePipeline:
         found = self._retrieve(request, until)
         if not len(found):
             return ranked_response(request, found, None, self.model_version, None)
-        context = request.context.model_dump(exclude_none=True) if request.context else None
         message = pb.RankRequest(
             user_id=request.user_id,
-            context=pb.Context(**context) if context is not None else None,
+            context=context_to_proto(request.context),
             item_ids=found.item_ids.tolist(),
             retrieval_scores=found.scores.tolist(),
         )

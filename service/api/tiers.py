@@ -19,7 +19,6 @@ from service.api.grpc_server import GrpcServer, RankingServicer, RetrievalServic
 from service.bundle import ModelBundle
 from service.metrics import MODEL_INFO, READY
 from service.pipeline import RankingStage
-from service.retrieval.index import SearchParams
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,11 +28,7 @@ TierName = Literal["retrieval", "ranking"]
 
 
 def load_ranking(settings: Settings) -> RankingStage:
-    bundle = ModelBundle.load(
-        settings.artifacts,
-        index_params=SearchParams(nprobe=settings.index_nprobe, ef_search=settings.index_ef_search),
-        ranker_variant=settings.ranker_variant,
-    )
+    bundle = ModelBundle.load(settings.artifacts, ranker_variant=settings.ranker_variant)
     ranking = RankingStage(bundle)
     MODEL_INFO.info({"version": bundle.version, "ranker": ranking.ranker_info.model, "ranker_variant": ranking.ranker_info.variant})
     return ranking

@@ -95,14 +95,15 @@ def fit_ctr_model(spec: str, root: str | Path, config: CtrModelConfig) -> CtrMod
     layout = {"field_sizes": fields.field_sizes, "attribute_size": fields.multi_size, "numeric_fields": len(fields.numeric)}
     model = build_ranker(config.model, {**layout, "dim": config.dim, "rank": config.rank})
     history = train_ctr(model, train, dev, config.train, config.model)
-    measured = {split: evaluate(rows.labels, predict(model, rows)) for split, rows in (("dev", dev), ("test", test))}
-    metrics = {**measured, "best_epoch": history["best"]["epoch"], "epochs": history["epochs"]}
+
+    def measured(model: nn.Module) -> dict:
+        return {split: evaluate(rows.labels, predict(model, rows)) for split, rows in (("dev", dev), ("test", test))}
+
+    metrics = {**measured(model), "best_epoch": history["best"]["epoch"], "epochs": history["epochs"]}
     plan = None
     if config.compression is not None:
         picked = np.random.default_rng(config.train.seed).choice(len(train), min(config.calibration_rows, len(train)), replace=False)
-        trained = {**measured, "bytes": model_bytes(model)}
+        trained = {"dev": metrics["dev"], "test": metrics["test"], "bytes": model_bytes(model)}
         model, plan = compress(model, config.compression, config.compression_config, tensors(train.take(picked)))
-        metrics.update({split: evaluate(rows.labels, predict(model, rows)) for split, rows in (("dev", dev), ("test", test))})
-        metrics["trained"] = trained
-    training = {"dataset": spec, **{k: v for k, v in asdict(config).items() if k != "train"}, "train": asdict(config.train)}
-    return save_ctr_model(root, model, fields, plan, training, metrics)
+        metrics.update(measured(model), trained=trained)
+    return save_ctr_model(root, model, fields, plan, {"dataset": spec, **asdict(config)}, metrics)
