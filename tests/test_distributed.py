@@ -8,7 +8,7 @@ import time
 import uuid
 
 import grpc
-import httpx
+import httpx2
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -76,7 +76,7 @@ def stack(artifact_root, redis_server):
             RECSYS_RANKING_ADDRESS=f"127.0.0.1:{ports['ranking'][1]}",
         )
         wait_ready(f"http://127.0.0.1:{ports['gateway'][0]}/readyz", gateway)
-        with httpx.Client(base_url=f"http://127.0.0.1:{ports['gateway'][0]}", timeout=10) as http:
+        with httpx2.Client(base_url=f"http://127.0.0.1:{ports['gateway'][0]}", timeout=10) as http:
             yield http, ports, processes
     finally:
         for process in processes.values():
@@ -100,7 +100,7 @@ def test_gateway_answers_through_the_tiers_over_http_and_grpc(stack, bundle, kno
     refused = http.post("/v1/recommend", json={"user_id": known_user, "k": 0})
     assert refused.status_code == 422
     for tier in ("retrieval", "ranking"):
-        metrics = httpx.get(f"http://127.0.0.1:{ports[tier][0]}/metrics").text
+        metrics = httpx2.get(f"http://127.0.0.1:{ports[tier][0]}/metrics").text
         assert f'recsys_requests_total{{code="OK",endpoint="{"Retrieve" if tier == "retrieval" else "Rank"}",transport="grpc"}}' in metrics
 
 
