@@ -1,0 +1,62 @@
+"""`python -m service.probe [grpc|http|trainer]`: the container health check.
+
+It runs every few seconds beside the server, so it imports only grpc and the settings (no
+torch, no FAISS) and needs no probe binary in the image. Exit 0: healthy; 1: not.
+
+- grpc (default): grpc.health.v1 Check of the whole server on RECSYS_GRPC_PORT; every tier
+  answers SERVING only once its models and index are loaded, NOT_SERVING while draining.
+- http: GET /readyz on RECSYS_HTTP_PORT (the gateway and the embedded service).
+- trainer: GET /metrics on RECSYS_TRAINER_METRICS_PORT (`recsys serve online-train` starts
+  it after it has joined the event group).
+"""
+
+import sys
+import urllib.request
+
+TIMEOUT_SECONDS = 2.0
+
+
+def grpc_serving(port: int) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_SECONDS)
+        except grpc.RpcError as exc:
+            print(f"gRPC health on :{port}: {exc.code().name}", file=sys.stderr)
+            return False
+    if answer.status != health_pb2.HealthCheckResponse.SERVING:
+        print(f"gRPC health on :{port}: {health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)}", file=sys.stderr)
+        return False
+    return True
+
+
+def http_ok(port: int, path: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=TIMEOUT_SECONDS):
+            return True
+    except OSError as exc:
+        print(f"GET :{port}{path}: {exc}", file=sys.stderr)
+        return False
+
+
+def main(argv: list[str]) -> int:
+    from service.settings import Settings
+
+    check = argv[0] if argv else "grpc"
+    settings = Settings()
+    if check == "grpc":
+        healthy = grpc_serving(settings.grpc_port)
+    elif check == "http":
+        healthy = http_ok(settings.http_port, "/readyz")
+    elif check == "trainer":
+        healthy = http_ok(settings.trainer_metrics_port, "/metrics")
+    else:
+        print(f"usage: python -m service.probe [grpc|http|trainer], not {check!r}", file=sys.stderr)
+        return 2
+    return 0 if healthy else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
