@@ -16,7 +16,8 @@ import urllib.request
 TIMEOUT_SECONDS = 2.0
 
 
-def grpc_serving(port: int) -> bool:
+def grpc_status(port: int) -> str:
+    """The server's overall health on `port`: "SERVING", another status, or the call's error."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -24,12 +25,8 @@ def grpc_serving(port: int) -> bool:
         try:
             answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_SECONDS)
         except grpc.RpcError as exc:
-            print(f"gRPC health on :{port}: {exc.code().name}", file=sys.stderr)
-            return False
-    if answer.status != health_pb2.HealthCheckResponse.SERVING:
-        print(f"gRPC health on :{port}: {health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)}", file=sys.stderr)
-        return False
-    return True
+            return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
 
 def http_ok(port: int, path: str) -> bool:
@@ -47,7 +44,10 @@ def main(argv: list[str]) -> int:
     check = argv[0] if argv else "grpc"
     settings = Settings()
     if check == "grpc":
-        healthy = grpc_serving(settings.grpc_port)
+        status = grpc_status(settings.grpc_port)
+        healthy = status == "SERVING"
+        if not healthy:
+            print(f"gRPC health on :{settings.grpc_port}: {status}", file=sys.stderr)
     elif check == "http":
         healthy = http_ok(settings.http_port, "/readyz")
     elif check == "trainer":

@@ -104,6 +104,18 @@ def test_gateway_answers_through_the_tiers_over_http_and_grpc(stack, bundle, kno
         assert f'recsys_requests_total{{code="OK",endpoint="{"Retrieve" if tier == "retrieval" else "Rank"}",transport="grpc"}}' in metrics
 
 
+def test_an_http_client_deadline_reaches_the_tiers(stack, known_user):
+    http, _, _ = stack
+    body = {"user_id": known_user, "k": 5}
+    assert http.post("/v1/recommend", json=body, headers={"X-Deadline-Ms": "2000"}).json()["degraded"] is False
+    # Far less than a gRPC round trip: retrieval cannot answer in time, so its fallback does.
+    late = http.post("/v1/candidates", json=body, headers={"X-Deadline-Ms": "0.001"}).json()
+    assert late["degraded"] is True and {c["source"] for c in late["candidates"]} == {"popular"}
+    for bad in ("soon", "0", "-5", "60001"):
+        refused = http.post("/v1/recommend", json=body, headers={"X-Deadline-Ms": bad})
+        assert refused.status_code == 422 and "X-Deadline-Ms" in refused.text, bad
+
+
 def test_events_through_the_gateway_change_later_recommendations(stack, tiny_dataset):
     http, _, _ = stack
     assert_new_item_reaches_similar_users(http, tiny_dataset)

@@ -4,7 +4,7 @@ import time
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -28,7 +28,19 @@ def get_event_log(request: Request) -> EventLog:
     return online.events
 
 
+def get_deadline(
+    timeout_ms: Annotated[
+        float | None,
+        Header(alias="X-Deadline-Ms", gt=0, le=60_000, description="How long the client waits, in milliseconds; the "
+               "gateway answers within it (cut to RECSYS_MAX_DEADLINE_SECONDS). Unset: RECSYS_DEFAULT_DEADLINE_SECONDS."),
+    ] = None,
+) -> float | None:
+    """The client's deadline as monotonic seconds (what gRPC clients send as grpc-timeout)."""
+    return None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+
+
 PipelineDep = Annotated[RecommendPipeline, Depends(get_pipeline)]
+DeadlineDep = Annotated[float | None, Depends(get_deadline)]
 EventLogDep = Annotated[EventLog, Depends(get_event_log)]
 
 
@@ -52,14 +64,14 @@ def create_app(lifespan: Callable | None = None) -> FastAPI:
         return response
 
     @app.post("/v1/recommend", response_model=RecommendResponse, tags=["recommend"])
-    def recommend(body: RecommendRequest, pipeline: PipelineDep) -> RecommendResponse:
+    def recommend(body: RecommendRequest, pipeline: PipelineDep, deadline: DeadlineDep) -> RecommendResponse:
         """Top-k items for a user, ranked; items the user already interacted with are left out."""
-        return pipeline.recommend(body)
+        return pipeline.recommend(body, deadline)
 
     @app.post("/v1/candidates", response_model=CandidatesResponse, tags=["recommend"])
-    def candidates(body: RecommendRequest, pipeline: PipelineDep) -> CandidatesResponse:
+    def candidates(body: RecommendRequest, pipeline: PipelineDep, deadline: DeadlineDep) -> CandidatesResponse:
         """The candidate set before ranking, with retrieval scores and sources."""
-        return pipeline.candidates(body)
+        return pipeline.candidates(body, deadline)
 
     @app.exception_handler(EventLogUnavailable)
     async def event_log_unavailable(request: Request, exc: EventLogUnavailable) -> JSONResponse:
