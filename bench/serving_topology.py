@@ -24,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +217,7 @@ def main() -> None:
             processes.stop()
             redis.stop()
 
-    raw, c = results["raw_compute"], f"c{args.concurrency}"
+    raw = results["raw_compute"]
     for mode in ("embedded", "distributed"):
         for level in results[mode].values():
             level["p50_over_raw"] = round(level["p50"] / raw["p50"], 2)

@@ -8,13 +8,15 @@ import time
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_K = 500
 MAX_CANDIDATES = 2000
 MAX_EXCLUDE_IDS = 1000
 MAX_EVENTS = 1000
 MAX_COMPONENTS = 64
+MAX_UPSERT_ITEMS = 10_000
+MAX_VECTOR_DIM = 4096
 MAX_EVENT_FUTURE_SECONDS = 300  # clock skew a client may have; later timestamps are refused
 UINT64_MAX = 2**64 - 1
 
@@ -86,6 +88,32 @@ class RankRequest(BaseModel):
     def _one_score_per_item(self) -> "RankRequest":
         if len(self.retrieval_scores) != len(self.item_ids):
             raise ValueError(f"{len(self.retrieval_scores)} retrieval scores for {len(self.item_ids)} items")
+        return self
+
+
+class ItemVector(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: Uint64
+    vector: Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=1, max_length=MAX_VECTOR_DIM)]
+
+
+class UpsertItemVectorsRequest(BaseModel):
+    """Item id vectors to write into the embedding table (admin). Validated with
+    `context={"dim": ...}`, the vectors must have the item table's dimension."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: Annotated[list[ItemVector], Field(min_length=1, max_length=MAX_UPSERT_ITEMS)]
+
+    @model_validator(mode="after")
+    def _distinct_ids_table_dimension(self, info: ValidationInfo) -> "UpsertItemVectorsRequest":
+        if len({item.item_id for item in self.items}) != len(self.items):
+            raise ValueError("item ids must be distinct")
+        dims = {len(item.vector) for item in self.items}
+        expected = (info.context or {}).get("dim")
+        if len(dims) != 1 or (expected is not None and dims != {expected}):
+            raise ValueError(f"vectors have {sorted(dims)} dimensions; the item table has {expected or 'one'}")
         return self
 
 

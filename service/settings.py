@@ -4,7 +4,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.schemas import MAX_CANDIDATES, MAX_COMPONENTS
@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     retrieval_deadline_share: Annotated[
         float, Field(gt=0, lt=1, description="Gateway: share of the remaining time retrieval may use; ranking gets the rest.")
     ] = 0.6
+
+    admin_token: Annotated[
+        SecretStr | None,
+        Field(min_length=16, description="Bearer token of the gRPC Admin service (index reload, item-vector upsert); "
+                                         "unset: the service is off."),
+    ] = None
 
     redis_url: Annotated[
         str | None,

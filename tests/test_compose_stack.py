@@ -8,7 +8,6 @@ and free ports, named volumes become folders. Prometheus and Grafana are other p
 images; tests/test_deploy_files.py checks their configuration against these services.
 """
 
-import csv
 import os
 import shutil
 import signal
@@ -22,9 +21,9 @@ import pytest
 
 from tests.conftest import free_port
 from tests.test_deploy_files import load_compose, metric_ports, recsys_services
+from tests.test_end_to_end import LOAD_REQUESTS, run_locust
 
 BIN = Path(sys.executable).parent
-ROOT = Path(__file__).resolve().parents[1]
 PORT_VARIABLES = ("RECSYS_HTTP_PORT", "RECSYS_GRPC_PORT", "RECSYS_TRAINER_METRICS_PORT")
 REDIS_PORT = 6379
 HEALTHY_WITHIN_SECONDS = 120
@@ -184,33 +183,24 @@ def test_redis_keeps_an_append_only_file_in_its_volume(topology):
     assert any(local.volumes["redis-data"].glob("appendonlydir/*.aof"))
 
 
-def run_locust(local: LocalTopology, tmp_path: Path, **settings: str) -> tuple[subprocess.CompletedProcess, dict]:
+def locust_against(local: LocalTopology, tmp_path: Path, **settings: str) -> tuple[subprocess.CompletedProcess, dict]:
     gateway = local.environment("gateway")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
-    env.update(RECSYS_ARTIFACTS=gateway["RECSYS_ARTIFACTS"], RECSYS_LOAD_GRPC_TARGET=f"127.0.0.1:{gateway['RECSYS_GRPC_PORT']}")
-    env.update({f"RECSYS_LOAD_{k.upper()}": v for k, v in settings.items()})
-    result = subprocess.run(
-        [str(BIN / "locust"), "-f", str(ROOT / "load_tests/locustfile.py"), "--headless", "-u", "6", "-r", "6", "-t", "4s",
-         "--host", f"http://127.0.0.1:{gateway['RECSYS_HTTP_PORT']}", "--csv", str(tmp_path / "load"), "--only-summary"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
-    with open(tmp_path / "load_stats.csv", newline="") as stats:
-        rows = {(row["Type"], row["Name"]): row for row in csv.DictReader(stats)}
-    return result, rows
+    return run_locust(f"http://127.0.0.1:{gateway['RECSYS_HTTP_PORT']}", f"127.0.0.1:{gateway['RECSYS_GRPC_PORT']}",
+                      gateway["RECSYS_ARTIFACTS"], tmp_path, **settings)
 
 
 def test_a_short_load_run_over_http_and_grpc_has_no_failures(topology, tmp_path):
     local, _ = topology
-    result, rows = run_locust(local, tmp_path, p95_ms="10000", p99_ms="10000")
+    result, rows = locust_against(local, tmp_path, p95_ms="10000", p99_ms="10000")
     assert result.returncode == 0, result.stderr[-3000:]
-    for key in (("POST", "/v1/recommend"), ("POST", "/v1/events"), ("grpc", "Recommend"), ("grpc", "SendEvents")):
+    for key in LOAD_REQUESTS:
         assert int(rows[key]["Request Count"]) > 0 and int(rows[key]["Failure Count"]) == 0, (key, rows.get(key))
     assert "SLO kept" in result.stderr
 
 
 def test_the_slo_gate_fails_a_run_that_breaks_its_latency_budget(topology, tmp_path):
     local, _ = topology
-    result, rows = run_locust(local, tmp_path, p99_ms="0.001")
+    result, rows = locust_against(local, tmp_path, p99_ms="0.001")
     assert result.returncode == 1 and "SLO broken: p99" in result.stderr, result.stderr[-3000:]
     assert int(rows[("", "Aggregated")]["Failure Count"]) == 0  # the requests themselves succeeded
 

@@ -20,7 +20,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from typer.exceptions import TyperException
 
-import service.metrics
+from service import metrics as service_metrics
 from service.cli import app
 from service.settings import Settings
 
@@ -179,7 +179,7 @@ def test_compose_services_use_real_commands_settings_ports_and_probes():
 
     for name, service in services.items():
         for volume in service.get("volumes", []):
-            source, target = volume.split(":")[:2]
+            source = volume.split(":")[0]
             if source.startswith("./"):
                 assert (ROOT / source).exists(), (name, source)
             else:
@@ -220,7 +220,7 @@ def exported_series() -> dict[str, set[str]]:
     has been observed yet), named as Prometheus will see them."""
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""], "info": ["_info"]}
     series = {}
-    for metric in vars(service.metrics).values():
+    for metric in vars(service_metrics).values():
         if isinstance(metric, MetricWrapperBase):
             for suffix in suffixes[metric._type]:
                 series[metric._name + suffix] = set(metric._labelnames) | ({"le"} if suffix == "_bucket" else set())

@@ -22,6 +22,9 @@ from tests.test_end_to_end import BIN, wait_ready
 from tests.test_online import assert_new_item_reaches_similar_users
 
 
+ADMIN_TOKEN = "distributed-admin-token"
+
+
 def wait_serving(address: str, process: subprocess.Popen, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
@@ -50,7 +53,7 @@ def stack(artifact_root, redis_server):
     env = dict(
         os.environ, RECSYS_ARTIFACTS=str(artifact_root), RECSYS_REDIS_URL=redis_server.url, RECSYS_REDIS_NAMESPACE=namespace,
         RECSYS_EVENTS_STREAM=f"events-{namespace}", RECSYS_HOST="127.0.0.1", RECSYS_TRAINER_METRICS_PORT="0",
-        RECSYS_TRAINER_CONSUMER="t1", RECSYS_INDEX_POLL_SECONDS="0",
+        RECSYS_TRAINER_CONSUMER="t1", RECSYS_INDEX_POLL_SECONDS="0", RECSYS_ADMIN_TOKEN=ADMIN_TOKEN,
     )
     ports = {tier: (free_port(), free_port()) for tier in ("retrieval", "ranking", "gateway")}
     processes = {}
@@ -102,6 +105,19 @@ def test_gateway_answers_through_the_tiers_over_http_and_grpc(stack, bundle, kno
     for tier in ("retrieval", "ranking"):
         metrics = httpx2.get(f"http://127.0.0.1:{ports[tier][0]}/metrics").text
         assert f'recsys_requests_total{{code="OK",endpoint="{"Retrieve" if tier == "retrieval" else "Rank"}",transport="grpc"}}' in metrics
+
+
+def test_the_retrieval_tier_serves_admin_and_the_others_do_not(stack, bundle):
+    _, ports, _ = stack
+    bearer = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+    with grpc.insecure_channel(f"127.0.0.1:{ports['retrieval'][1]}") as channel:
+        answer = pb_grpc.AdminStub(channel).ReloadIndex(pb.ReloadIndexRequest(), metadata=bearer, timeout=10)
+    assert not answer.swapped and answer.index_version == bundle.index_version
+    for tier in ("ranking", "gateway"):  # no index there
+        with grpc.insecure_channel(f"127.0.0.1:{ports[tier][1]}") as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.AdminStub(channel).ReloadIndex(pb.ReloadIndexRequest(), metadata=bearer, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, tier
 
 
 def test_an_http_client_deadline_reaches_the_tiers(stack, known_user):

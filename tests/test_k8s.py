@@ -53,8 +53,9 @@ def container_settings(objects: dict, container: dict):
     environment = {}
     for source in container.get("envFrom", []):
         environment.update(objects[("ConfigMap", source["configMapRef"]["name"])]["data"])
-    environment.update({e["name"]: e["value"] for e in container.get("env", [])})
-    assert set(environment) <= SETTINGS_ENV
+    environment.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    from_secrets = {e["name"] for e in container.get("env", []) if "valueFrom" in e}
+    assert set(environment) | from_secrets <= SETTINGS_ENV
     return settings_from(environment)
 
 

@@ -7,13 +7,20 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 
+from service.api.admin import AdminServicer, IndexAdmin
 from service.api.grpc_server import GrpcServer, RecommenderServicer
-from service.api.remote import RemotePipeline
 from service.api.http import create_app
+from service.api.remote import RemotePipeline
 from service.bundle import ModelBundle, PopularItems
 from service.embeddings.artifact_tables import open_store
 from service.metrics import READY
-from service.online.runtime import OnlineLearning, make_index_sync, make_trainer, open_event_log, open_online
+from service.online.runtime import (
+    OnlineLearning,
+    make_index_sync,
+    make_trainer,
+    open_event_log,
+    open_online,
+)
 from service.pipeline import PipelineOptions, RecommendPipeline
 from service.retrieval.index import SearchParams
 from service.retrieval.index_versions import IndexReloader
@@ -23,7 +30,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def load_service(settings: Settings) -> tuple[RecommendPipeline, OnlineLearning]:
+def load_service(settings: Settings) -> tuple[RecommendPipeline, OnlineLearning, IndexAdmin]:
     params = SearchParams(nprobe=settings.index_nprobe, ef_search=settings.index_ef_search)
     bundle = ModelBundle.load(
         settings.artifacts, index_params=params, index_device=settings.index_device, ranker_variant=settings.ranker_variant
@@ -48,38 +55,38 @@ def load_service(settings: Settings) -> tuple[RecommendPipeline, OnlineLearning]
         sync = make_index_sync(bundle, store, bundle.index, online)
         online.start("index-sync", sync.run)
         swap = sync.swap_in
+    reloader = IndexReloader(bundle.folder, bundle.index, bundle.index_version, params, settings.index_device, swap)
     if settings.index_poll_seconds:
-        reloader = IndexReloader(bundle.folder, bundle.index, bundle.index_version, params, settings.index_device, swap)
         online.start("index-reload", lambda stop: reloader.run(stop, settings.index_poll_seconds))
     if settings.online_trainer == "in_process":
         online.start("online-trainer", make_trainer(settings, bundle, store, online).run)
-    return pipeline, online
+    return pipeline, online, IndexAdmin(reloader, store, online.updates)
 
 
-def load_gateway(settings: Settings) -> tuple[RemotePipeline, OnlineLearning]:
+def load_gateway(settings: Settings) -> tuple[RemotePipeline, OnlineLearning, None]:
     """Distributed mode: the tiers over gRPC, the artifact's popular items as the fallback,
-    events appended to the shared stream."""
+    events appended to the shared stream; no index here, so no admin."""
     popular = PopularItems.load(settings.artifacts)
     log.info("gateway: retrieval at %s, ranking at %s; fallback items from %s", settings.retrieval_address, settings.ranking_address, popular.version)
-    return RemotePipeline(settings, popular), open_event_log(settings, settings.redis_namespace or popular.namespace)
+    return RemotePipeline(settings, popular), open_event_log(settings, settings.redis_namespace or popular.namespace), None
 
 
 def build_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         torch.set_num_threads(settings.torch_threads)
-        app.state.pipeline = app.state.online = None
+        app.state.pipeline = app.state.online = app.state.admin = None
         grpc_server = None
         if settings.grpc_port:
-            grpc_server = GrpcServer(
-                [RecommenderServicer(lambda: app.state.pipeline, lambda: app.state.online)],
-                f"{settings.host}:{settings.grpc_port}", settings.grpc_workers,
-            )
+            services = [RecommenderServicer(lambda: app.state.pipeline, lambda: app.state.online)]
+            if settings.admin_token is not None and not settings.remote_tiers:
+                services.append(AdminServicer(lambda: app.state.admin, settings.admin_token.get_secret_value()))
+            grpc_server = GrpcServer(services, f"{settings.host}:{settings.grpc_port}", settings.grpc_workers)
             grpc_server.start()
             log.info("gRPC listening on %s:%d", settings.host, grpc_server.port)
         app.state.grpc_server = grpc_server
         try:
-            app.state.pipeline, app.state.online = (load_gateway if settings.remote_tiers else load_service)(settings)
+            app.state.pipeline, app.state.online, app.state.admin = (load_gateway if settings.remote_tiers else load_service)(settings)
             READY.set(1)
             if grpc_server is not None:
                 grpc_server.set_serving(True)

@@ -57,12 +57,16 @@ def _validation_message(error: ValidationError) -> str:
     )
 
 
-def serve_call(endpoint: str, context: grpc.ServicerContext, ready, parse, answer):
-    """Metrics and status codes around one call: UNAVAILABLE before `ready()` gives what
-    `answer` needs, INVALID_ARGUMENT when `parse` refuses the request."""
+def serve_call(endpoint: str, context: grpc.ServicerContext, ready, parse, answer, authorized=lambda: True):
+    """Metrics and status codes around one call: UNAUTHENTICATED unless `authorized()`,
+    UNAVAILABLE before `ready()` gives what `answer` needs, INVALID_ARGUMENT when `parse`
+    refuses the request."""
     started = time.perf_counter()
     code = grpc.StatusCode.OK
     try:
+        if not authorized():
+            code = grpc.StatusCode.UNAUTHENTICATED
+            context.abort(code, "this call needs `authorization: Bearer <RECSYS_ADMIN_TOKEN>` metadata")
         resource = ready()
         if resource is None:
             code = grpc.StatusCode.UNAVAILABLE

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from prometheus_client import start_http_server
 
+from service.api.admin import AdminServicer
 from service.api.app import load_service
 from service.api.grpc_server import GrpcServer, RankingServicer, RetrievalServicer
 from service.bundle import ModelBundle
@@ -39,10 +40,12 @@ def serve_tier(settings: Settings, tier: TierName) -> None:
     torch.set_num_threads(settings.torch_threads)
     loaded: dict = {}
     if tier == "retrieval":
-        servicer = RetrievalServicer(lambda: loaded.get("pipeline"))
+        services = [RetrievalServicer(lambda: loaded.get("pipeline"))]
+        if settings.admin_token is not None:
+            services.append(AdminServicer(lambda: loaded.get("admin"), settings.admin_token.get_secret_value()))
     else:
-        servicer = RankingServicer(lambda: loaded.get("ranking"))
-    server = GrpcServer([servicer], f"{settings.host}:{settings.grpc_port}", settings.grpc_workers)
+        services = [RankingServicer(lambda: loaded.get("ranking"))]
+    server = GrpcServer(services, f"{settings.host}:{settings.grpc_port}", settings.grpc_workers)
     server.start()
     start_http_server(settings.http_port, addr=settings.host)
     log.info("%s tier: gRPC on %s:%d, /metrics on %s:%d", tier, settings.host, server.port, settings.host, settings.http_port)
@@ -53,7 +56,7 @@ def serve_tier(settings: Settings, tier: TierName) -> None:
     try:
         if tier == "retrieval":
             # The trainer runs as its own process (`recsys online-train`) beside the tiers.
-            loaded["pipeline"], online = load_service(settings.model_copy(update={"online_trainer": "off"}))
+            loaded["pipeline"], online, loaded["admin"] = load_service(settings.model_copy(update={"online_trainer": "off"}))
         else:
             loaded["ranking"] = load_ranking(settings)
         READY.set(1)

@@ -131,10 +131,15 @@ class IndexReloader:
         self.params = params
         self.device = device
         self.swap = swap or index.replace_with
+        self._lock = threading.Lock()  # the poller and an admin reload may both check
         INDEX_INFO.info({"version": current, "type": index.description, "device": index.device})
 
     def check(self) -> bool:
         """Swap to the newest index version if it is not the one served; True if it swapped."""
+        with self._lock:
+            return self._check()
+
+    def _check(self) -> bool:
         versions = index_versions(self.artifact)
         if not versions or versions[-1].name == self._tried:
             return False

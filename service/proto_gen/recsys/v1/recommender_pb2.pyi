@@ -144,3 +144,35 @@ class RankResponse(_message.Message):
     ranker: RankerInfo
     model_version: str
     def __init__(self, scores: _Optional[_Iterable[float]] = ..., ranker: _Optional[_Union[RankerInfo, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ReloadIndexRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadIndexResponse(_message.Message):
+    __slots__ = ("swapped", "index_version")
+    SWAPPED_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    swapped: bool
+    index_version: str
+    def __init__(self, swapped: _Optional[bool] = ..., index_version: _Optional[str] = ...) -> None: ...
+
+class ItemVector(_message.Message):
+    __slots__ = ("item_id", "vector")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    item_id: int
+    vector: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, item_id: _Optional[int] = ..., vector: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class UpsertItemVectorsRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ItemVector]
+    def __init__(self, items: _Optional[_Iterable[_Union[ItemVector, _Mapping]]] = ...) -> None: ...
+
+class UpsertItemVectorsResponse(_message.Message):
+    __slots__ = ("upserted",)
+    UPSERTED_FIELD_NUMBER: _ClassVar[int]
+    upserted: int
+    def __init__(self, upserted: _Optional[int] = ...) -> None: ...

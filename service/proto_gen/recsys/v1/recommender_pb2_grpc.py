@@ -336,3 +336,131 @@ class Ranking:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """Operations on a serving process's index and item vectors: the embedded service and the
+    retrieval tier serve it when RECSYS_ADMIN_TOKEN is set (otherwise every call is
+    UNIMPLEMENTED). Each call carries `authorization: Bearer <token>` metadata.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ReloadIndex = channel.unary_unary(
+                '/recsys.v1.Admin/ReloadIndex',
+                request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ReloadIndexRequest.SerializeToString,
+                response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ReloadIndexResponse.FromString,
+                _registered_method=True)
+        self.UpsertItemVectors = channel.unary_unary(
+                '/recsys.v1.Admin/UpsertItemVectors',
+                request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.UpsertItemVectorsRequest.SerializeToString,
+                response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.UpsertItemVectorsResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Operations on a serving process's index and item vectors: the embedded service and the
+    retrieval tier serve it when RECSYS_ADMIN_TOKEN is set (otherwise every call is
+    UNIMPLEMENTED). Each call carries `authorization: Bearer <token>` metadata.
+    """
+
+    def ReloadIndex(self, request, context):
+        """Swap to the artifact's newest index version now instead of at the next poll. Acts on
+        the process called; other replicas swap at their own next poll.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpsertItemVectors(self, request, context):
+        """Write item id vectors into the embedding table and announce them on the item-update
+        feed: every serving process re-embeds them into its index (new items included).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ReloadIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadIndex,
+                    request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ReloadIndexRequest.FromString,
+                    response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ReloadIndexResponse.SerializeToString,
+            ),
+            'UpsertItemVectors': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertItemVectors,
+                    request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.UpsertItemVectorsRequest.FromString,
+                    response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.UpsertItemVectorsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'recsys.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('recsys.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Operations on a serving process's index and item vectors: the embedded service and the
+    retrieval tier serve it when RECSYS_ADMIN_TOKEN is set (otherwise every call is
+    UNIMPLEMENTED). Each call carries `authorization: Bearer <token>` metadata.
+    """
+
+    @staticmethod
+    def ReloadIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Admin/ReloadIndex',
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ReloadIndexRequest.SerializeToString,
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ReloadIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertItemVectors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Admin/UpsertItemVectors',
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.UpsertItemVectorsRequest.SerializeToString,
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.UpsertItemVectorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

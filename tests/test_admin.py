@@ -1,0 +1,121 @@
+"""recsys.v1.Admin over real gRPC: off without a token, refused without the right one,
+index reload and item-vector upsert with it, bad vectors refused."""
+
+import shutil
+import time
+
+import grpc
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from service.api.app import build_app
+from service.bundle import ModelBundle
+from service.embeddings.artifact_tables import in_memory_store
+from service.proto_gen.recsys.v1 import recommender_pb2 as pb
+from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
+from service.retrieval.index_versions import build_index_version, table_item_vectors
+from service.settings import Settings
+from tests.conftest import free_port
+
+TOKEN = "s3cret-admin-token-for-tests"
+BEARER = (("authorization", f"Bearer {TOKEN}"),)
+
+
+def serve(artifacts, **settings):
+    settings = Settings(artifacts=artifacts, host="127.0.0.1", grpc_port=free_port(), grpc_workers=4, index_poll_seconds=0, **settings)
+    return TestClient(build_app(settings)), f"127.0.0.1:{settings.grpc_port}"
+
+
+@pytest.fixture(scope="module")
+def own_artifact(artifact_root, tmp_path_factory):
+    """A private copy of the tiny artifact: reload tests add index versions to it."""
+    folder = ModelBundle.load(artifact_root).folder
+    return shutil.copytree(folder, tmp_path_factory.mktemp("admin") / folder.name)
+
+
+@pytest.fixture(scope="module")
+def admin(own_artifact):
+    client, address = serve(own_artifact, admin_token=TOKEN)
+    with client, grpc.insecure_channel(address) as channel:
+        yield client.app, pb_grpc.AdminStub(channel)
+
+
+def test_admin_is_off_without_a_token(artifact_root):
+    client, address = serve(artifact_root)
+    with client, grpc.insecure_channel(address) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.AdminStub(channel).ReloadIndex(pb.ReloadIndexRequest(), metadata=BEARER, timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer wrong-token-of-same-size!"),), (("authorization", TOKEN),)])
+def test_admin_refuses_a_missing_or_wrong_token(admin, metadata):
+    _, stub = admin
+    for call, request in ((stub.ReloadIndex, pb.ReloadIndexRequest()), (stub.UpsertItemVectors, pb.UpsertItemVectorsRequest())):
+        with pytest.raises(grpc.RpcError) as refused:
+            call(request, metadata=metadata, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in refused.value.details()
+
+
+def test_reload_swaps_to_a_new_index_version_now(admin, own_artifact):
+    app, stub = admin
+    before = stub.ReloadIndex(pb.ReloadIndexRequest(), metadata=BEARER, timeout=10)
+    assert not before.swapped and before.index_version
+    bundle = app.state.pipeline.bundle
+    ids, vectors = table_item_vectors(bundle, in_memory_store(bundle))
+    version = build_index_version(own_artifact, ids, vectors, "IVF4,Flat")
+    after = stub.ReloadIndex(pb.ReloadIndexRequest(), metadata=BEARER, timeout=30)
+    assert after.swapped and after.index_version == version.name
+    assert "IVF" in bundle.index.description
+
+
+def test_upserted_item_vectors_reach_the_index(admin):
+    app, stub = admin
+    bundle = app.state.pipeline.bundle
+    store = app.state.pipeline.store
+    new_items = [2**64 - 11, 2**64 - 12]
+    vectors = store.get_many("item", bundle.features.items.ids[:2]).vectors
+    before = len(bundle.index)
+    request = pb.UpsertItemVectorsRequest(items=[pb.ItemVector(item_id=i, vector=v.tolist()) for i, v in zip(new_items, vectors)])
+    assert stub.UpsertItemVectors(request, metadata=BEARER, timeout=10).upserted == 2
+    np.testing.assert_allclose(store.get_many("item", new_items).vectors, vectors)
+    deadline = time.monotonic() + 10
+    while len(bundle.index) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(bundle.index) == before + 2  # index sync re-embedded both new items
+
+
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        ([], "items"),
+        ([(1, [0.5, 0.5])], "dimensions"),
+        ([(1, None), (1, None)], "distinct"),
+        ([(1, "nan")], "finite"),
+        ([(1, "inf")], "finite"),
+    ],
+)
+def test_bad_vectors_are_refused_and_nothing_is_written(admin, items, message):
+    app, stub = admin
+    store = app.state.pipeline.store
+    dim = store.table("item").dim
+
+    def vector(spec) -> list[float]:
+        if spec is None:
+            return [0.1] * dim
+        if isinstance(spec, str):
+            return [float(spec)] + [0.1] * (dim - 1)
+        return spec
+
+    request = pb.UpsertItemVectorsRequest(items=[pb.ItemVector(item_id=i, vector=vector(v)) for i, v in items])
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.UpsertItemVectors(request, metadata=BEARER, timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in refused.value.details()
+    assert not store.get_many("item", [1]).found[0]
+
+
+def test_a_short_admin_token_is_refused_at_startup():
+    with pytest.raises(ValidationError, match="admin_token"):
+        Settings(admin_token="short")
