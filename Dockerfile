@@ -44,7 +44,7 @@ USER 10001:10001
 # Writable paths are mounts (/artifacts, /tmp), so the root filesystem can be read-only.
 WORKDIR /tmp
 EXPOSE 8000 50051
-# grpc.health.v1 of whichever tier runs; the online trainer overrides it (`service.probe trainer`).
+# grpc.health.v1 of whichever tier runs (the gateway may use `service.probe http`).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
   CMD ["python", "-m", "service.probe", "grpc"]
 ENTRYPOINT ["recsys"]

@@ -180,6 +180,7 @@ def online_train(artifacts: Annotated[Optional[Path], typer.Option(help="Artifac
 
     from prometheus_client import start_http_server
 
+    from service.api.grpc_server import GrpcServer
     from service.bundle import ModelBundle
     from service.embeddings.artifact_tables import open_store
     from service.online.runtime import make_trainer, open_online
@@ -200,6 +201,12 @@ def online_train(artifacts: Annotated[Optional[Path], typer.Option(help="Artifac
     trainer = make_trainer(settings, bundle, store, online)
     if settings.trainer_metrics_port:
         start_http_server(settings.trainer_metrics_port, addr=settings.host)
+    health = None
+    if settings.grpc_port:
+        # Health and reflection only, as every tier answers them: SERVING once in the event group.
+        health = GrpcServer([], f"{settings.host}:{settings.grpc_port}", workers=2)
+        health.start()
+        health.set_serving(True)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -210,6 +217,8 @@ def online_train(artifacts: Annotated[Optional[Path], typer.Option(help="Artifac
     try:
         trainer.run(stop)
     finally:
+        if health is not None:
+            health.stop(0)
         online.stop()
         store.close()
 

@@ -1,13 +1,12 @@
-"""`python -m service.probe [grpc|http|trainer]`: the container health check.
+"""`python -m service.probe [grpc|http]`: the container health check.
 
 It runs every few seconds beside the server, so it imports only grpc and the settings (no
 torch, no FAISS) and needs no probe binary in the image. Exit 0: healthy; 1: not.
 
 - grpc (default): grpc.health.v1 Check of the whole server on RECSYS_GRPC_PORT; every tier
-  answers SERVING only once its models and index are loaded, NOT_SERVING while draining.
+  answers SERVING only once it can work (models and index loaded; the online trainer: in
+  its event group), NOT_SERVING while draining.
 - http: GET /readyz on RECSYS_HTTP_PORT (the gateway and the embedded service).
-- trainer: GET /metrics on RECSYS_TRAINER_METRICS_PORT (`recsys serve online-train` starts
-  it after it has joined the event group).
 """
 
 import sys
@@ -50,10 +49,8 @@ def main(argv: list[str]) -> int:
             print(f"gRPC health on :{settings.grpc_port}: {status}", file=sys.stderr)
     elif check == "http":
         healthy = http_ok(settings.http_port, "/readyz")
-    elif check == "trainer":
-        healthy = http_ok(settings.trainer_metrics_port, "/metrics")
     else:
-        print(f"usage: python -m service.probe [grpc|http|trainer], not {check!r}", file=sys.stderr)
+        print(f"usage: python -m service.probe [grpc|http], not {check!r}", file=sys.stderr)
         return 2
     return 0 if healthy else 1
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SETTINGS_ENV = {f"RECSYS_{name.upper()}" for name in Settings.model_fields}
 RECSYS_IMAGE = re.compile(r"^recsys:")
-PROBES = {"grpc", "http", "trainer"}
+PROBES = {"grpc", "http"}
 
 
 def parse_cli(args: list[str]) -> None:
@@ -151,7 +151,7 @@ def test_compose_services_use_real_commands_settings_ports_and_probes():
             tiers[service["command"][1]] = name
             probe = service["healthcheck"]["test"]
             assert probe[:4] == ["CMD", "python", "-m", "service.probe"] and probe[4] in PROBES
-            assert probe[4] == {"online-train": "trainer", "gateway": "http"}.get(service["command"][1], "grpc")
+            assert probe[4] == ("http" if service["command"][1] == "gateway" else "grpc")
     assert set(tiers) == {"retrieval", "ranking", "online-train", "gateway"}
 
     gateway = settings_from(services["gateway"]["environment"])

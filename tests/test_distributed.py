@@ -55,7 +55,7 @@ def stack(artifact_root, redis_server):
         RECSYS_EVENTS_STREAM=f"events-{namespace}", RECSYS_HOST="127.0.0.1", RECSYS_TRAINER_METRICS_PORT="0",
         RECSYS_TRAINER_CONSUMER="t1", RECSYS_INDEX_POLL_SECONDS="0", RECSYS_ADMIN_TOKEN=ADMIN_TOKEN,
     )
-    ports = {tier: (free_port(), free_port()) for tier in ("retrieval", "ranking", "gateway")}
+    ports = {tier: (free_port(), free_port()) for tier in ("retrieval", "ranking", "online-train", "gateway")}
     processes = {}
 
     def start(tier: str, **extra) -> subprocess.Popen:
@@ -72,7 +72,7 @@ def stack(artifact_root, redis_server):
             start(tier)
         for tier in ("retrieval", "ranking"):
             wait_serving(f"127.0.0.1:{ports[tier][1]}", processes[tier])
-        start("online-train")
+        wait_serving(f"127.0.0.1:{ports['online-train'][1]}", start("online-train"))  # in its event group
         gateway = start(
             "gateway",
             RECSYS_RETRIEVAL_ADDRESS=f"127.0.0.1:{ports['retrieval'][1]}",

@@ -122,9 +122,9 @@ def test_tier_probes_use_native_grpc_health_of_the_service_they_serve(overlay):
         pod = workload["spec"]["template"]["spec"]
         assert container["lifecycle"]["preStop"]["sleep"]["seconds"] + SHUTDOWN_GRACE_SECONDS < pod["terminationGracePeriodSeconds"]
         assert {"startupProbe", "livenessProbe"} <= set(container), name
-        if tier == "online-train":
-            assert ports == {"metrics": settings.trainer_metrics_port}
-            assert container["startupProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+        if tier == "online-train":  # no request service: the server's overall health
+            assert ports == {"metrics": settings.trainer_metrics_port, "grpc": settings.grpc_port}
+            assert container["startupProbe"]["grpc"] == container["livenessProbe"]["grpc"] == {"port": settings.grpc_port}
             continue
         assert ports == {"http": settings.http_port, "grpc": settings.grpc_port}, name
         for probe in ("startupProbe", "readinessProbe"):

@@ -144,6 +144,7 @@ def trainer_process(artifact_root, redis_url: str, namespace: str, consumer: str
     env = dict(
         os.environ, RECSYS_ARTIFACTS=str(artifact_root), RECSYS_REDIS_URL=redis_url, RECSYS_REDIS_NAMESPACE=namespace,
         RECSYS_TRAINER_CONSUMER=consumer, RECSYS_TRAINER_METRICS_PORT="0", RECSYS_EVENTS_STREAM=f"events-{namespace}",
+        RECSYS_GRPC_PORT="0",  # no health server: several trainers run at once here
     )
     return subprocess.Popen([str(BIN / "recsys"), "online-train"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
