@@ -9,7 +9,7 @@ the embedding tables for both topologies (the local cache in front of it on, as 
 the online trainer off (no events are sent). Each topology runs as real processes on
 loopback; one client thread, then C (default 4), send the same known users' requests
 (two_tower, k=10, 200 candidates ranked) over httpx, after a warm-up; the clients share
-the machine's CPUs with the servers. Raw compute is the same requests' work with no
+the machine's CPUs with the servers. Also reports each process's resident memory. Raw compute is the same requests' work with no
 service around it, one request at a time in this process: one Redis MGET of the user's
 row and history rows, one FAISS `Index.search` for 200 candidates, one ranker forward over
 the 200 candidates' prepared features. Reports throughput, p50/p99 and how many answers
@@ -64,13 +64,14 @@ def train(root: Path, items: int) -> Path:
 
 class Processes:
     def __init__(self, env: dict):
-        self.env, self.running = env, []
+        self.env, self.running, self.by_tier = env, [], {}
 
     def start(self, tier: str, **extra) -> dict:
         ports = {"RECSYS_HTTP_PORT": str(free_port()), "RECSYS_GRPC_PORT": str(free_port())}
         env = {**self.env, **ports, **extra}
         process = subprocess.Popen([str(BIN / "recsys"), "serve", tier], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.running.append(process)
+        self.by_tier[tier] = process
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -80,12 +81,20 @@ class Processes:
             time.sleep(0.5)
         raise RuntimeError(f"{tier} not serving after 300 s")
 
+    def rss_mib(self) -> dict[str, float]:
+        """Resident memory of each running tier (Linux /proc)."""
+        sizes = {}
+        for tier, process in self.by_tier.items():
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            sizes[tier] = round(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024, 1)
+        return sizes
+
     def stop(self) -> None:
         for process in self.running:
             process.terminate()
         for process in self.running:
             process.wait(timeout=60)
-        self.running = []
+        self.running, self.by_tier = [], {}
 
 
 def drive(url: str, users: np.ndarray, concurrency: int, warmup: int) -> dict:
@@ -203,6 +212,7 @@ def main() -> None:
             print("embedded", flush=True)
             ports = processes.start("all")
             results["embedded"] = load_levels(f"http://127.0.0.1:{ports['RECSYS_HTTP_PORT']}/v1/recommend", users, args.concurrency, warmup)
+            results["rss_mib"] = processes.rss_mib()
             processes.stop()
             print("distributed", flush=True)
             retrieval, ranking = processes.start("retrieval"), processes.start("ranking")
@@ -212,6 +222,7 @@ def main() -> None:
                 RECSYS_RANKING_ADDRESS=f"127.0.0.1:{ranking['RECSYS_GRPC_PORT']}",
             )
             results["distributed"] = load_levels(f"http://127.0.0.1:{gateway['RECSYS_HTTP_PORT']}/v1/recommend", users, args.concurrency, warmup)
+            results["rss_mib"].update(processes.rss_mib())
             processes.stop()
         finally:
             processes.stop()
@@ -237,6 +248,7 @@ def main() -> None:
         for level, r in results[mode].items():
             print(f"| {mode} /v1/recommend | {level[1:]} | {r['throughput_rps']} | {r['p50']} | {r['p99']} | {r['degraded']} | {r['p50_over_raw']} |")
     print(f"raw parts p50 ms: {raw['parts_p50_ms']}")
+    print(f"resident memory after the run, MiB: {results['rss_mib']}")
     print(f"distributed / embedded: {results['distributed_over_embedded']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

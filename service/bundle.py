@@ -22,6 +22,28 @@ from service.retrieval.knn_embed import ItemClusters, KnnEmbedConfig, UserMixtur
 from service.retrieval.two_tower import TwoTower, TwoTowerConfig
 
 
+@dataclass(frozen=True)
+class RankingParts:
+    """What ranking needs from an artifact version: the feature map and the ranker (with the
+    retrieval-score scale its training used); no index, histories or retrieval models."""
+
+    version: str
+    features: FeatureSpace
+    ranker: nn.Module
+    ranker_variant: str
+    score_scale: float  # 1 / the two-tower temperature: retrieval cosines as the ranker saw them
+
+    @classmethod
+    def load(cls, path: str | Path, ranker_variant: str | None = None) -> "RankingParts":
+        """From the newest version under `path` (or `path` itself), the named ranker variant
+        (None: as trained); the ranking tier loads only this."""
+        folder = resolve_version(path)
+        manifest = read_manifest(folder, path)
+        ranker, variant = load_ranker(folder, manifest, ranker_variant)
+        temperature = TwoTowerConfig(**manifest["models"]["two_tower"]).temperature
+        return cls(manifest["version"], FeatureSpace.load(folder), ranker.eval(), variant, 1.0 / temperature)
+
+
 def version_namespace(version: str) -> str:
     """A short name for a version's tables in a shared store: its random token."""
     return version.rsplit("-", 1)[-1]
@@ -54,6 +76,10 @@ class ModelBundle:
     @property
     def namespace(self) -> str:
         return version_namespace(self.version)
+
+    @property
+    def ranking_parts(self) -> RankingParts:
+        return RankingParts(self.version, self.features, self.ranker, self.ranker_variant, 1.0 / self.two_tower.config.temperature)
 
     def save(self, root: str | Path, config: dict, schema: dict, metrics: dict) -> Path:
         def write(folder: Path) -> dict:
@@ -166,3 +192,7 @@ class PopularItems:
     @property
     def namespace(self) -> str:
         return version_namespace(self.version)
+
+    @property
+    def ranking_parts(self) -> RankingParts:
+        return RankingParts(self.version, self.features, self.ranker, self.ranker_variant, 1.0 / self.two_tower.config.temperature)

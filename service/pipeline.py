@@ -8,16 +8,30 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from service.bundle import ModelBundle
+from service.bundle import ModelBundle, RankingParts
 from service.embeddings.artifact_tables import in_memory_store
 from service.embeddings.store import EmbeddingStore
-from service.online.recent import RecentItems
 from service.metrics import CANDIDATES, COLD_START, DEGRADED, MODEL_INFO, STAGE_LATENCY
+from service.online.recent import RecentItems
 from service.ranking.models import ranker_name
 from service.ranking.ranker import Ranker
-from service.retrieval.generator import SOURCE_KNN_EMBED, SOURCE_POPULAR, SOURCE_TWO_TOWER, CandidateGenerator, Candidates
+from service.retrieval.generator import (
+    SOURCE_KNN_EMBED,
+    SOURCE_POPULAR,
+    SOURCE_TWO_TOWER,
+    CandidateGenerator,
+    Candidates,
+)
 from service.retrieval.knn_embed import MixtureKnobs
-from service.schemas import Candidate, CandidatesResponse, Context, RankerInfo, RecommendRequest, RecommendResponse, ScoredItem
+from service.schemas import (
+    Candidate,
+    CandidatesResponse,
+    Context,
+    RankerInfo,
+    RecommendRequest,
+    RecommendResponse,
+    ScoredItem,
+)
 
 
 @dataclass(frozen=True)
@@ -32,10 +46,10 @@ class RankingStage:
     """The artifact's ranker (the configured variant) over a request's candidates: the
     ranking tier's whole job, and the second stage in process."""
 
-    def __init__(self, bundle: ModelBundle):
-        self.model_version = bundle.version
-        self.ranker = Ranker(bundle.ranker, bundle.features, 1.0 / bundle.two_tower.config.temperature)
-        self.ranker_info = RankerInfo(model=ranker_name(bundle.ranker), variant=bundle.ranker_variant)
+    def __init__(self, parts: RankingParts):
+        self.model_version = parts.version
+        self.ranker = Ranker(parts.ranker, parts.features, parts.score_scale)
+        self.ranker_info = RankerInfo(model=ranker_name(parts.ranker), variant=parts.ranker_variant)
 
     def rank(self, user_id: int, item_ids: np.ndarray, retrieval_scores: np.ndarray, context: Context | None) -> np.ndarray:
         with STAGE_LATENCY.labels("rank").time():
@@ -73,7 +87,7 @@ class RecommendPipeline:
             bundle.clusters,
             options.knn_embed,
         )
-        self.ranking = RankingStage(bundle)
+        self.ranking = RankingStage(bundle.ranking_parts)
         self.ranker_info = self.ranking.ranker_info
         MODEL_INFO.info(
             {"version": bundle.version, "retrieval": options.strategy, "ranker": self.ranker_info.model, "ranker_variant": self.ranker_info.variant}

@@ -5,13 +5,14 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from service.api.app import build_app
-from service.bundle import ModelBundle
+from service.bundle import ModelBundle, RankingParts
+from service.pipeline import RankingStage
 from service.ranking.dcn_v2 import DCNv2, DCNv2Config
 from service.ranking.deepfm import DeepFM, DeepFMConfig
 from service.ranking.inputs import context_rows
 from service.ranking.ranker import Ranker
+from service.schemas import Context
 from service.settings import Settings
-
 
 MODELS = {
     "deepfm": lambda: DeepFM(DeepFMConfig(field_sizes=(5, 5), attribute_size=3, numeric_fields=1, dim=8, hidden=(16,))),
@@ -103,3 +104,18 @@ def test_compressed_ranker_variants_are_saved_measured_and_served_by_setting(art
 def test_an_unknown_ranker_variant_is_refused_at_startup(artifact_root):
     with pytest.raises(ValidationError, match="ranker_variant"):
         Settings(artifacts=artifact_root, ranker_variant="int8")
+
+
+@pytest.mark.parametrize("variant", [None, "output_features"])
+def test_the_ranking_tier_loads_only_the_ranking_parts_and_scores_alike(artifact_root, known_user, variant):
+    bundle = ModelBundle.load(artifact_root, ranker_variant=variant)
+    parts = RankingParts.load(artifact_root, variant)
+    assert parts.version == bundle.version and parts.ranker_variant == bundle.ranker_variant
+    items = bundle.features.items.ids[:64]
+    retrieval_scores = np.linspace(0.9, 0.1, len(items), dtype=np.float32)
+    context = Context(hour=20, weekday=5)
+    alone, in_bundle = RankingStage(parts), RankingStage(bundle.ranking_parts)
+    np.testing.assert_array_equal(
+        alone.rank(known_user, items, retrieval_scores, context), in_bundle.rank(known_user, items, retrieval_scores, context)
+    )
+    assert alone.ranker_info == in_bundle.ranker_info

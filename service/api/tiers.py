@@ -17,7 +17,7 @@ from prometheus_client import start_http_server
 from service.api.admin import AdminServicer
 from service.api.app import load_service
 from service.api.grpc_server import GrpcServer, RankingServicer, RetrievalServicer
-from service.bundle import ModelBundle
+from service.bundle import RankingParts
 from service.metrics import MODEL_INFO, READY
 from service.pipeline import RankingStage
 from service.settings import Settings
@@ -29,9 +29,9 @@ TierName = Literal["retrieval", "ranking"]
 
 
 def load_ranking(settings: Settings) -> RankingStage:
-    bundle = ModelBundle.load(settings.artifacts, ranker_variant=settings.ranker_variant)
-    ranking = RankingStage(bundle)
-    MODEL_INFO.info({"version": bundle.version, "ranker": ranking.ranker_info.model, "ranker_variant": ranking.ranker_info.variant})
+    parts = RankingParts.load(settings.artifacts, settings.ranker_variant)
+    ranking = RankingStage(parts)
+    MODEL_INFO.info({"version": parts.version, "ranker": ranking.ranker_info.model, "ranker_variant": ranking.ranker_info.variant})
     return ranking
 
 
