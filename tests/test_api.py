@@ -10,8 +10,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service.api.app import build_app
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
-from service.retrieval.two_tower import cold_user_vector
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
+from service.retrieval.two_tower import cold_user_vector
 from service.settings import Settings
 from tests.conftest import free_port
 
@@ -127,8 +127,12 @@ def test_health_readiness_metrics_and_docs(http, bundle, known_user):
     assert http.get("/healthz").json() == {"status": "ok"}
     assert http.get("/readyz").json() == {"status": "ready", "model_version": bundle.version}
     recommend(http, user_id=known_user, k=3)
+    assert http.post("/v1/recommend", json={"user_id": known_user, "k": 0}).status_code == 422
+    assert http.get("/no/such/path").status_code == 404
     metrics = http.get("/metrics").text
     assert 'recsys_requests_total{code="200",endpoint="/v1/recommend",transport="http"}' in metrics
+    assert 'recsys_requests_total{code="422",endpoint="/v1/recommend",transport="http"}' in metrics
+    assert 'recsys_requests_total{code="404",endpoint="unmatched",transport="http"}' in metrics
     assert 'recsys_stage_duration_seconds_bucket{le="0.0005",stage="retrieve"}' in metrics
     assert 'recsys_stage_duration_seconds_count{stage="rank"}' in metrics
     assert f'version="{bundle.version}"' in metrics

@@ -7,11 +7,18 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from service.metrics import REQUEST_LATENCY, REQUESTS
 from service.online.streams import EventLog, EventLogUnavailable, accept_events
 from service.pipeline import RecommendPipeline
-from service.schemas import CandidatesResponse, EventsRequest, EventsResponse, RecommendRequest, RecommendResponse
+from service.schemas import (
+    CandidatesResponse,
+    EventsRequest,
+    EventsResponse,
+    RecommendRequest,
+    RecommendResponse,
+)
 
 
 def get_pipeline(request: Request) -> RecommendPipeline:
@@ -44,6 +51,39 @@ DeadlineDep = Annotated[float | None, Depends(get_deadline)]
 EventLogDep = Annotated[EventLog, Depends(get_event_log)]
 
 
+def json_response(answer: BaseModel) -> Response:
+    """The pipeline's answer, already a validated model, serialised once: returning the model
+    would have FastAPI validate it again against `response_model` (which still documents it)."""
+    return Response(answer.model_dump_json(), media_type="application/json")
+
+
+class RequestMetrics:
+    """Counts and times every HTTP request by route and status (plain ASGI: Starlette's
+    BaseHTTPMiddleware costs a task and a stream per request)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = route.path if route is not None else "unmatched"
+            REQUESTS.labels("http", endpoint, str(status[0])).inc()
+            REQUEST_LATENCY.labels("http", endpoint).observe(time.perf_counter() - started)
+
+
 def create_app(lifespan: Callable | None = None) -> FastAPI:
     """The HTTP app; `lifespan` loads the pipeline into `app.state.pipeline`."""
     app = FastAPI(
@@ -53,25 +93,17 @@ def create_app(lifespan: Callable | None = None) -> FastAPI:
         lifespan=lifespan,
     )
 
-    @app.middleware("http")
-    async def record_metrics(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = route.path if route is not None else "unmatched"
-        REQUESTS.labels("http", endpoint, str(response.status_code)).inc()
-        REQUEST_LATENCY.labels("http", endpoint).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(RequestMetrics)
 
     @app.post("/v1/recommend", response_model=RecommendResponse, tags=["recommend"])
-    def recommend(body: RecommendRequest, pipeline: PipelineDep, deadline: DeadlineDep) -> RecommendResponse:
+    def recommend(body: RecommendRequest, pipeline: PipelineDep, deadline: DeadlineDep) -> Response:
         """Top-k items for a user, ranked; items the user already interacted with are left out."""
-        return pipeline.recommend(body, deadline)
+        return json_response(pipeline.recommend(body, deadline))
 
     @app.post("/v1/candidates", response_model=CandidatesResponse, tags=["recommend"])
-    def candidates(body: RecommendRequest, pipeline: PipelineDep, deadline: DeadlineDep) -> CandidatesResponse:
+    def candidates(body: RecommendRequest, pipeline: PipelineDep, deadline: DeadlineDep) -> Response:
         """The candidate set before ranking, with retrieval scores and sources."""
-        return pipeline.candidates(body, deadline)
+        return json_response(pipeline.candidates(body, deadline))
 
     @app.exception_handler(EventLogUnavailable)
     async def event_log_unavailable(request: Request, exc: EventLogUnavailable) -> JSONResponse:
