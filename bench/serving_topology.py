@@ -134,9 +134,44 @@ def drive(url: str, users: np.ndarray, concurrency: int, warmup: int) -> dict:
     return {"requests": len(work), "throughput_rps": round(len(work) / wall, 1), **percentiles(latencies), "degraded": degraded[0]}
 
 
+def latency_sums(url: str) -> dict[str, float]:
+    """The server's request and stage latency sums and counts, from its /metrics."""
+    import httpx2
+
+    text = httpx2.get(url.replace("/v1/recommend", "/metrics")).text
+    series = {}
+    for line in text.splitlines():
+        if line.startswith(("recsys_request_duration_seconds_", "recsys_stage_duration_seconds_")) and "_bucket" not in line:
+            name, value = line.rsplit(" ", 1)
+            series[name] = float(value)
+    return series
+
+
+def server_means_ms(before: dict, after: dict) -> dict[str, float]:
+    """Mean time inside the server per /v1/recommend and per pipeline stage between two reads."""
+
+    def mean(metric: str, labels: str) -> float:
+        total = after[f"{metric}_sum{{{labels}}}"] - before.get(f"{metric}_sum{{{labels}}}", 0.0)
+        count = after[f"{metric}_count{{{labels}}}"] - before.get(f"{metric}_count{{{labels}}}", 0.0)
+        return round(total / count * 1e3, 3)
+
+    return {
+        "request": mean("recsys_request_duration_seconds", 'endpoint="/v1/recommend",transport="http"'),
+        "retrieve": mean("recsys_stage_duration_seconds", 'stage="retrieve"'),
+        "rank": mean("recsys_stage_duration_seconds", 'stage="rank"'),
+    }
+
+
 def load_levels(url: str, users: np.ndarray, concurrency: int, warmup: int) -> dict:
-    """One client (latency without queueing), then `concurrency` clients (throughput)."""
-    return {f"c{c}": drive(url, users, c, warmup) for c in sorted({1, concurrency})}
+    """One client (latency without queueing), then `concurrency` clients (throughput); for the
+    one-client run also the mean time inside the server and in each stage (the gateway's
+    stages are its calls to the tiers)."""
+    before = latency_sums(url)
+    levels = {"c1": drive(url, users, 1, warmup)}
+    levels["c1"]["server_mean_ms"] = server_means_ms(before, latency_sums(url))
+    if concurrency > 1:
+        levels[f"c{concurrency}"] = drive(url, users, concurrency, warmup)
+    return levels
 
 
 def raw_compute(bundle: ModelBundle, redis_url: str, users: np.ndarray) -> dict:
@@ -249,6 +284,8 @@ def main() -> None:
             print(f"| {mode} /v1/recommend | {level[1:]} | {r['throughput_rps']} | {r['p50']} | {r['p99']} | {r['degraded']} | {r['p50_over_raw']} |")
     print(f"raw parts p50 ms: {raw['parts_p50_ms']}")
     print(f"resident memory after the run, MiB: {results['rss_mib']}")
+    for mode in ("embedded", "distributed"):
+        print(f"{mode}, one client, mean inside the server (warm-up included), ms: {results[mode]['c1']['server_mean_ms']}")
     print(f"distributed / embedded: {results['distributed_over_embedded']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
