@@ -102,7 +102,8 @@ class RecommendPipeline:
             return self.options.knn_embed
         return replace(self.options.knn_embed, **request.knn_embed.model_dump(exclude_none=True))
 
-    def _retrieve(self, request: RecommendRequest) -> Candidates:
+    def retrieve(self, request: RecommendRequest) -> Candidates:
+        """The candidates, before ranking (what the retrieval tier answers)."""
         n = max(request.k, request.candidates or self.options.default_candidates)
         with STAGE_LATENCY.labels("retrieve").time():
             candidates = self.generator.generate(
@@ -122,10 +123,10 @@ class RecommendPipeline:
 
     def candidates(self, request: RecommendRequest, deadline: float | None = None) -> CandidatesResponse:
         """`deadline` (monotonic seconds) is for remote pipelines; in process there is no wait."""
-        return candidates_response(request.user_id, self._retrieve(request), self.model_version)
+        return candidates_response(request.user_id, self.retrieve(request), self.model_version)
 
     def recommend(self, request: RecommendRequest, deadline: float | None = None) -> RecommendResponse:
-        found = self._retrieve(request)
+        found = self.retrieve(request)
         scores = self.ranking.rank(request.user_id, found.item_ids, found.scores, request.context)
         return ranked_response(request, found, scores, self.model_version, self.ranker_info)
 

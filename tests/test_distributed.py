@@ -9,18 +9,19 @@ import uuid
 
 import grpc
 import httpx2
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.api.grpc_server import GrpcServer
-from service.api.remote import BREAKER_FAILURES, StageFailed, Tier
+from service.api.grpc_server import GrpcServer, candidates_to_columns
+from service.api.remote import BREAKER_FAILURES, StageFailed, Tier, candidates_from_columns
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
+from service.retrieval.generator import Candidates
 from service.schemas import RankRequest
 from tests.conftest import free_port
 from tests.test_end_to_end import BIN, wait_ready
 from tests.test_online import assert_new_item_reaches_similar_users
-
 
 ADMIN_TOKEN = "distributed-admin-token"
 
@@ -202,3 +203,24 @@ def test_rank_requests_are_validated_like_every_other():
     assert "2 retrieval scores for 1 items" in str(pytest.raises(ValueError, RankRequest, user_id=1, item_ids=[5], retrieval_scores=[0.1, 0.2]).value)
     with pytest.raises(ValueError, match="finite"):
         RankRequest(user_id=1, item_ids=[5], retrieval_scores=[float("nan")])
+
+
+def test_retrieval_columns_carry_every_candidate_field_across_the_wire():
+    found = Candidates(
+        np.array([5, 2**64 - 1, 9, 4], np.uint64),
+        np.array([0.9, 0.5, -0.25, 0.1], np.float32),
+        np.array(["knn_embed", "two_tower", "knn_embed", "popular"], dtype=object),
+        degraded=True,
+        components=np.array([3, None, 0, None], dtype=object),
+    )
+    wire = pb.RetrieveResponse.FromString(candidates_to_columns(found, "v7").SerializeToString())
+    back = candidates_from_columns(wire)
+    assert back.item_ids.dtype == np.uint64 and back.item_ids.tolist() == found.item_ids.tolist()
+    assert back.scores.tolist() == found.scores.tolist()
+    assert back.sources.tolist() == found.sources.tolist() and back.components.tolist() == [3, None, 0, None]
+    assert back.degraded and wire.model_version == "v7"
+    assert len(candidates_from_columns(candidates_to_columns(Candidates.empty(), "v7"))) == 0
+    with pytest.raises(StageFailed, match="columns"):
+        candidates_from_columns(pb.RetrieveResponse(item_ids=[1, 2], scores=[0.5], sources=[0, 0], source_names=["two_tower"], components=[-1, -1]))
+    with pytest.raises(StageFailed, match="unnamed source"):
+        candidates_from_columns(pb.RetrieveResponse(item_ids=[1], scores=[0.5], sources=[1], source_names=["two_tower"], components=[-1]))

@@ -22,7 +22,14 @@ from service.online.streams import EventLogUnavailable, accept_events
 from service.pipeline import RankingStage, RecommendPipeline
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
-from service.schemas import CandidatesResponse, EventsRequest, RankerInfo, RankRequest, RecommendRequest
+from service.retrieval.generator import Candidates
+from service.schemas import (
+    CandidatesResponse,
+    EventsRequest,
+    RankerInfo,
+    RankRequest,
+    RecommendRequest,
+)
 
 MAX_MESSAGE_BYTES = 1 << 20
 
@@ -105,6 +112,15 @@ def candidates_to_proto(result: CandidatesResponse) -> pb.CandidatesResponse:
     )
 
 
+def candidates_to_columns(found: Candidates, model_version: str) -> pb.RetrieveResponse:
+    names, codes = np.unique(found.sources.astype(str), return_inverse=True)
+    components = np.array([-1 if c is None else c for c in found.components], dtype=np.int32)
+    return pb.RetrieveResponse(
+        item_ids=found.item_ids.tolist(), scores=found.scores.tolist(), sources=codes.tolist(),
+        source_names=names.tolist(), components=components.tolist(), degraded=found.degraded, model_version=model_version,
+    )
+
+
 def ranker_to_proto(ranker: RankerInfo | None) -> pb.RankerInfo | None:
     return None if ranker is None else pb.RankerInfo(model=ranker.model, variant=ranker.variant)
 
@@ -162,8 +178,8 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         self._pipeline = pipeline
 
     def Retrieve(self, request, context):
-        def answer(pipeline: RecommendPipeline, parsed: RecommendRequest) -> pb.CandidatesResponse:
-            return candidates_to_proto(pipeline.candidates(parsed))
+        def answer(pipeline: RecommendPipeline, parsed: RecommendRequest) -> pb.RetrieveResponse:
+            return candidates_to_columns(pipeline.retrieve(parsed), pipeline.model_version)
 
         return serve_call("Retrieve", context, self._pipeline, lambda: request_from_proto(request), answer)
 

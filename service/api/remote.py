@@ -23,7 +23,13 @@ from service.pipeline import candidates_response, ranked_response
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.retrieval.generator import SOURCE_POPULAR, Candidates, is_in_sorted, labels
-from service.schemas import CandidatesResponse, Context, RankerInfo, RecommendRequest, RecommendResponse
+from service.schemas import (
+    CandidatesResponse,
+    Context,
+    RankerInfo,
+    RecommendRequest,
+    RecommendResponse,
+)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,16 +85,18 @@ def request_to_proto(request: RecommendRequest) -> pb.RecommendRequest:
     )
 
 
-def candidates_from_proto(message: pb.CandidatesResponse) -> Candidates:
-    n = len(message.candidates)
-    components = labels(None, n)
-    for i, c in enumerate(message.candidates):
-        if c.HasField("component"):
-            components[i] = c.component
+def candidates_from_columns(message: pb.RetrieveResponse) -> Candidates:
+    n = len(message.item_ids)
+    if not (len(message.scores) == len(message.sources) == len(message.components) == n) or any(
+        code >= len(message.source_names) for code in message.sources
+    ):
+        raise StageFailed("retrieval answered columns of different lengths or an unnamed source")
+    components = np.array(message.components, dtype=np.int64).astype(object)
+    components[components == -1] = None
     return Candidates(
-        np.fromiter((c.item_id for c in message.candidates), np.uint64, n),
-        np.fromiter((c.score for c in message.candidates), np.float32, n),
-        np.array([c.source for c in message.candidates], dtype=object),
+        np.array(message.item_ids, dtype=np.uint64),
+        np.array(message.scores, dtype=np.float32),
+        np.array(message.source_names, dtype=object)[np.array(message.sources, dtype=np.int64)] if n else labels(None, 0),
         message.degraded,
         components,
     )
@@ -117,12 +125,13 @@ class RemotePipeline:
         with STAGE_LATENCY.labels("retrieve").time():
             try:
                 answer = self.retrieval.read(self._retrieve_stub, request_to_proto(request), stage_until)
+                found = candidates_from_columns(answer)
             except StageFailed as exc:
                 log.warning("retrieval fell back to popular items: %s", exc)
                 DEGRADED.labels("retrieval").inc()
                 return self._popular(request)
         self.model_version = answer.model_version
-        return candidates_from_proto(answer)
+        return found
 
     def _popular(self, request: RecommendRequest) -> Candidates:
         n = max(request.k, request.candidates or self.settings.default_candidates)

@@ -99,6 +99,24 @@ class CandidatesResponse(_message.Message):
     model_version: str
     def __init__(self, user_id: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
 
+class RetrieveResponse(_message.Message):
+    __slots__ = ("item_ids", "scores", "sources", "source_names", "components", "degraded", "model_version")
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    sources: _containers.RepeatedScalarFieldContainer[int]
+    source_names: _containers.RepeatedScalarFieldContainer[str]
+    components: _containers.RepeatedScalarFieldContainer[int]
+    degraded: bool
+    model_version: str
+    def __init__(self, item_ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., sources: _Optional[_Iterable[int]] = ..., source_names: _Optional[_Iterable[str]] = ..., components: _Optional[_Iterable[int]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
+
 class Event(_message.Message):
     __slots__ = ("user_id", "item_id", "type", "timestamp")
     USER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -199,7 +199,7 @@ class RetrievalStub:
         self.Retrieve = channel.unary_unary(
                 '/recsys.v1.Retrieval/Retrieve',
                 request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RecommendRequest.SerializeToString,
-                response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CandidatesResponse.FromString,
+                response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RetrieveResponse.FromString,
                 _registered_method=True)
 
 
@@ -208,7 +208,7 @@ class RetrievalServicer:
     """
 
     def Retrieve(self, request, context):
-        """The candidate set for a request (as Recommender.Candidates answers it).
+        """The candidate set for a request (what Recommender.Candidates answers), column by column.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -220,7 +220,7 @@ def add_RetrievalServicer_to_server(servicer, server):
             'Retrieve': grpc.unary_unary_rpc_method_handler(
                     servicer.Retrieve,
                     request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RecommendRequest.FromString,
-                    response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CandidatesResponse.SerializeToString,
+                    response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RetrieveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -250,7 +250,7 @@ class Retrieval:
             target,
             '/recsys.v1.Retrieval/Retrieve',
             service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RecommendRequest.SerializeToString,
-            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CandidatesResponse.FromString,
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RetrieveResponse.FromString,
             options,
             channel_credentials,
             insecure,
