@@ -18,6 +18,7 @@ COLD_START = Counter("recsys_cold_start_total", "Requests for users with no vect
 MODEL_INFO = Info("recsys_model", "The artifact version being served, its retrieval strategy and ranker.")
 READY = Gauge("recsys_ready", "1 when models and index are loaded.")
 
+SHED = Counter("recsys_shed_requests_total", "Requests refused at once: the process was at its in-flight limit.", ["transport"])
 DEGRADED = Counter("recsys_degraded_responses_total", "Responses served by a fallback.", ["reason"])
 
 EMBEDDING_LOOKUPS = Counter(

@@ -20,6 +20,11 @@ class Settings(BaseSettings):
     http_port: Annotated[int, Field(ge=1, le=65535)] = 8000
     grpc_port: Annotated[int, Field(ge=0, le=65535, description="0 turns gRPC off.")] = 50051
     grpc_workers: Annotated[int, Field(ge=1, le=256)] = 8
+    max_in_flight: Annotated[
+        int,
+        Field(ge=1, le=10_000, description="Requests one process serves at once, per transport (HTTP /v1/*, gRPC); "
+                                           "beyond it 429 / RESOURCE_EXHAUSTED at once instead of a queue."),
+    ] = 32
     torch_threads: Annotated[int, Field(ge=1, le=64, description="Intra-op threads per process.")] = 1
     default_candidates: Annotated[
         int, Field(ge=1, le=MAX_CANDIDATES, description="Candidates retrieved before ranking.")

@@ -4,6 +4,7 @@ online-learning parts (event log, index sync, and the trainer when it runs in pr
 import logging
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 import torch
 from fastapi import FastAPI
 
@@ -75,13 +76,16 @@ def build_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         torch.set_num_threads(settings.torch_threads)
+        # Handlers run in anyio's thread pool: let it hold every request the limit admits.
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, settings.max_in_flight)
         app.state.pipeline = app.state.online = app.state.admin = None
         grpc_server = None
         if settings.grpc_port:
             services = [RecommenderServicer(lambda: app.state.pipeline, lambda: app.state.online)]
             if settings.admin_token is not None and not settings.remote_tiers:
                 services.append(AdminServicer(lambda: app.state.admin, settings.admin_token.get_secret_value()))
-            grpc_server = GrpcServer(services, f"{settings.host}:{settings.grpc_port}", settings.grpc_workers)
+            grpc_server = GrpcServer(services, f"{settings.host}:{settings.grpc_port}", settings.grpc_workers, settings.max_in_flight)
             grpc_server.start()
             log.info("gRPC listening on %s:%d", settings.host, grpc_server.port)
         app.state.grpc_server = grpc_server
@@ -100,4 +104,4 @@ def build_app(settings: Settings) -> FastAPI:
             if app.state.pipeline is not None:
                 app.state.pipeline.close()
 
-    return create_app(lifespan)
+    return create_app(lifespan, settings.max_in_flight)

@@ -205,10 +205,13 @@ class GrpcServer:
     """A gRPC server for the given services, with health (NOT_SERVING until `set_serving`)
     and reflection: the gateway's Recommender, or a tier's Retrieval or Ranking."""
 
-    def __init__(self, services: list, address: str, workers: int = 8):
-        """`services`: the servicers (RecommenderServicer, RetrievalServicer, RankingServicer)."""
+    def __init__(self, services: list, address: str, workers: int = 8, max_in_flight: int | None = None):
+        """`services`: the servicers (RecommenderServicer, RetrievalServicer, RankingServicer);
+        `max_in_flight`: calls at once, queued or running, beyond which gRPC answers
+        RESOURCE_EXHAUSTED at once (load shedding; gRPC counts these, not /metrics)."""
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+            maximum_concurrent_rpcs=max_in_flight,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES),

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from service.metrics import REQUEST_LATENCY, REQUESTS
+from service.metrics import REQUEST_LATENCY, REQUESTS, SHED
 from service.online.streams import EventLog, EventLogUnavailable, accept_events
 from service.pipeline import RecommendPipeline
 from service.schemas import (
@@ -84,7 +84,31 @@ class RequestMetrics:
             REQUEST_LATENCY.labels("http", endpoint).observe(time.perf_counter() - started)
 
 
-def create_app(lifespan: Callable | None = None) -> FastAPI:
+class InFlightLimit:
+    """Load shedding: at most `limit` /v1/ requests at once; the next ones get 429 with
+    Retry-After at once, instead of waiting in a queue past their deadline. Health and
+    metrics are not limited. (One event loop runs this, so a plain counter is safe.)"""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.limit:
+            SHED.labels("http").inc()
+            refusal = JSONResponse({"detail": f"over {self.limit} requests in flight; retry"}, 429, {"Retry-After": "1"})
+            return await refusal(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+def create_app(lifespan: Callable | None = None, max_in_flight: int = 32) -> FastAPI:
     """The HTTP app; `lifespan` loads the pipeline into `app.state.pipeline`."""
     app = FastAPI(
         title="recsys",
@@ -93,7 +117,8 @@ def create_app(lifespan: Callable | None = None) -> FastAPI:
         lifespan=lifespan,
     )
 
-    app.add_middleware(RequestMetrics)
+    app.add_middleware(InFlightLimit, limit=max_in_flight)
+    app.add_middleware(RequestMetrics)  # added last: outermost, so it counts refusals too
 
     @app.post("/v1/recommend", response_model=RecommendResponse, tags=["recommend"])
     def recommend(body: RecommendRequest, pipeline: PipelineDep, deadline: DeadlineDep) -> Response:

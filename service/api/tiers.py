@@ -45,7 +45,7 @@ def serve_tier(settings: Settings, tier: TierName) -> None:
             services.append(AdminServicer(lambda: loaded.get("admin"), settings.admin_token.get_secret_value()))
     else:
         services = [RankingServicer(lambda: loaded.get("ranking"))]
-    server = GrpcServer(services, f"{settings.host}:{settings.grpc_port}", settings.grpc_workers)
+    server = GrpcServer(services, f"{settings.host}:{settings.grpc_port}", settings.grpc_workers, settings.max_in_flight)
     server.start()
     start_http_server(settings.http_port, addr=settings.host)
     log.info("%s tier: gRPC on %s:%d, /metrics on %s:%d", tier, settings.host, server.port, settings.host, settings.http_port)

@@ -1,0 +1,93 @@
+"""Load shedding: past its in-flight limit a process refuses at once (HTTP 429 with
+Retry-After, gRPC RESOURCE_EXHAUSTED) while the admitted requests are still running,
+instead of queueing them past their deadlines."""
+
+import asyncio
+import threading
+
+import grpc
+import httpx2
+import pytest
+
+from service.api.grpc_server import GrpcServer
+from service.api.http import create_app
+from service.metrics import SHED
+from service.proto_gen.recsys.v1 import recommender_pb2 as pb
+from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
+from service.schemas import RecommendResponse
+
+LIMIT = 2
+
+
+class BlockedPipeline:
+    """Answers only once released, and says how many requests are inside it."""
+
+    model_version = "test"
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.inside = threading.Semaphore(0)
+
+    def recommend(self, request, deadline=None) -> RecommendResponse:
+        self.inside.release()
+        assert self.release.wait(10)
+        return RecommendResponse(user_id=request.user_id, items=[], degraded=False, model_version=self.model_version, ranker=None)
+
+
+def test_http_refuses_past_the_limit_at_once_while_admitted_requests_run():
+    app = create_app(max_in_flight=LIMIT)
+    app.state.pipeline = pipeline = BlockedPipeline()
+    shed_before = SHED.labels("http")._value.get()
+
+    async def scenario():
+        transport = httpx2.ASGITransport(app=app)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://recsys") as client:
+            admitted = [asyncio.create_task(client.post("/v1/recommend", json={"user_id": i})) for i in range(LIMIT)]
+            for _ in range(LIMIT):  # both admitted requests are inside the pipeline, blocked
+                await asyncio.to_thread(pipeline.inside.acquire)
+            refused = await asyncio.gather(*(client.post("/v1/recommend", json={"user_id": 9}) for _ in range(4)))
+            healthy = await client.get("/healthz")  # not limited
+            pipeline.release.set()
+            return await asyncio.gather(*admitted), refused, healthy
+
+    admitted, refused, healthy = asyncio.run(scenario())
+    assert [r.status_code for r in admitted] == [200] * LIMIT
+    for response in refused:
+        assert response.status_code == 429 and response.headers["Retry-After"] == "1"
+        assert f"over {LIMIT} requests in flight" in response.json()["detail"]
+    assert healthy.status_code == 200
+    assert SHED.labels("http")._value.get() == shed_before + 4
+
+
+class BlockedRanking(pb_grpc.RankingServicer):
+    service = "Ranking"
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.inside = threading.Semaphore(0)
+
+    def Rank(self, request, context):
+        self.inside.release()
+        self.release.wait(10)
+        return pb.RankResponse(scores=[0.5] * len(request.item_ids), model_version="test")
+
+
+def test_grpc_refuses_past_the_limit_with_resource_exhausted():
+    servicer = BlockedRanking()
+    server = GrpcServer([servicer], "127.0.0.1:0", workers=8, max_in_flight=LIMIT)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            rank = pb_grpc.RankingStub(channel).Rank
+            request = pb.RankRequest(user_id=1, item_ids=[1, 2], retrieval_scores=[0.1, 0.2])
+            admitted = [rank.future(request, timeout=10) for _ in range(LIMIT)]
+            for _ in range(LIMIT):
+                assert servicer.inside.acquire(timeout=10)
+            with pytest.raises(grpc.RpcError) as refused:
+                rank(request, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            servicer.release.set()
+            assert [len(f.result().scores) for f in admitted] == [2] * LIMIT
+            assert len(rank(request, timeout=10).scores) == 2  # admitted again once below the limit
+    finally:
+        server.stop(0)
