@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     http_port: Annotated[int, Field(ge=1, le=65535)] = 8000
     grpc_port: Annotated[int, Field(ge=0, le=65535, description="0 turns gRPC off.")] = 50051
     grpc_workers: Annotated[int, Field(ge=1, le=256)] = 8
+    max_body_bytes: Annotated[
+        int, Field(ge=1024, le=1 << 30, description="Largest HTTP request body; larger ones get 413 (gRPC: 1 MiB messages).")
+    ] = 1 << 20
     max_in_flight: Annotated[
         int,
         Field(ge=1, le=10_000, description="Requests one process serves at once, per transport (HTTP /v1/*, gRPC); "

@@ -1,6 +1,7 @@
-"""Load shedding: past its in-flight limit a process refuses at once (HTTP 429 with
-Retry-After, gRPC RESOURCE_EXHAUSTED) while the admitted requests are still running,
-instead of queueing them past their deadlines."""
+"""Load shedding and size limits: past its in-flight limit a process refuses at once (HTTP
+429 with Retry-After, gRPC RESOURCE_EXHAUSTED) while the admitted requests are still
+running, instead of queueing them past their deadlines; oversize bodies and messages are
+refused without being buffered."""
 
 import asyncio
 import threading
@@ -8,8 +9,9 @@ import threading
 import grpc
 import httpx2
 import pytest
+from fastapi.testclient import TestClient
 
-from service.api.grpc_server import GrpcServer
+from service.api.grpc_server import MAX_MESSAGE_BYTES, GrpcServer
 from service.api.http import create_app
 from service.metrics import SHED
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
@@ -89,5 +91,35 @@ def test_grpc_refuses_past_the_limit_with_resource_exhausted():
             servicer.release.set()
             assert [len(f.result().scores) for f in admitted] == [2] * LIMIT
             assert len(rank(request, timeout=10).scores) == 2  # admitted again once below the limit
+    finally:
+        server.stop(0)
+
+
+def test_http_bodies_over_the_limit_get_413_whether_declared_or_streamed():
+    app = create_app(max_body_bytes=2048)
+    app.state.pipeline = pipeline = BlockedPipeline()
+    pipeline.release.set()
+    big = b'{"user_id": 1, "exclude_item_ids": [' + b"1," * 2000 + b'1]}'
+    with TestClient(app) as client:
+        declared = client.post("/v1/recommend", content=big, headers={"content-type": "application/json"})
+        streamed = client.post("/v1/recommend", content=iter([big[:1500], big[1500:3000], big[3000:]]),
+                               headers={"content-type": "application/json"})
+        small = client.post("/v1/recommend", json={"user_id": 1})
+    for response in (declared, streamed):
+        assert response.status_code == 413 and "over 2048 bytes" in response.json()["detail"]
+    assert "content-length" not in {k.lower() for k in streamed.request.headers}  # really sent chunked
+    assert small.status_code == 200
+
+
+def test_grpc_messages_over_the_limit_are_refused():
+    server = GrpcServer([BlockedRanking()], "127.0.0.1:0", workers=2)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            oversize = pb.RankRequest(user_id=1, item_ids=list(range(200_000)), retrieval_scores=[0.5] * 200_000)
+            assert oversize.ByteSize() > MAX_MESSAGE_BYTES
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.RankingStub(channel).Rank(oversize, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         server.stop(0)

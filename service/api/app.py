@@ -104,4 +104,4 @@ def build_app(settings: Settings) -> FastAPI:
             if app.state.pipeline is not None:
                 app.state.pipeline.close()
 
-    return create_app(lifespan, settings.max_in_flight)
+    return create_app(lifespan, settings.max_in_flight, settings.max_body_bytes)

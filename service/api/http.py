@@ -84,6 +84,47 @@ class RequestMetrics:
             REQUEST_LATENCY.labels("http", endpoint).observe(time.perf_counter() - started)
 
 
+class BodyLimit:
+    """Refuses request bodies over `limit` bytes with 413: by Content-Length before reading,
+    or while reading a body sent without one (chunked), so a large body is never buffered."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal = JSONResponse({"detail": f"request body over {self.limit} bytes"}, 413)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await refusal(scope, receive, send)
+        received, refused = 0, False
+
+        async def counting_receive():
+            nonlocal received, refused
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit and not refused:
+                refused = True
+                await refusal(scope, receive, send)
+                raise BodyTooLarge()
+            return message
+
+        async def send_unless_refused(message):
+            if not refused:  # the app's own answer to the aborted read is dropped
+                await send(message)
+
+        try:
+            await self.app(scope, counting_receive, send_unless_refused)
+        except BodyTooLarge:
+            pass
+
+
+class BodyTooLarge(Exception):
+    """The body went over the limit while being read (already answered with 413)."""
+
+
 class InFlightLimit:
     """Load shedding: at most `limit` /v1/ requests at once; the next ones get 429 with
     Retry-After at once, instead of waiting in a queue past their deadline. Health and
@@ -108,7 +149,7 @@ class InFlightLimit:
             self.in_flight -= 1
 
 
-def create_app(lifespan: Callable | None = None, max_in_flight: int = 32) -> FastAPI:
+def create_app(lifespan: Callable | None = None, max_in_flight: int = 32, max_body_bytes: int = 1 << 20) -> FastAPI:
     """The HTTP app; `lifespan` loads the pipeline into `app.state.pipeline`."""
     app = FastAPI(
         title="recsys",
@@ -117,6 +158,7 @@ def create_app(lifespan: Callable | None = None, max_in_flight: int = 32) -> Fas
         lifespan=lifespan,
     )
 
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(InFlightLimit, limit=max_in_flight)
     app.add_middleware(RequestMetrics)  # added last: outermost, so it counts refusals too
 
