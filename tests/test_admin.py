@@ -39,7 +39,7 @@ def own_artifact(artifact_root, tmp_path_factory):
 def admin(own_artifact):
     client, address = serve(own_artifact, admin_token=TOKEN)
     with client, grpc.insecure_channel(address) as channel:
-        yield client.app, pb_grpc.AdminStub(channel)
+        yield client, pb_grpc.AdminStub(channel)
 
 
 def test_admin_is_off_without_a_token(artifact_root):
@@ -47,20 +47,26 @@ def test_admin_is_off_without_a_token(artifact_root):
     with client, grpc.insecure_channel(address) as channel:
         with pytest.raises(grpc.RpcError) as refused:
             pb_grpc.AdminStub(channel).ReloadIndex(pb.ReloadIndexRequest(), metadata=BEARER, timeout=5)
+        assert client.post("/admin/v1/index/reload", headers=dict(BEARER)).status_code == 404
+        assert not any(path.startswith("/admin") for path in client.get("/openapi.json").json()["paths"])
     assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 @pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer wrong-token-of-same-size!"),), (("authorization", TOKEN),)])
 def test_admin_refuses_a_missing_or_wrong_token(admin, metadata):
-    _, stub = admin
+    http, stub = admin
     for call, request in ((stub.ReloadIndex, pb.ReloadIndexRequest()), (stub.UpsertItemVectors, pb.UpsertItemVectorsRequest())):
         with pytest.raises(grpc.RpcError) as refused:
             call(request, metadata=metadata, timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in refused.value.details()
+    for path, body in (("/admin/v1/index/reload", None), ("/admin/v1/items/vectors", {"items": [{"item_id": 1, "vector": [0.5]}]})):
+        refused = http.post(path, json=body, headers=dict(metadata))
+        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer", refused.text
 
 
 def test_reload_swaps_to_a_new_index_version_now(admin, own_artifact):
-    app, stub = admin
+    http, stub = admin
+    app = http.app
     before = stub.ReloadIndex(pb.ReloadIndexRequest(), metadata=BEARER, timeout=10)
     assert not before.swapped and before.index_version
     bundle = app.state.pipeline.bundle
@@ -69,10 +75,14 @@ def test_reload_swaps_to_a_new_index_version_now(admin, own_artifact):
     after = stub.ReloadIndex(pb.ReloadIndexRequest(), metadata=BEARER, timeout=30)
     assert after.swapped and after.index_version == version.name
     assert "IVF" in bundle.index.description
+    version = build_index_version(own_artifact, ids, vectors, "Flat")  # the same call over HTTP
+    assert http.post("/admin/v1/index/reload", headers=dict(BEARER)).json() == {"swapped": True, "index_version": version.name}
+    assert "Flat" in bundle.index.description and "IVF" not in bundle.index.description
 
 
 def test_upserted_item_vectors_reach_the_index(admin):
-    app, stub = admin
+    http, stub = admin
+    app = http.app
     bundle = app.state.pipeline.bundle
     store = app.state.pipeline.store
     new_items = [2**64 - 11, 2**64 - 12]
@@ -85,6 +95,9 @@ def test_upserted_item_vectors_reach_the_index(admin):
     while len(bundle.index) < before + 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(bundle.index) == before + 2  # index sync re-embedded both new items
+    over_http = {"items": [{"item_id": 2**64 - 13, "vector": vectors[0].tolist()}]}
+    assert http.post("/admin/v1/items/vectors", json=over_http, headers=dict(BEARER)).json() == {"upserted": 1}
+    assert store.get_many("item", [2**64 - 13]).found[0]
 
 
 @pytest.mark.parametrize(
@@ -98,8 +111,8 @@ def test_upserted_item_vectors_reach_the_index(admin):
     ],
 )
 def test_bad_vectors_are_refused_and_nothing_is_written(admin, items, message):
-    app, stub = admin
-    store = app.state.pipeline.store
+    http, stub = admin
+    store = http.app.state.pipeline.store
     dim = store.table("item").dim
 
     def vector(spec) -> list[float]:
@@ -113,6 +126,10 @@ def test_bad_vectors_are_refused_and_nothing_is_written(admin, items, message):
     with pytest.raises(grpc.RpcError) as refused:
         stub.UpsertItemVectors(request, metadata=BEARER, timeout=5)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in refused.value.details()
+    if not any(isinstance(v, str) for _, v in items):  # JSON has no NaN or Infinity to send
+        body = {"items": [{"item_id": i, "vector": vector(v)} for i, v in items]}
+        over_http = http.post("/admin/v1/items/vectors", json=body, headers=dict(BEARER))
+        assert over_http.status_code == 422 and message in over_http.text, over_http.text
     assert not store.get_many("item", [1]).found[0]
 
 

@@ -1,11 +1,16 @@
-"""recsys.v1.Admin: index reload and item-vector upsert on a serving process (the embedded
-service or the retrieval tier), behind a bearer token. Without RECSYS_ADMIN_TOKEN the
-service is not registered, so every call is UNIMPLEMENTED."""
+"""Admin: index reload and item-vector upsert on a serving process (the embedded service or
+the retrieval tier), behind a bearer token: gRPC recsys.v1.Admin and HTTP /admin/v1/*.
+Without RECSYS_ADMIN_TOKEN neither is registered (gRPC UNIMPLEMENTED, HTTP 404)."""
 
 import hmac
 from collections.abc import Callable
+from typing import Annotated
 
 import numpy as np
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ValidationError
 
 from service.api.grpc_server import serve_call
 from service.embeddings.artifact_tables import ITEM_TABLE
@@ -49,6 +54,51 @@ def bearer_matches(metadata, token: str) -> bool:
     """Constant-time comparison, so the time taken says nothing of how much of it matched."""
     given = dict(metadata).get("authorization", "")
     return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+class ReloadIndexAnswer(BaseModel):
+    swapped: bool
+    index_version: str
+
+
+class UpsertItemVectorsAnswer(BaseModel):
+    upserted: int
+
+
+def admin_router(token: str) -> APIRouter:
+    """/admin/v1/*: the same calls as gRPC Admin, each needing `Authorization: Bearer <token>`."""
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        given = f"{credentials.scheme} {credentials.credentials}" if credentials else ""
+        if not bearer_matches({"authorization": given}, token):
+            raise HTTPException(401, "this call needs `Authorization: Bearer <RECSYS_ADMIN_TOKEN>`", {"WWW-Authenticate": "Bearer"})
+
+    def loaded_admin(request: Request) -> IndexAdmin:
+        admin = getattr(request.app.state, "admin", None)
+        if admin is None:
+            raise HTTPException(503, "models are not loaded yet")
+        return admin
+
+    AdminDep = Annotated[IndexAdmin, Depends(loaded_admin)]
+    router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(authorized)])
+
+    @router.post("/index/reload", response_model=ReloadIndexAnswer)
+    def reload_index(admin: AdminDep) -> ReloadIndexAnswer:
+        """Swap to the artifact's newest index version now (this process; others at their next poll)."""
+        swapped, version = admin.reload_index()
+        return ReloadIndexAnswer(swapped=swapped, index_version=version)
+
+    @router.post("/items/vectors", response_model=UpsertItemVectorsAnswer)
+    def upsert_item_vectors(body: UpsertItemVectorsRequest, admin: AdminDep) -> UpsertItemVectorsAnswer:
+        """Write item id vectors into the embedding table and announce them to every serving process's index."""
+        try:
+            checked = UpsertItemVectorsRequest.model_validate(body.model_dump(), context={"dim": admin.item_dim})
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
+        return UpsertItemVectorsAnswer(upserted=admin.upsert_item_vectors(checked))
+
+    return router
 
 
 class AdminServicer(pb_grpc.AdminServicer):

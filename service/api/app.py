@@ -8,7 +8,7 @@ import anyio.to_thread
 import torch
 from fastapi import FastAPI
 
-from service.api.admin import AdminServicer, IndexAdmin
+from service.api.admin import AdminServicer, IndexAdmin, admin_router
 from service.api.grpc_server import GrpcServer, RecommenderServicer
 from service.api.http import create_app
 from service.api.remote import RemotePipeline
@@ -104,4 +104,7 @@ def build_app(settings: Settings) -> FastAPI:
             if app.state.pipeline is not None:
                 app.state.pipeline.close()
 
-    return create_app(lifespan, settings.max_in_flight, settings.max_body_bytes)
+    app = create_app(lifespan, settings.max_in_flight, settings.max_body_bytes)
+    if settings.admin_token is not None and not settings.remote_tiers:
+        app.include_router(admin_router(settings.admin_token.get_secret_value()))
+    return app
