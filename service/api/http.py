@@ -36,8 +36,9 @@ def get_event_log(request: Request) -> EventLog:
 
 
 def get_deadline(
+    # `float`, not `float | None`: a header is a number or absent, never null, and the schema says so.
     timeout_ms: Annotated[
-        float | None,
+        float,
         Header(alias="X-Deadline-Ms", gt=0, le=60_000, description="How long the client waits, in milliseconds; the "
                "gateway answers within it (cut to RECSYS_MAX_DEADLINE_SECONDS). Unset: RECSYS_DEFAULT_DEADLINE_SECONDS."),
     ] = None,
