@@ -11,8 +11,8 @@ integers."""
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
-from schemathesis.specs.openapi.checks import positive_data_acceptance
 from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from service.api.app import build_app
 from service.settings import Settings
