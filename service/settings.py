@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     redis_url: Annotated[
         str | None,
         Field(description="Embedding table on Redis (redis://, rediss:// for TLS, password in the URL); "
-                          "unset: in-process table."),
+                          "unset: in-process table.", repr=False),  # the URL may hold a password
     ] = None
     redis_cluster: Annotated[bool, Field(description="The URL names a node of a Redis Cluster.")] = False
     redis_namespace: Annotated[

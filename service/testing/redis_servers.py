@@ -40,13 +40,15 @@ def require_redis_server() -> str:
 
 
 class RedisServer:
-    def __init__(self, *extra_args: str, port: int | None = None, cluster: bool = False):
+    def __init__(self, *extra_args: str, port: int | None = None, cluster: bool = False, password: str | None = None):
         self.port = port or free_port(cluster_bus=cluster)
+        self.password = password
         self.dir = Path(tempfile.mkdtemp(prefix="recsys-redis-"))
         self.args = [
             require_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.dir), "--save", "", "--appendonly", "no", "--protected-mode", "no",
             *(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"] if cluster else []),
+            *(["--requirepass", password] if password else []),
             *extra_args,
         ]
         self.process: subprocess.Popen | None = None
@@ -54,11 +56,12 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_timeout=1)
+        client = redis.Redis(port=self.port, password=self.password, socket_timeout=1)
         deadline = time.monotonic() + 10
         while True:
             try:
