@@ -192,7 +192,3 @@ class PopularItems:
     @property
     def namespace(self) -> str:
         return version_namespace(self.version)
-
-    @property
-    def ranking_parts(self) -> RankingParts:
-        return RankingParts(self.version, self.features, self.ranker, self.ranker_variant, 1.0 / self.two_tower.config.temperature)
