@@ -36,18 +36,10 @@ from service.bundle import ModelBundle  # noqa: E402
 from service.embeddings.artifact_tables import table_configs  # noqa: E402
 from service.embeddings.redis_store import RedisEmbeddingStore, RedisStoreConfig  # noqa: E402
 from service.probe import grpc_status  # noqa: E402
-from service.testing.redis_servers import RedisServer  # noqa: E402
+from service.testing.redis_servers import RedisServer, free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 K, CANDIDATES = 10, 200
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentiles(seconds: list[float]) -> dict:

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,7 @@ def test_dockerfile_builds_cpu_and_gpu_variants_and_runs_recsys_as_non_root():
         end = min((i for i, _ in stages.values() if i > start), default=len(instructions))
         return " ".join(arg for op, arg in instructions[start:end] if op == "ENV")
 
-    gpu_extra = __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    gpu_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
     faiss_gpu = re.search(r"FAISS_PACKAGE=(\S+)", stage_env("python-gpu"))[1]
     assert any(requirement.startswith(faiss_gpu) for requirement in gpu_extra)
     assert "whl/cpu" in stage_env("python-cpu") and re.search(r"whl/cu\d+", stage_env("python-gpu"))

@@ -3,6 +3,7 @@ the Kubernetes schemas offline (kubernetes-validate, strict), then held against 
 commands the CLI parses, settings that validate, probes on the services the tiers register,
 selectors, autoscalers and network policies that reach what they name."""
 
+import copy
 import re
 import subprocess
 import sys
@@ -85,7 +86,7 @@ def test_every_object_validates_against_the_kubernetes_schemas(overlay):
 
 def test_the_validator_refuses_a_malformed_object(overlay):
     _, objects = overlay
-    broken = yaml.safe_load(yaml.safe_dump(objects[("Deployment", "recsys-retrieval")]))
+    broken = copy.deepcopy(objects[("Deployment", "recsys-retrieval")])
     broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] = "grpc"  # must be a number
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
