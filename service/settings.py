@@ -61,9 +61,11 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     retrieval_address: Annotated[
         str | None,
-        Field(description="host:port of the retrieval tier; with ranking_address, `recsys serve gateway` calls the tiers over gRPC."),
+        Field(description="The retrieval tier: host:port or a gRPC target naming several replicas (dns:///headless-service:port, "
+                          "ipv4:a:port,b:port), balanced round robin over the SERVING ones; with ranking_address, "
+                          "`recsys serve gateway` calls the tiers over gRPC."),
     ] = None
-    ranking_address: Annotated[str | None, Field(description="host:port of the ranking tier.")] = None
+    ranking_address: Annotated[str | None, Field(description="The ranking tier, as retrieval_address.")] = None
     default_deadline_seconds: Annotated[
         float, Field(gt=0, le=60, description="Gateway: a request's deadline when the client sets none.")
     ] = 0.5
@@ -124,8 +126,8 @@ class Settings(BaseSettings):
     @field_validator("retrieval_address", "ranking_address")
     @classmethod
     def _host_port(cls, address: str | None) -> str | None:
-        if address is not None and not address.rpartition(":")[2].isdigit():
-            raise ValueError(f"{address!r} is not host:port")
+        if address is not None and not all(part.rpartition(":")[2].isdigit() for part in address.split(",")):
+            raise ValueError(f"{address!r} is not host:port or a gRPC target ending in :port")
         return address
 
     @model_validator(mode="after")

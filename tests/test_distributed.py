@@ -177,7 +177,8 @@ def test_a_slow_tier_fails_at_its_deadline_and_then_opens_its_breaker():
     servicer = SlowRanking()
     server = GrpcServer([servicer], "127.0.0.1:0", workers=8)
     server.start()
-    tier = Tier("ranking", f"127.0.0.1:{server.port}")
+    server.set_serving(True)  # the gateway's channel sends calls only to a SERVING tier
+    tier = Tier("ranking", f"127.0.0.1:{server.port}", "recsys.v1.Ranking")
     rank = pb_grpc.RankingStub(tier.channel).Rank
     try:
         for failure in range(1, BREAKER_FAILURES + 1):
@@ -190,7 +191,7 @@ def test_a_slow_tier_fails_at_its_deadline_and_then_opens_its_breaker():
         with pytest.raises(StageFailed, match="breaker open"):
             tier.read(rank, pb.RankRequest(user_id=1), time.monotonic() + 0.05)
         assert servicer.calls == calls  # an open breaker fails without calling
-        fresh = Tier("ranking", f"127.0.0.1:{server.port}")
+        fresh = Tier("ranking", f"127.0.0.1:{server.port}", "recsys.v1.Ranking")
         with pytest.raises(StageFailed, match="no time left"):
             fresh.read(pb_grpc.RankingStub(fresh.channel).Rank, pb.RankRequest(user_id=1), time.monotonic())
         fresh.close()
@@ -224,3 +225,47 @@ def test_retrieval_columns_carry_every_candidate_field_across_the_wire():
         candidates_from_columns(pb.RetrieveResponse(item_ids=[1, 2], scores=[0.5], sources=[0, 0], source_names=["two_tower"], components=[-1, -1]))
     with pytest.raises(StageFailed, match="unnamed source"):
         candidates_from_columns(pb.RetrieveResponse(item_ids=[1], scores=[0.5], sources=[1], source_names=["two_tower"], components=[-1]))
+
+
+class NamedRanking(pb_grpc.RankingServicer):
+    service = "Ranking"
+
+    def __init__(self, name: float):
+        self.name = name
+
+    def Rank(self, request, context):
+        return pb.RankResponse(scores=[self.name])
+
+
+def test_a_tier_target_with_several_replicas_balances_over_the_serving_ones():
+    servers = [GrpcServer([NamedRanking(n)], "127.0.0.1:0") for n in (1.0, 2.0)]
+    for server in servers:
+        server.start()
+        server.set_serving(True)
+    tier = Tier("ranking", "ipv4:" + ",".join(f"127.0.0.1:{s.port}" for s in servers), "recsys.v1.Ranking")
+    rank = pb_grpc.RankingStub(tier.channel).Rank
+
+    def answered_by(calls: int = 8) -> set[float]:
+        return {tier.read(rank, pb.RankRequest(user_id=1), time.monotonic() + 2).scores[0] for _ in range(calls)}
+
+    def wait_for(expected: set[float]) -> None:  # health changes reach the channel by its Watch stream
+        deadline = time.monotonic() + 5
+        while answered_by() != expected:
+            assert time.monotonic() < deadline, f"calls never went only to {expected}"
+
+    try:
+        wait_for({1.0, 2.0})  # round robin, not the first address only
+        servers[0].set_serving(False)  # what SIGTERM does first
+        wait_for({2.0})
+        assert answered_by(32) == {2.0}
+        servers[1].set_serving(False)
+        deadline = time.monotonic() + 5
+        with pytest.raises(StageFailed, match="UNAVAILABLE"):  # none serving: fails, to the fallback
+            while time.monotonic() < deadline:
+                tier.read(rank, pb.RankRequest(user_id=1), time.monotonic() + 2)
+        servers[0].set_serving(True)
+        wait_for({1.0})
+    finally:
+        tier.close()
+        for server in servers:
+            server.stop(0)

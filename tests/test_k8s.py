@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from service.api.grpc_server import RankingServicer, RecommenderServicer, RetrievalServicer
-from service.api.tiers import SHUTDOWN_GRACE_SECONDS
+from service.api.tiers import SHUTDOWN_GRACE_SECONDS, SHUTDOWN_NOTICE_SECONDS
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from tests.test_deploy_files import SETTINGS_ENV, parse_cli, settings_from
 
@@ -121,7 +121,7 @@ def test_tier_probes_use_native_grpc_health_of_the_service_they_serve(overlay):
         settings = container_settings(objects, container)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         pod = workload["spec"]["template"]["spec"]
-        assert container["lifecycle"]["preStop"]["sleep"]["seconds"] + SHUTDOWN_GRACE_SECONDS < pod["terminationGracePeriodSeconds"]
+        assert container["lifecycle"]["preStop"]["sleep"]["seconds"] + SHUTDOWN_NOTICE_SECONDS + SHUTDOWN_GRACE_SECONDS < pod["terminationGracePeriodSeconds"]
         assert {"startupProbe", "livenessProbe"} <= set(container), name
         if tier == "online-train":  # no request service: the server's overall health
             assert ports == {"metrics": settings.trainer_metrics_port, "grpc": settings.grpc_port}
@@ -153,11 +153,16 @@ def test_services_autoscalers_and_budgets_select_existing_workloads(overlay):
     assert scaled == {"recsys-gateway", "recsys-retrieval", "recsys-ranking"}
 
 
-def service_for(objects: dict, host: str, port: int, workload: str) -> None:
-    """`host:port` is a Service in front of `workload`, on a port that reaches its gRPC port."""
+def service_for(objects: dict, host: str, port: int, workload: str) -> dict:
+    """`host:port` is a Service in front of `workload`, on a port that reaches its gRPC port
+    (and is that port, for a headless Service: clients connect to the pods themselves)."""
     service = objects[("Service", host.split(".")[0])]
     assert service["spec"]["selector"].items() <= pod_labels(workloads(objects)[workload]).items()
     assert any(p["port"] == port for p in service["spec"]["ports"])
+    if service["spec"].get("clusterIP") == "None":
+        containers = workloads(objects)[workload]["spec"]["template"]["spec"]["containers"]
+        assert port in {p["containerPort"] for c in containers for p in c["ports"] if p["name"] == "grpc"}
+    return service
 
 
 def test_the_gateway_addresses_the_tiers_through_their_services(overlay):
@@ -165,8 +170,11 @@ def test_the_gateway_addresses_the_tiers_through_their_services(overlay):
     gateway = next(c for _, _, c in recsys_containers(objects) if tier_of(c) == "gateway")
     settings = container_settings(objects, gateway)
     for address, workload in ((settings.retrieval_address, "recsys-retrieval"), (settings.ranking_address, "recsys-ranking")):
-        host, port = address.rsplit(":", 1)
-        service_for(objects, host, int(port), workload)
+        # One connection per pod, so calls spread over the replicas: a DNS target of a headless Service.
+        assert address.startswith("dns:///"), address
+        host, port = address.removeprefix("dns:///").rsplit(":", 1)
+        service = service_for(objects, host, int(port), workload)
+        assert service["spec"].get("clusterIP") == "None", host
 
 
 def ingress_sources(objects: dict, labels: dict, port_name: str) -> list[dict]:

@@ -32,6 +32,7 @@ from service.schemas import (
 )
 
 MAX_MESSAGE_BYTES = 1 << 20
+MAX_CONNECTION_AGE_MS = 60_000
 
 
 def request_from_proto(message: pb.RecommendRequest) -> RecommendRequest:
@@ -215,6 +216,10 @@ class GrpcServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES),
+                # Clients reconnect now and then, and so resolve their target again: a gateway
+                # balancing over a headless Service finds the replicas added since.
+                ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+                ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_MS),
             ],
         )
         self.names = []
@@ -238,7 +243,11 @@ class GrpcServer:
     def start(self) -> None:
         self.server.start()
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Health goes NOT_SERVING first, then in-flight calls get `grace` seconds to finish."""
+    def stop(self, grace: float = 5.0, notice: float = 0.0) -> None:
+        """Health goes NOT_SERVING first and calls are still taken for `notice` seconds (clients
+        watching health move their new calls elsewhere), then in-flight calls get `grace`
+        seconds to finish."""
         self.set_serving(False)
+        if notice:
+            time.sleep(notice)
         self.server.stop(grace).wait()

@@ -10,6 +10,7 @@ response says `degraded`: no candidates -> the artifact's popular items (minus e
 no ranking -> the candidates in retrieval order, `ranker` null.
 """
 
+import json
 import logging
 import time
 
@@ -39,6 +40,14 @@ BREAKER_RESET_SECONDS = 2.0
 MIN_CALL_SECONDS = 0.002  # less time than this left: do not start a call
 
 
+def balanced_service_config(service: str) -> str:
+    """Spread calls over every address the target resolves to (`dns:///` names a headless
+    Service's pods, `ipv4:a:p,b:p` lists them) and skip a server whose health for `service`
+    is not SERVING: a tier that got SIGTERM says NOT_SERVING first, so new calls go to the
+    others while its calls in flight finish."""
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": service}})
+
+
 class StageFailed(Exception):
     """A tier did not answer in time or at all."""
 
@@ -46,9 +55,9 @@ class StageFailed(Exception):
 class Tier:
     """One downstream tier: its channel, its breaker, reads with one retry on UNAVAILABLE."""
 
-    def __init__(self, name: str, address: str):
+    def __init__(self, name: str, address: str, service: str):
         self.name = name
-        self.channel = grpc.insecure_channel(address)
+        self.channel = grpc.insecure_channel(address, options=[("grpc.service_config", balanced_service_config(service))])
         self.breaker = pybreaker.CircuitBreaker(fail_max=BREAKER_FAILURES, reset_timeout=BREAKER_RESET_SECONDS, name=name)
 
     def read(self, method, message, until: float, retry: bool = True):
@@ -108,8 +117,8 @@ class RemotePipeline:
     def __init__(self, settings: Settings, popular: PopularItems):
         self.settings = settings
         self.popular = popular
-        self.retrieval = Tier("retrieval", settings.retrieval_address)
-        self.ranking = Tier("ranking", settings.ranking_address)
+        self.retrieval = Tier("retrieval", settings.retrieval_address, pb.DESCRIPTOR.services_by_name["Retrieval"].full_name)
+        self.ranking = Tier("ranking", settings.ranking_address, pb.DESCRIPTOR.services_by_name["Ranking"].full_name)
         self._retrieve_stub = pb_grpc.RetrievalStub(self.retrieval.channel).Retrieve
         self._rank_stub = pb_grpc.RankingStub(self.ranking.channel).Rank
         self.model_version = popular.version  # until the retrieval tier names its own

@@ -3,7 +3,8 @@
 A tier is a gRPC server (its service, grpc.health.v1, reflection) plus /metrics on the HTTP
 port. Health says NOT_SERVING until the models and index are loaded, so readiness means
 "can answer", not "Redis is up". On SIGTERM or SIGINT health goes NOT_SERVING first, calls
-in flight get `SHUTDOWN_GRACE_SECONDS` to finish, then the process exits.
+are still answered for `SHUTDOWN_NOTICE_SECONDS` (gateways watching health send new calls to
+other replicas), calls in flight get `SHUTDOWN_GRACE_SECONDS` to finish, then the process exits.
 """
 
 import logging
@@ -24,6 +25,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_NOTICE_SECONDS = 1.0  # NOT_SERVING while still answering: gateways' health watches see it
 SHUTDOWN_GRACE_SECONDS = 5.0
 TierName = Literal["retrieval", "ranking"]
 
@@ -66,7 +68,7 @@ def serve_tier(settings: Settings, tier: TierName) -> None:
         log.info("%s tier draining", tier)
     finally:
         READY.set(0)
-        server.stop(SHUTDOWN_GRACE_SECONDS)
+        server.stop(SHUTDOWN_GRACE_SECONDS, SHUTDOWN_NOTICE_SECONDS)
         if online is not None:
             online.stop()
         if "pipeline" in loaded:
