@@ -20,6 +20,9 @@ READY = Gauge("recsys_ready", "1 when models and index are loaded.")
 
 SHED = Counter("recsys_shed_requests_total", "Requests refused at once: the process was at its in-flight limit.", ["transport"])
 DEGRADED = Counter("recsys_degraded_responses_total", "Responses served by a fallback.", ["reason"])
+TIER_BREAKER_OPEN = Gauge(
+    "recsys_tier_breaker_open", "Gateway: 1 while the circuit breaker of a tier is open (its calls fail at once).", ["tier"]
+)
 
 EMBEDDING_LOOKUPS = Counter(
     "recsys_embedding_lookups_total",

@@ -11,7 +11,6 @@ import grpc
 import httpx2
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.grpc_server import GrpcServer, candidates_to_columns
 from service.api.remote import BREAKER_FAILURES, StageFailed, Tier, candidates_from_columns
@@ -19,27 +18,12 @@ from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.retrieval.generator import Candidates
 from service.schemas import RankRequest
+from service.testing.stack import wait_serving
 from tests.conftest import free_port
 from tests.test_end_to_end import BIN, wait_ready
 from tests.test_online import assert_new_item_reaches_similar_users
 
 ADMIN_TOKEN = "distributed-admin-token"
-
-
-def wait_serving(address: str, process: subprocess.Popen, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise AssertionError(f"tier exited with {process.returncode}: {process.stdout.read()}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise AssertionError(f"{address} not serving after {timeout}s")
 
 
 def stop(process: subprocess.Popen, signum=signal.SIGTERM) -> str:
@@ -177,21 +161,20 @@ def test_a_slow_tier_fails_at_its_deadline_and_then_opens_its_breaker():
     servicer = SlowRanking()
     server = GrpcServer([servicer], "127.0.0.1:0", workers=8)
     server.start()
-    server.set_serving(True)  # the gateway's channel sends calls only to a SERVING tier
-    tier = Tier("ranking", f"127.0.0.1:{server.port}", "recsys.v1.Ranking")
+    tier = Tier("ranking", f"127.0.0.1:{server.port}")
     rank = pb_grpc.RankingStub(tier.channel).Rank
     try:
-        for failure in range(1, BREAKER_FAILURES + 1):
+        for _ in range(BREAKER_FAILURES):
             started = time.monotonic()
-            # The failure that reaches the limit trips the breaker and reports it open.
-            with pytest.raises(StageFailed, match="DEADLINE_EXCEEDED" if failure < BREAKER_FAILURES else "breaker open"):
+            with pytest.raises(StageFailed, match="DEADLINE_EXCEEDED"):
                 tier.read(rank, pb.RankRequest(user_id=1), time.monotonic() + 0.05)
             assert time.monotonic() - started < 0.25  # gave up at the deadline, not after the slow answer
+        assert tier.breaker.state == "open"  # the failure that reached the limit opened it
         calls = servicer.calls
         with pytest.raises(StageFailed, match="breaker open"):
             tier.read(rank, pb.RankRequest(user_id=1), time.monotonic() + 0.05)
         assert servicer.calls == calls  # an open breaker fails without calling
-        fresh = Tier("ranking", f"127.0.0.1:{server.port}", "recsys.v1.Ranking")
+        fresh = Tier("ranking", f"127.0.0.1:{server.port}")
         with pytest.raises(StageFailed, match="no time left"):
             fresh.read(pb_grpc.RankingStub(fresh.channel).Rank, pb.RankRequest(user_id=1), time.monotonic())
         fresh.close()
@@ -237,34 +220,26 @@ class NamedRanking(pb_grpc.RankingServicer):
         return pb.RankResponse(scores=[self.name])
 
 
-def test_a_tier_target_with_several_replicas_balances_over_the_serving_ones():
+def test_a_tier_target_with_several_replicas_balances_over_the_running_ones():
     servers = [GrpcServer([NamedRanking(n)], "127.0.0.1:0") for n in (1.0, 2.0)]
     for server in servers:
         server.start()
         server.set_serving(True)
-    tier = Tier("ranking", "ipv4:" + ",".join(f"127.0.0.1:{s.port}" for s in servers), "recsys.v1.Ranking")
+    tier = Tier("ranking", "ipv4:" + ",".join(f"127.0.0.1:{s.port}" for s in servers))
     rank = pb_grpc.RankingStub(tier.channel).Rank
 
-    def answered_by(calls: int = 8) -> set[float]:
-        return {tier.read(rank, pb.RankRequest(user_id=1), time.monotonic() + 2).scores[0] for _ in range(calls)}
-
-    def wait_for(expected: set[float]) -> None:  # health changes reach the channel by its Watch stream
-        deadline = time.monotonic() + 5
-        while answered_by() != expected:
-            assert time.monotonic() < deadline, f"calls never went only to {expected}"
+    def answered_by(calls: int) -> list[float]:
+        return [tier.read(rank, pb.RankRequest(user_id=1), time.monotonic() + 2).scores[0] for _ in range(calls)]
 
     try:
-        wait_for({1.0, 2.0})  # round robin, not the first address only
-        servers[0].set_serving(False)  # what SIGTERM does first
-        wait_for({2.0})
-        assert answered_by(32) == {2.0}
-        servers[1].set_serving(False)
         deadline = time.monotonic() + 5
-        with pytest.raises(StageFailed, match="UNAVAILABLE"):  # none serving: fails, to the fallback
-            while time.monotonic() < deadline:
-                tier.read(rank, pb.RankRequest(user_id=1), time.monotonic() + 2)
-        servers[0].set_serving(True)
-        wait_for({1.0})
+        while set(answered_by(8)) != {1.0, 2.0}:  # round robin once both connections are up
+            assert time.monotonic() < deadline, "calls never reached both replicas"
+        servers[0].stop(grace=1)  # GOAWAY: new calls go to the other replica, none fails
+        assert set(answered_by(32)) == {2.0}
+        servers[1].stop(grace=0)
+        with pytest.raises(StageFailed, match="UNAVAILABLE"):  # none left: fails at once, to the fallback
+            tier.read(rank, pb.RankRequest(user_id=1), time.monotonic() + 2)
     finally:
         tier.close()
         for server in servers:

@@ -114,7 +114,7 @@ def test_lookups_degrade_while_redis_is_down_and_recover_when_it_returns():
             assert lookup.degraded and not lookup.found[0]
             np.testing.assert_array_equal(lookup.vectors[0], [9.0, 9.0])
         assert time.monotonic() - started < 5  # short timeouts and the open breaker: no hang
-        assert store.breaker.current_state == "open"
+        assert store.breaker.state == "open"
         with pytest.raises((redis.RedisError, OSError)):
             store.put_many("user", [2], np.ones((1, 2), np.float32))  # a writer must know
         server.start()  # same port, empty: the data did not survive (no persistence here)

@@ -244,9 +244,8 @@ class GrpcServer:
         self.server.start()
 
     def stop(self, grace: float = 5.0, notice: float = 0.0) -> None:
-        """Health goes NOT_SERVING first and calls are still taken for `notice` seconds (clients
-        watching health move their new calls elsewhere), then in-flight calls get `grace`
-        seconds to finish."""
+        """Health goes NOT_SERVING first and calls are still taken for `notice` seconds (probes
+        see it before the port refuses), then in-flight calls get `grace` seconds to finish."""
         self.set_serving(False)
         if notice:
             time.sleep(notice)

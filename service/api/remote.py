@@ -3,7 +3,8 @@
 Every request has a deadline: the client's (cut to `max_deadline_seconds`) or
 `default_deadline_seconds`. Retrieval may use `retrieval_deadline_share` of it, ranking what
 is left, so the answer is never later than the deadline. A read is retried once, and only
-when the tier answered UNAVAILABLE and time remains. Each tier has a circuit breaker: after
+when the tier refused it unrun (UNAVAILABLE, or CANCELLED from a server that is stopping) and
+time remains: reads change nothing, so a second try is safe. Each tier has a circuit breaker: after
 `BREAKER_FAILURES` failures in a row its calls fail at once for `BREAKER_RESET_SECONDS`, then
 one trial call decides. When a stage fails or runs out of time its fallback answers and the
 response says `degraded`: no candidates -> the artifact's popular items (minus exclusions);
@@ -16,10 +17,10 @@ import time
 
 import grpc
 import numpy as np
-import pybreaker
 
+from service.breaker import OPEN, BreakerOpen, CircuitBreaker
 from service.bundle import PopularItems
-from service.metrics import DEGRADED, STAGE_LATENCY
+from service.metrics import DEGRADED, STAGE_LATENCY, TIER_BREAKER_OPEN
 from service.pipeline import candidates_response, ranked_response
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
@@ -38,14 +39,16 @@ log = logging.getLogger(__name__)
 BREAKER_FAILURES = 5
 BREAKER_RESET_SECONDS = 2.0
 MIN_CALL_SECONDS = 0.002  # less time than this left: do not start a call
+RECONNECT_BACKOFF_MS = 1000
+RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
-def balanced_service_config(service: str) -> str:
-    """Spread calls over every address the target resolves to (`dns:///` names a headless
-    Service's pods, `ipv4:a:p,b:p` lists them) and skip a server whose health for `service`
-    is not SERVING: a tier that got SIGTERM says NOT_SERVING first, so new calls go to the
-    others while its calls in flight finish."""
-    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": service}})
+# Spread calls over every address the target resolves to (`dns:///` names a headless Service's
+# pods, `ipv4:a:p,b:p` lists them). A replica that stops sends GOAWAY: new calls go to the
+# others, and one that raced it is refused (UNAVAILABLE or CANCELLED) and retried there. (No client-side health
+# checking: its Watch streams would count against each tier's in-flight limit, and grpcio
+# aborts now and then at exit while one is open.)
+ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
 class StageFailed(Exception):
@@ -53,12 +56,21 @@ class StageFailed(Exception):
 
 
 class Tier:
-    """One downstream tier: its channel, its breaker, reads with one retry on UNAVAILABLE."""
+    """One downstream tier: its channel, its breaker, reads with one retry when refused unrun."""
 
-    def __init__(self, name: str, address: str, service: str):
+    def __init__(self, name: str, address: str):
         self.name = name
-        self.channel = grpc.insecure_channel(address, options=[("grpc.service_config", balanced_service_config(service))])
-        self.breaker = pybreaker.CircuitBreaker(fail_max=BREAKER_FAILURES, reset_timeout=BREAKER_RESET_SECONDS, name=name)
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.service_config", ROUND_ROBIN),
+            # A replica that was away is tried again within a second, not after minutes of backoff.
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+        ])
+        gauge = TIER_BREAKER_OPEN.labels(name)
+        gauge.set(0)
+        self.breaker = CircuitBreaker(
+            name, BREAKER_FAILURES, BREAKER_RESET_SECONDS, lambda state: gauge.set(state == OPEN), counts=(grpc.RpcError,)
+        )
 
     def read(self, method, message, until: float, retry: bool = True):
         timeout = until - time.monotonic()
@@ -66,10 +78,10 @@ class Tier:
             raise StageFailed(f"{self.name}: no time left")
         try:
             return self.breaker.call(method, message, timeout=timeout)
-        except pybreaker.CircuitBreakerError as exc:
+        except BreakerOpen as exc:
             raise StageFailed(f"{self.name}: breaker open") from exc
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and retry:
+            if exc.code() in RETRIED and retry:
                 return self.read(method, message, until, retry=False)
             raise StageFailed(f"{self.name}: {exc.code().name}") from exc
 
@@ -117,8 +129,8 @@ class RemotePipeline:
     def __init__(self, settings: Settings, popular: PopularItems):
         self.settings = settings
         self.popular = popular
-        self.retrieval = Tier("retrieval", settings.retrieval_address, pb.DESCRIPTOR.services_by_name["Retrieval"].full_name)
-        self.ranking = Tier("ranking", settings.ranking_address, pb.DESCRIPTOR.services_by_name["Ranking"].full_name)
+        self.retrieval = Tier("retrieval", settings.retrieval_address)
+        self.ranking = Tier("ranking", settings.ranking_address)
         self._retrieve_stub = pb_grpc.RetrievalStub(self.retrieval.channel).Retrieve
         self._rank_stub = pb_grpc.RankingStub(self.ranking.channel).Rank
         self.model_version = popular.version  # until the retrieval tier names its own

@@ -3,8 +3,9 @@
 A tier is a gRPC server (its service, grpc.health.v1, reflection) plus /metrics on the HTTP
 port. Health says NOT_SERVING until the models and index are loaded, so readiness means
 "can answer", not "Redis is up". On SIGTERM or SIGINT health goes NOT_SERVING first, calls
-are still answered for `SHUTDOWN_NOTICE_SECONDS` (gateways watching health send new calls to
-other replicas), calls in flight get `SHUTDOWN_GRACE_SECONDS` to finish, then the process exits.
+are still answered for `SHUTDOWN_NOTICE_SECONDS` (readiness probes see it and take the replica
+out of its Service), then the server stops taking calls (GOAWAY: gateways send new ones to other
+replicas), calls in flight get `SHUTDOWN_GRACE_SECONDS` to finish, and the process exits.
 """
 
 import logging
@@ -25,7 +26,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_NOTICE_SECONDS = 1.0  # NOT_SERVING while still answering: gateways' health watches see it
+SHUTDOWN_NOTICE_SECONDS = 1.0  # NOT_SERVING while still answering
 SHUTDOWN_GRACE_SECONDS = 5.0
 TierName = Literal["retrieval", "ranking"]
 

@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import pybreaker
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
+from service.breaker import BreakerOpen, CircuitBreaker
 from service.embeddings import layout
 from service.embeddings.cache import LocalCache
 from service.embeddings.store import EmbeddingStore, Lookup, TableConfig, as_ids, observe_lookup
@@ -28,6 +28,7 @@ from service.embeddings.store import EmbeddingStore, Lookup, TableConfig, as_ids
 log = logging.getLogger(__name__)
 
 Client = redis.Redis | RedisCluster
+REDIS_FAILURES = (redis.RedisError, OSError)
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,7 @@ class RedisEmbeddingStore(EmbeddingStore):
         self.client = client if client is not None else connect(config)
         self.cluster = isinstance(self.client, RedisCluster)
         self.cache = LocalCache(config.cache_entries, config.cache_ttl_seconds) if config.cache_entries else None
-        self.breaker = pybreaker.CircuitBreaker(
-            fail_max=config.breaker_failures, reset_timeout=config.breaker_reset_seconds, name="redis"
-        )
+        self.breaker = CircuitBreaker("redis", config.breaker_failures, config.breaker_reset_seconds, counts=REDIS_FAILURES)
         self._random = random.Random()
         self._rng = np.random.default_rng()
         self.backend = "redis_cluster" if self.cluster else "redis"
@@ -105,7 +104,7 @@ class RedisEmbeddingStore(EmbeddingStore):
         config = self.table(table)
         try:
             values = self.breaker.call(self._mget, self.keys(table, ids))
-        except (redis.RedisError, pybreaker.CircuitBreakerError, OSError) as exc:
+        except (*REDIS_FAILURES, BreakerOpen) as exc:
             log.warning("embedding lookup in %s failed: %s", table, exc)
             return np.zeros((len(ids), config.dim), np.float32), np.zeros(len(ids), bool), True
         vectors, found = layout.decode_rows(values, config.dim, config.dtype)

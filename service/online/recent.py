@@ -16,12 +16,14 @@ from abc import ABC, abstractmethod
 from collections import deque
 
 import numpy as np
-import pybreaker
 import redis
+
+from service.breaker import BreakerOpen, CircuitBreaker
 
 log = logging.getLogger(__name__)
 
 SHARDS = 64
+REDIS_FAILURES = (redis.RedisError, OSError)
 
 
 class RecentItems(ABC):
@@ -84,13 +86,13 @@ class RedisRecentItems(RecentItems):
         namespace: str,
         length: int,
         ttl_seconds: float | None = None,
-        breaker: pybreaker.CircuitBreaker | None = None,
+        breaker: CircuitBreaker | None = None,
     ):
         """`breaker`: the embedding store's, so one Redis outage opens one breaker."""
         super().__init__(length, ttl_seconds)
         self.client = client
         self.namespace = namespace
-        self.breaker = breaker or pybreaker.CircuitBreaker(fail_max=5, reset_timeout=2.0, name="redis-recent")
+        self.breaker = breaker or CircuitBreaker("redis-recent", counts=REDIS_FAILURES)
 
     def push(self, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
         grouped: dict[int, list[bytes]] = {}
@@ -108,7 +110,7 @@ class RedisRecentItems(RecentItems):
     def get(self, user_id: int) -> tuple[np.ndarray, bool]:
         try:
             values = self.breaker.call(self.client.lrange, recent_key(self.namespace, int(user_id)), 0, -1)
-        except (redis.RedisError, pybreaker.CircuitBreakerError, OSError) as exc:
+        except (*REDIS_FAILURES, BreakerOpen) as exc:
             log.warning("recent items of a user unavailable: %s", exc)
             return np.empty(0, np.uint64), True
         return np.frombuffer(b"".join(values), dtype="<u8").astype(np.uint64), False
