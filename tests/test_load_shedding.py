@@ -123,3 +123,18 @@ def test_grpc_messages_over_the_limit_are_refused():
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         server.stop(0)
+
+
+@pytest.mark.parametrize("payload", [b"\xff\xff\xff", b"\x0a\x05abc", b"\x08"])
+def test_grpc_bytes_that_are_no_request_get_invalid_argument(payload):
+    server = GrpcServer([BlockedRanking()], "127.0.0.1:0", workers=2)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            raw = channel.unary_unary("/recsys.v1.Ranking/Rank", request_serializer=bytes, response_deserializer=bytes)
+            with pytest.raises(grpc.RpcError) as refused:
+                raw(payload, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed /recsys.v1.Ranking/Rank request" in refused.value.details()
+    finally:
+        server.stop(0)

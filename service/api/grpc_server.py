@@ -12,6 +12,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
@@ -202,6 +203,26 @@ class RankingServicer(pb_grpc.RankingServicer):
         return serve_call("Rank", context, self._ranking, lambda: rank_request_from_proto(request), answer)
 
 
+class MalformedRequests(grpc.ServerInterceptor):
+    """Bytes that do not parse as the method's request message get INVALID_ARGUMENT with the
+    parser's reason (grpcio itself answers INTERNAL): the handler parses them itself."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler  # streams (health Watch) and unknown methods as grpcio serves them
+        parse, behaviour, method = handler.request_deserializer, handler.unary_unary, handler_call_details.method
+
+        def parsed_then_served(raw: bytes, context):
+            try:
+                request = parse(raw)
+            except DecodeError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {method} request: {exc}")
+            return behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(parsed_then_served, response_serializer=handler.response_serializer)
+
+
 class GrpcServer:
     """A gRPC server for the given services, with health (NOT_SERVING until `set_serving`)
     and reflection: the gateway's Recommender, or a tier's Retrieval or Ranking."""
@@ -213,6 +234,7 @@ class GrpcServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             maximum_concurrent_rpcs=max_in_flight,
+            interceptors=[MalformedRequests()],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES),

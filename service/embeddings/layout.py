@@ -1,7 +1,7 @@
 """How embedding rows are laid out in Redis: the code form of docs/embedding-table.md.
 
     vector:  emb:{<table>:<shard>}:<id>   value = dim little-endian fp32 or fp16, no header
-    count:   cnt:{<table>:<shard>}:<id>   value = decimal occurrence count (INCR)
+    count:   cnt:{<table>:<shard>}:<id>   value = decimal occurrence count (INCRBY)
 
 <table> is the qualified table name (`<namespace>.<name>` when the store has a namespace),
 <shard> = id mod the table's shard count, <id> the raw unsigned 64-bit id in decimal.

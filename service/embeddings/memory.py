@@ -71,19 +71,21 @@ class InMemoryEmbeddingStore(EmbeddingStore):
         with self._lock:
             return sum(rows.pop(key, None) is not None for key in as_ids(ids).tolist())
 
-    def record(self, table: str, ids) -> np.ndarray:
+    def counts(self, table: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self.table(table)
         keys = as_ids(ids).tolist()
-        counts = self._counts[table]
         now = time.monotonic()
         with self._lock:
-            observed = np.empty(len(keys), dtype=np.int64)
-            held = np.empty(len(keys), dtype=bool)
-            for i, key in enumerate(keys):
-                counts[key] = observed[i] = counts.get(key, 0) + 1
-                entry = self._rows[table].get(key)
-                held[i] = entry is not None and entry[1] > now
-        return self._admit(table, observed, held, self._rng)
+            counted = np.array([self._counts[table].get(key, 0) for key in keys], dtype=np.int64)
+            rows = [self._rows[table].get(key) for key in keys]
+        return counted, np.array([row is not None and row[1] > now for row in rows], dtype=bool)
+
+    def add_counts(self, table: str, ids) -> None:
+        self.table(table)
+        counts = self._counts[table]
+        with self._lock:
+            for key in as_ids(ids).tolist():
+                counts[key] = counts.get(key, 0) + 1
 
     def scan(self, table: str, batch_size: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         config = self.table(table)

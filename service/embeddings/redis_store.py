@@ -80,7 +80,6 @@ class RedisEmbeddingStore(EmbeddingStore):
         self.cache = LocalCache(config.cache_entries, config.cache_ttl_seconds) if config.cache_entries else None
         self.breaker = CircuitBreaker("redis", config.breaker_failures, config.breaker_reset_seconds, counts=REDIS_FAILURES)
         self._random = random.Random()
-        self._rng = np.random.default_rng()
         self.backend = "redis_cluster" if self.cluster else "redis"
         self._key_makers: dict[str, layout.KeyMaker] = {}
 
@@ -155,21 +154,28 @@ class RedisEmbeddingStore(EmbeddingStore):
             self.cache.invalidate(table, ids)
         return removed
 
-    def record(self, table: str, ids) -> np.ndarray:
+    def counts(self, table: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         config = self.table(table)
-        ids = as_ids(ids).tolist()
         name = self.qualified(table)
-        window_ms = int(config.count_window_seconds * 1000)
         pipe = self.client.pipeline(transaction=False)
-        for item in ids:
-            counter = layout.count_key(name, config.shards, item)
-            pipe.incr(counter)
-            pipe.pexpire(counter, window_ms, nx=True)
+        for item in as_ids(ids).tolist():
+            pipe.get(layout.count_key(name, config.shards, item))
             pipe.exists(layout.vector_key(name, config.shards, item))
         replies = pipe.execute()
-        counts = np.array(replies[0::3], dtype=np.int64)
-        held = np.array(replies[2::3], dtype=bool)
-        return self._admit(table, counts, held, self._rng)
+        counted = np.array([int(value or 0) for value in replies[0::2]], dtype=np.int64)
+        return counted, np.array(replies[1::2], dtype=bool)
+
+    def add_counts(self, table: str, ids) -> None:
+        config = self.table(table)
+        name = self.qualified(table)
+        window_ms = int(config.count_window_seconds * 1000)
+        distinct, occurrences = np.unique(as_ids(ids), return_counts=True)
+        pipe = self.client.pipeline(transaction=False)
+        for item, times in zip(distinct.tolist(), occurrences.tolist()):
+            counter = layout.count_key(name, config.shards, item)
+            pipe.incrby(counter, times)
+            pipe.pexpire(counter, window_ms, nx=True)  # the window starts at the first occurrence
+        pipe.execute()
 
     def scan(self, table: str, batch_size: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         config = self.table(table)

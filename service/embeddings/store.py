@@ -109,6 +109,7 @@ def observe_admission(table: str, admitted: np.ndarray) -> None:
 class EmbeddingStore(ABC):
     def __init__(self, tables: list[TableConfig]):
         self.tables = {t.name: t for t in tables}
+        self._rng = np.random.default_rng()  # probabilistic admission, unless the caller brings its own
 
     def table(self, name: str) -> TableConfig:
         try:
@@ -128,9 +129,31 @@ class EmbeddingStore(ABC):
         """Remove ids; returns how many were present."""
 
     @abstractmethod
+    def counts(self, table: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For distinct `ids`: (occurrences counted so far, whether each holds a row); reads only."""
+
+    @abstractmethod
+    def add_counts(self, table: str, ids) -> None:
+        """Count one occurrence of each id (an id listed twice counts twice)."""
+
+    def admission(self, table: str, ids, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Which of `ids` would be admitted if counted now, in order (an id's second
+        occurrence sees the first counted); reads only: `add_counts` does the counting."""
+        ids = as_ids(ids)
+        distinct, inverse = np.unique(ids, return_inverse=True)
+        counted, held = self.counts(table, distinct)
+        order = np.argsort(inverse, kind="stable")
+        rank = np.empty(len(ids), dtype=np.int64)  # 1 for an id's first occurrence, 2 for its second...
+        grouped = inverse[order]
+        rank[order] = np.arange(len(ids)) - np.searchsorted(grouped, grouped, side="left") + 1
+        return self._admit(table, counted[inverse] + rank, held[inverse], self._rng if rng is None else rng)
+
     def record(self, table: str, ids) -> np.ndarray:
         """Count one occurrence of each id; returns which ids are admitted (they hold a row
         already or now pass the table's frequency filter)."""
+        admitted = self.admission(table, ids)
+        self.add_counts(table, ids)
+        return admitted
 
     def size(self, table: str) -> int:
         """Rows the table holds. Scans the whole table: for tools, not requests."""

@@ -39,24 +39,38 @@ class InterestUpdater:
         self.mixtures = mixtures
         self.decay = 0.5 ** (1.0 / half_life)
 
-    def clusters_of(self, item_ids: np.ndarray) -> np.ndarray:
+    def clusters_of(self, item_ids: np.ndarray, fresh: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """The artifact's cluster of each item; items it lacks are embedded from their table
-        row and assigned to the nearest centroid (-1: no row yet)."""
+        row (or from `fresh`: sorted ids and their vectors, not yet written) and assigned to
+        the nearest centroid (-1: no row yet)."""
         clusters = self.mixtures.cluster_of(item_ids)
         new = clusters < 0
         if new.any():
             lookup = self.store.get_many(ITEM_TABLE, item_ids[new])
             if lookup.degraded:
                 raise ConnectionError("embedding table unavailable")
+            vectors, found = lookup.vectors.copy(), lookup.found.copy()
+            if fresh is not None and len(fresh[0]):
+                at = np.minimum(np.searchsorted(fresh[0], item_ids[new]), len(fresh[0]) - 1)
+                hit = fresh[0][at] == item_ids[new]
+                vectors[hit], found[hit] = fresh[1][at[hit]], True
             attributes = torch.from_numpy(self.features.item_attributes[self.features.items.rows(item_ids[new])])
             with torch.inference_mode():
-                vectors = self.two_tower.item_tower_from_vectors(torch.from_numpy(lookup.vectors), attributes).numpy()
-            clusters[new] = np.where(lookup.found, self.clusters.assign(vectors), -1)
+                vectors = self.two_tower.item_tower_from_vectors(torch.from_numpy(vectors), attributes).numpy()
+            clusters[new] = np.where(found, self.clusters.assign(vectors), -1)
         return clusters
 
     def update(self, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
         """Add the (user, item) pairs, in order, to the users' interest counts."""
-        clusters = self.clusters_of(item_ids)
+        users, rows = self.rows_after(user_ids, item_ids)
+        self.store.put_many(INTEREST_TABLE, users, rows)
+        ONLINE_ROWS_WRITTEN.labels(INTEREST_TABLE).inc(len(users))
+
+    def rows_after(
+        self, user_ids: np.ndarray, item_ids: np.ndarray, fresh: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(users, their interest rows once the pairs are added), written by the caller."""
+        clusters = self.clusters_of(item_ids, fresh)
         users, owner = np.unique(user_ids, return_inverse=True)
         lookup = self.store.get_many(INTEREST_TABLE, users)
         if lookup.degraded:
@@ -66,8 +80,7 @@ class InterestUpdater:
             if cluster >= 0:
                 counts[row] *= self.decay
                 counts[row, cluster] += 1.0
-        self.store.put_many(INTEREST_TABLE, users, counts.astype(np.float32))
-        ONLINE_ROWS_WRITTEN.labels(INTEREST_TABLE).inc(len(users))
+        return users, counts.astype(np.float32)
 
 
 def _checked(lookup: Lookup) -> Lookup:

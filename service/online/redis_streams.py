@@ -17,7 +17,16 @@ import numpy as np
 import redis
 
 from service.metrics import EVENTS_LOST
-from service.online.streams import EventLog, EventLogUnavailable, ItemUpdateFeed, ItemUpdates, LoggedEvent, event_fields, logged_event
+from service.online.journal import RedisOutcomeJournal
+from service.online.streams import (
+    EventLog,
+    EventLogUnavailable,
+    ItemUpdateFeed,
+    ItemUpdates,
+    LoggedEvent,
+    event_fields,
+    logged_event,
+)
 from service.schemas import Event
 
 log = logging.getLogger(__name__)
@@ -100,6 +109,9 @@ class RedisEventLog(EventLog):
             log.warning("group %s of %s is gone (stream deleted?): creating it again", self.group, self.stream)
             self.ensure_group()
             return self._read(consumer, count, block_seconds)
+
+    def journal(self) -> RedisOutcomeJournal:
+        return RedisOutcomeJournal(self.client, self.stream, self.group)
 
     def ack(self, entry_ids: list[str]) -> None:
         if entry_ids:

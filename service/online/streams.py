@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.metrics import EVENTS_APPENDED
+from service.online.journal import InMemoryOutcomeJournal, OutcomeJournal
 from service.schemas import Event, EventsRequest, EventsResponse
 
 
@@ -67,6 +68,10 @@ class EventLog(ABC):
     @abstractmethod
     def backlog(self) -> int:
         """Entries appended and not yet acked by the trainers' group."""
+
+    def journal(self) -> OutcomeJournal:
+        """Where a trainer reading this log records the batch it is writing (`service.online.journal`)."""
+        return InMemoryOutcomeJournal()
 
     def close(self) -> None:
         """Release connections; the in-memory log has none."""

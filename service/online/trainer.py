@@ -8,16 +8,22 @@ For each batch read from the event log:
    sampled artifact users), on the id vectors of rows the artifact did not train (new items,
    catalog items without interactions, new users; artifact rows too with `train_artifact_rows`); the towers' dense layers stay
    as trained (Monolith also syncs dense parameters far less often than sparse ones);
-3. the new vectors are written to the embedding table with fresh TTLs, the positive items
-   appended to their users' recent items and their clusters to the users' interests
-   (kNN-Embed), the rewritten items announced on the update feed
-   (every serving process re-embeds them into its index), and only then are the events acked.
+3. what the batch will write is recorded first (`service.online.journal`), then the
+   occurrences are counted, the new vectors written to the embedding table with fresh TTLs,
+   the users' interests (kNN-Embed) rewritten, the positive items appended to their users'
+   recent items, the rewritten items announced on the update feed (every serving process
+   re-embeds them into its index), and only then are the events acked and the record dropped.
 
 A failure before the ack leaves the batch pending: the same or another trainer gets it
-again (at least once). Brand-new item ids (no catalog attributes) start from the table's
-default vector and are embedded from their id vector alone.
+again, and finds the record, so it writes what the first pass computed instead of training
+again from rows that pass may already have rewritten. The vectors end as if the batch had
+been processed once. Sampling is seeded by the batch's first entry id, so a batch computed
+twice (a crash before its record was saved) computes the same. Brand-new item ids (no
+catalog attributes) start from the table's default vector and are embedded from their id
+vector alone.
 """
 
+import hashlib
 import logging
 import threading
 import time
@@ -31,10 +37,18 @@ from service.embeddings.artifact_tables import ITEM_TABLE, USER_TABLE
 from service.embeddings.store import EmbeddingStore, Lookup
 from service.features import FeatureSpace
 from service.history import UserHistories
-from service.metrics import EVENTS_BACKLOG, EVENTS_PROCESSED, FRESHNESS, ONLINE_ROWS_WRITTEN, ONLINE_UPDATE_DELAY
+from service.metrics import (
+    EVENTS_BACKLOG,
+    EVENTS_PROCESSED,
+    FRESHNESS,
+    ONLINE_ROWS_WRITTEN,
+    ONLINE_UPDATE_DELAY,
+)
 from service.online.interests import InterestUpdater
+from service.online.journal import BatchOutcome
 from service.online.recent import RecentItems
 from service.online.streams import EventLog, ItemUpdateFeed, LoggedEvent
+from service.retrieval.knn_embed import INTEREST_TABLE
 from service.retrieval.two_tower import TwoTower
 from service.schemas import POSITIVE_EVENT_TYPES
 
@@ -77,8 +91,8 @@ class OnlineTrainer:
         self.config = config
         self.consumer = consumer
         self.interests = interests
+        self.journal = events.journal()
         self.temperature = two_tower.config.temperature
-        self._rng = np.random.default_rng(config.seed)
         self._last_update = time.time()
         self.backlog = 0
         self._user_negatives: torch.Tensor | None = None
@@ -88,10 +102,19 @@ class OnlineTrainer:
         """Read one batch, process it, ack it; returns how many events it held."""
         batch = self.events.read(self.consumer, self.config.batch_events, self.config.block_seconds)
         if batch:
-            self.process(batch)
-            self.events.ack([e.entry_id for e in batch])
+            entries = [e.entry_id for e in batch]
+            outcome, done = self.journal.load(self.consumer, entries)
+            if outcome is None:  # a batch seen for the first time (or whose record was never saved)
+                outcome, done = self.compute(batch), set()
+                self.journal.save(self.consumer, outcome)
+            self.write(outcome, done)
+            self.events.ack(entries)
+            self.journal.clear(self.consumer)
+            now = time.time()
             for event in batch:
                 EVENTS_PROCESSED.labels(event.type).inc()
+                if len(outcome.published):
+                    ONLINE_UPDATE_DELAY.observe(max(0.0, now - event.appended_at))
         self.backlog = self.events.backlog()
         EVENTS_BACKLOG.set(self.backlog)
         return len(batch)
@@ -109,28 +132,53 @@ class OnlineTrainer:
                 log.info("online trainer: %.1f events/s, backlog %d", processed / (time.monotonic() - since), self.backlog)
                 processed, since = 0, time.monotonic()
 
-    def process(self, batch: list[LoggedEvent]) -> None:
+    def compute(self, batch: list[LoggedEvent]) -> BatchOutcome:
+        """What `batch` writes, from the tables as they are; writes nothing."""
+        seed = int.from_bytes(hashlib.sha256(batch[0].entry_id.encode()).digest()[:8], "little")
+        rng = np.random.default_rng([self.config.seed, seed])
         users = np.array([e.user_id for e in batch], dtype=np.uint64)
         items = np.array([e.item_id for e in batch], dtype=np.uint64)
         positive = np.array([e.type in POSITIVE_EVENT_TYPES for e in batch], dtype=bool)
-        trainable = positive & self.store.record(USER_TABLE, users) & self.store.record(ITEM_TABLE, items)
+        trainable = positive & self.store.admission(USER_TABLE, users, rng) & self.store.admission(ITEM_TABLE, items, rng)
+        dim = self.two_tower.config.id_dim
+        none, no_vectors = np.empty(0, np.uint64), np.empty((0, dim), np.float32)
+        user_ids, user_vectors, item_ids, item_vectors = none, no_vectors, none, no_vectors
         if trainable.any():
-            self._train(users[trainable], items[trainable])
-        if positive.any():
-            if self.interests is not None:
-                self.interests.update(users[positive], items[positive])
-            self.recent.push(users[positive], items[positive])
-        if trainable.any():
-            self.updates.publish(np.unique(items[trainable]))
-            now = time.time()
-            self._last_update = now
-            for event in batch:
-                ONLINE_UPDATE_DELAY.observe(max(0.0, now - event.appended_at))
+            user_ids, user_vectors, item_ids, item_vectors = self._train(users[trainable], items[trainable], rng)
+        interest_users, interest_rows = none, np.empty((0, 0), np.float32)
+        if positive.any() and self.interests is not None:
+            interest_users, interest_rows = self.interests.rows_after(users[positive], items[positive], (item_ids, item_vectors))
+        return BatchOutcome(
+            [e.entry_id for e in batch], users, items, user_ids, user_vectors, item_ids, item_vectors,
+            interest_users, interest_rows, users[positive], items[positive], np.unique(items[trainable]),
+        )
 
-    def _pooled_history(self, user_ids: np.ndarray) -> np.ndarray:
+    def write(self, outcome: BatchOutcome, done: set[str]) -> None:
+        """Apply a batch's outcome. Rows are set to the recorded values (idempotent); the
+        steps that add are skipped when the record marks them done."""
+        for table, ids in ((USER_TABLE, outcome.count_users), (ITEM_TABLE, outcome.count_items)):
+            if f"counted_{table}" not in done:
+                self.store.add_counts(table, ids)
+                self.journal.mark(self.consumer, f"counted_{table}")
+        for table, ids, vectors in (
+            (USER_TABLE, outcome.user_ids, outcome.user_vectors),
+            (ITEM_TABLE, outcome.item_ids, outcome.item_vectors),
+            (INTEREST_TABLE, outcome.interest_users, outcome.interest_rows),
+        ):
+            if len(ids):
+                self.store.put_many(table, ids, vectors)
+                ONLINE_ROWS_WRITTEN.labels(table).inc(len(ids))
+        if len(outcome.recent_users) and "pushed" not in done:
+            self.recent.push(outcome.recent_users, outcome.recent_items)
+            self.journal.mark(self.consumer, "pushed")
+        if len(outcome.published):
+            self.updates.publish(outcome.published)
+            self._last_update = time.time()
+
+    def _pooled_history(self, user_ids: np.ndarray, with_recent: bool = True) -> np.ndarray:
         """Mean item-id vector of each user's latest items (artifact history, then recent)."""
         length = self.config.history_length
-        recent = self.recent.get_many(user_ids)
+        recent = self.recent.get_many(user_ids) if with_recent else [np.empty(0, np.uint64)] * len(user_ids)
         histories = [np.concatenate([self.histories.get(u), r])[-length:] for u, r in zip(user_ids.tolist(), recent)]
         everything = np.unique(np.concatenate(histories)) if histories else np.empty(0, np.uint64)
         pooled = np.zeros((len(user_ids), self.two_tower.config.id_dim), dtype=np.float32)
@@ -146,14 +194,16 @@ class OnlineTrainer:
 
     def _sampled_users(self) -> torch.Tensor:
         """User-tower outputs of random artifact users, the negatives of the item side; made
-        once, from the vectors the table held then."""
+        once, from their table rows and artifact histories. Neither moves (unless
+        train_artifact_rows), so a restarted trainer makes the same ones."""
         if self._user_negatives is None:
             known = self.features.users.ids
-            sample = self._rng.choice(known, min(self.config.negatives, len(known)), replace=False)
+            rng = np.random.default_rng(self.config.seed)
+            sample = rng.choice(known, min(self.config.negatives, len(known)), replace=False)
             with torch.no_grad():
                 self._user_negatives = self.two_tower.user_tower(
                     torch.from_numpy(self._vectors(USER_TABLE, sample)),
-                    torch.from_numpy(self._pooled_history(sample)),
+                    torch.from_numpy(self._pooled_history(sample, with_recent=False)),
                 )
         return self._user_negatives
 
@@ -171,7 +221,10 @@ class OnlineTrainer:
     def _attributes(self, item_ids: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.features.item_attributes[self.features.items.rows(item_ids)])
 
-    def _train(self, pair_users: np.ndarray, pair_items: np.ndarray) -> None:
+    def _train(
+        self, pair_users: np.ndarray, pair_items: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(user ids, their new vectors, item ids, their new vectors); ids sorted."""
         user_ids, user_of_pair = np.unique(pair_users, return_inverse=True)
         item_ids, item_of_pair = np.unique(pair_items, return_inverse=True)
         user_vectors = torch.from_numpy(self._vectors(USER_TABLE, user_ids)).requires_grad_()
@@ -180,7 +233,7 @@ class OnlineTrainer:
         attributes = self._attributes(item_ids)
 
         catalog = self.features.items.ids
-        sampled = np.setdiff1d(self._rng.choice(catalog, min(self.config.negatives, len(catalog)), replace=False), item_ids)
+        sampled = np.setdiff1d(rng.choice(catalog, min(self.config.negatives, len(catalog)), replace=False), item_ids)
         with torch.no_grad():
             negatives = self.two_tower.item_tower_from_vectors(
                 torch.from_numpy(self._vectors(ITEM_TABLE, sampled)), self._attributes(sampled)
@@ -221,7 +274,4 @@ class OnlineTrainer:
                 user_vectors -= user_rate * user_grad
                 item_vectors -= item_rate * item_grad
 
-        self.store.put_many(USER_TABLE, user_ids, user_vectors.detach().numpy())
-        self.store.put_many(ITEM_TABLE, item_ids, item_vectors.detach().numpy())
-        ONLINE_ROWS_WRITTEN.labels(USER_TABLE).inc(len(user_ids))
-        ONLINE_ROWS_WRITTEN.labels(ITEM_TABLE).inc(len(item_ids))
+        return user_ids, user_vectors.detach().numpy(), item_ids, item_vectors.detach().numpy()
