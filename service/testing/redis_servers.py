@@ -1,12 +1,13 @@
-"""Start real `redis-server` processes on free loopback ports: a standalone server or a
-Redis Cluster of several masters. Used by the tests and benchmarks; each server lives in a
-temporary folder and is stopped by `stop()`."""
+"""Start real `redis-server` processes on free loopback ports: a standalone server (plain,
+with a password, or TLS only) or a Redis Cluster of several masters. Used by the tests and
+benchmarks; each server lives in a temporary folder and is stopped by `stop()`."""
 
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -39,13 +40,47 @@ def require_redis_server() -> str:
     return path
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1 that it signed."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def create(cls, folder: Path) -> "TlsFiles":
+        openssl = shutil.which("openssl") or "openssl"
+        folder.mkdir(parents=True, exist_ok=True)
+        files = cls(folder / "ca.crt", folder / "redis.crt", folder / "redis.key")
+        (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        for command in (
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+             "-subj", "/CN=recsys test CA"],
+            ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "redis.key", "-out", "redis.csr", "-subj", "/CN=127.0.0.1"],
+            ["x509", "-req", "-in", "redis.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "redis.crt", "-days", "2", "-extfile", "san.ext"],
+        ):
+            subprocess.run([openssl, *command], cwd=folder, check=True, capture_output=True, timeout=60)
+        return files
+
+
 class RedisServer:
-    def __init__(self, *extra_args: str, port: int | None = None, cluster: bool = False, password: str | None = None):
+    def __init__(
+        self, *extra_args: str, port: int | None = None, cluster: bool = False, password: str | None = None,
+        tls: TlsFiles | None = None,
+    ):
+        """`tls`: serve TLS only, on `port` (the plain port is off)."""
         self.port = port or free_port(cluster_bus=cluster)
         self.password = password
+        self.tls = tls
         self.dir = Path(tempfile.mkdtemp(prefix="recsys-redis-"))
+        listen = ["--port", str(self.port)] if tls is None else [
+            "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(tls.cert),
+            "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "no",
+        ]
         self.args = [
-            require_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
+            require_redis_server(), *listen, "--bind", "127.0.0.1",
             "--dir", str(self.dir), "--save", "", "--appendonly", "no", "--protected-mode", "no",
             *(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"] if cluster else []),
             *(["--requirepass", password] if password else []),
@@ -57,11 +92,13 @@ class RedisServer:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls is not None:  # verify the server against the test CA
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls.ca}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, password=self.password, socket_timeout=1)
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
         deadline = time.monotonic() + 10
         while True:
             try:
