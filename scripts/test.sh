@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine too: installs what the tests need (redis-server
-# from Debian's packages, the Python environment), then runs pytest.
+# and openssl, for the TLS test's certificates, from Debian's packages; the Python
+# environment), then runs pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null || ! command -v openssl >/dev/null; then
   sudo=""
   [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  echo "installing redis-server"
+  echo "installing redis-server and openssl"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server openssl >/dev/null
 fi
 scripts/setup.sh
 exec .venv/bin/python -m pytest "$@"
