@@ -117,6 +117,15 @@ class UpsertItemVectorsRequest(BaseModel):
         return self
 
 
+class ImportTableRequest(BaseModel):
+    """A Parquet table snapshot to write into an embedding table (admin)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    table: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z_]+$", description="An embedding table: user, item, interest, ...")]
+    path: Annotated[str, Field(min_length=1, max_length=1024, description="The snapshot file, relative to the artifact root.")]
+
+
 class ScoredItem(BaseModel):
     item_id: Uint64
     score: float

@@ -78,8 +78,8 @@ class Settings(BaseSettings):
 
     admin_token: Annotated[
         SecretStr | None,
-        Field(min_length=16, description="Bearer token of the gRPC Admin service (index reload, item-vector upsert); "
-                                         "unset: the service is off."),
+        Field(min_length=16, description="Bearer token of the Admin calls, gRPC and HTTP (index reload, item-vector "
+                                         "upsert, table-snapshot import); unset: they are off."),
     ] = None
 
     redis_url: Annotated[

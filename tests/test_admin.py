@@ -1,11 +1,14 @@
-"""recsys.v1.Admin over real gRPC: off without a token, refused without the right one,
-index reload and item-vector upsert with it, bad vectors refused."""
+"""recsys.v1.Admin over real gRPC and HTTP: off without a token, refused without the right
+one, index reload, item-vector upsert and table-snapshot import with it; bad vectors and
+snapshots outside the artifact root refused."""
 
 import shutil
 import time
 
 import grpc
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
@@ -13,6 +16,9 @@ from pydantic import ValidationError
 from service.api.app import build_app
 from service.bundle import ModelBundle
 from service.embeddings.artifact_tables import in_memory_store
+from service.embeddings.memory import InMemoryEmbeddingStore
+from service.embeddings.snapshot import export_table
+from service.embeddings.store import TableConfig
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.retrieval.index_versions import build_index_version, table_item_vectors
@@ -136,3 +142,67 @@ def test_bad_vectors_are_refused_and_nothing_is_written(admin, items, message):
 def test_a_short_admin_token_is_refused_at_startup():
     with pytest.raises(ValidationError, match="admin_token"):
         Settings(admin_token="short")
+
+
+def snapshot(folder, name: str, ids, vectors) -> str:
+    """A table snapshot as `recsys table export` writes it, under the artifact; its relative path."""
+    (folder / "snapshots").mkdir(exist_ok=True)
+    if np.isfinite(vectors).all():
+        store = InMemoryEmbeddingStore([TableConfig("item", vectors.shape[1])])
+        store.put_many("item", np.array(ids, np.uint64), vectors)
+        export_table(store, "item", folder / "snapshots" / name)
+    else:  # no store holds such rows: written by hand in the same format
+        dim = vectors.shape[1]
+        column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim)
+        pq.write_table(pa.table({"id": pa.array(ids, pa.uint64()), "vector": column}), folder / "snapshots" / name)
+    return f"snapshots/{name}"
+
+
+def test_a_table_snapshot_is_imported_and_its_items_reach_the_index(admin, own_artifact):
+    http, stub = admin
+    bundle, store = http.app.state.pipeline.bundle, http.app.state.pipeline.store
+    new_items = [2**64 - 21, 2**64 - 22, 2**64 - 23]
+    vectors = store.get_many("item", bundle.features.items.ids[:3]).vectors
+    before = len(bundle.index)
+    path = snapshot(own_artifact, "new-items.parquet", new_items, vectors)
+    assert stub.ImportTable(pb.ImportTableRequest(table="item", path=path), metadata=BEARER, timeout=30).rows == 3
+    np.testing.assert_allclose(store.get_many("item", new_items).vectors, vectors)
+    deadline = time.monotonic() + 10
+    while len(bundle.index) < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(bundle.index) == before + 3  # announced: index sync re-embedded them
+    again = snapshot(own_artifact, "one-more.parquet", [2**64 - 24], vectors[:1])
+    body = {"table": "item", "path": again}
+    assert http.post("/admin/v1/tables/import", json=body, headers=dict(BEARER)).json() == {"rows": 1}
+    assert store.get_many("item", [2**64 - 24]).found[0]
+    refused = http.post("/admin/v1/tables/import", json=body)
+    assert refused.status_code == 401
+
+
+def test_a_snapshot_outside_the_artifact_root_or_unusable_is_refused_and_nothing_is_written(admin, own_artifact, tmp_path):
+    http, stub = admin
+    store = http.app.state.pipeline.store
+    dim = store.table("item").dim
+    outside = tmp_path / "outside.parquet"
+    export_table(store, "item", outside)  # a real snapshot, in the wrong place
+    (own_artifact / "snapshots").mkdir(exist_ok=True)
+    (own_artifact / "snapshots" / "escape.parquet").symlink_to(outside)
+    bad = np.full((1, dim), 0.5, np.float32)
+    bad[0, 0] = np.nan
+    cases = [
+        ("item", str(outside), "outside the artifact root"),
+        ("item", "../outside.parquet", "outside the artifact root"),
+        ("item", "snapshots/escape.parquet", "outside the artifact root"),
+        ("item", "snapshots/missing.parquet", "no file"),
+        ("item", "manifest.json", "not a table snapshot"),
+        ("nope", "snapshots/escape.parquet", "no embedding table"),
+        ("item", snapshot(own_artifact, "nan.parquet", [2**64 - 31], bad), "NaN"),
+        ("user", snapshot(own_artifact, "wide.parquet", [2**64 - 32], np.ones((1, dim + 1), np.float32)), "dims"),
+    ]
+    for table, path, message in cases:
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ImportTable(pb.ImportTableRequest(table=table, path=path), metadata=BEARER, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in refused.value.details(), (path, refused.value.details())
+        over_http = http.post("/admin/v1/tables/import", json={"table": table, "path": path}, headers=dict(BEARER))
+        assert over_http.status_code == 422 and message in over_http.text, over_http.text
+    assert not store.get_many("item", [2**64 - 31]).found[0]

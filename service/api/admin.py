@@ -1,9 +1,11 @@
-"""Admin: index reload and item-vector upsert on a serving process (the embedded service or
-the retrieval tier), behind a bearer token: gRPC recsys.v1.Admin and HTTP /admin/v1/*.
-Without RECSYS_ADMIN_TOKEN neither is registered (gRPC UNIMPLEMENTED, HTTP 404)."""
+"""Admin: index reload, item-vector upsert and table-snapshot import on a serving process
+(the embedded service or the retrieval tier), behind a bearer token: gRPC recsys.v1.Admin
+and HTTP /admin/v1/*. Without RECSYS_ADMIN_TOKEN neither is registered (gRPC UNIMPLEMENTED,
+HTTP 404)."""
 
 import hmac
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -12,24 +14,27 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 
-from service.api.grpc_server import serve_call
+from service.api.grpc_server import InvalidArgument, serve_call
 from service.embeddings.artifact_tables import ITEM_TABLE
+from service.embeddings.snapshot import import_table
 from service.embeddings.store import EmbeddingStore
 from service.online.streams import ItemUpdateFeed
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.retrieval.index_versions import IndexReloader
-from service.schemas import UpsertItemVectorsRequest
+from service.schemas import ImportTableRequest, UpsertItemVectorsRequest
 
 
 class IndexAdmin:
     """What the Admin calls do, over one serving process's index reloader, embedding table
     and item-update feed."""
 
-    def __init__(self, reloader: IndexReloader, store: EmbeddingStore, updates: ItemUpdateFeed):
+    def __init__(self, reloader: IndexReloader, store: EmbeddingStore, updates: ItemUpdateFeed, root: Path):
+        """`root`: the artifact root; snapshots are imported from files under it only."""
         self.reloader = reloader
         self.store = store
         self.updates = updates
+        self.root = Path(root).resolve()
 
     @property
     def item_dim(self) -> int:
@@ -50,6 +55,24 @@ class IndexAdmin:
         return len(ids)
 
 
+    def snapshot_file(self, path: str) -> Path:
+        """`path` under the artifact root, or ValueError: nothing outside it is read."""
+        resolved = (self.root / path).resolve()  # symlinks and `..` resolved before the check
+        if not resolved.is_relative_to(self.root):
+            raise ValueError(f"{path!r} is outside the artifact root")
+        if not resolved.is_file():
+            raise ValueError(f"{path!r} is no file under the artifact root")
+        return resolved
+
+    def import_table(self, request: ImportTableRequest) -> int:
+        """Write a snapshot's rows into a table; imported item rows are announced, so every
+        serving process's index sync re-embeds them."""
+        if request.table not in self.store.tables:
+            raise ValueError(f"no embedding table {request.table!r}; tables: {sorted(self.store.tables)}")
+        announce = self.updates.publish if request.table == ITEM_TABLE else None
+        return import_table(self.store, request.table, self.snapshot_file(request.path), announce)
+
+
 def bearer_matches(metadata, token: str) -> bool:
     """Constant-time comparison, so the time taken says nothing of how much of it matched."""
     given = dict(metadata).get("authorization", "")
@@ -63,6 +86,10 @@ class ReloadIndexAnswer(BaseModel):
 
 class UpsertItemVectorsAnswer(BaseModel):
     upserted: int
+
+
+class ImportTableAnswer(BaseModel):
+    rows: int
 
 
 def admin_router(token: str) -> APIRouter:
@@ -98,6 +125,14 @@ def admin_router(token: str) -> APIRouter:
             raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
         return UpsertItemVectorsAnswer(upserted=admin.upsert_item_vectors(checked))
 
+    @router.post("/tables/import", response_model=ImportTableAnswer)
+    def import_table_snapshot(body: ImportTableRequest, admin: AdminDep) -> ImportTableAnswer:
+        """Write a Parquet table snapshot from under the artifact root into an embedding table."""
+        try:
+            return ImportTableAnswer(rows=admin.import_table(body))
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+
     return router
 
 
@@ -130,3 +165,12 @@ class AdminServicer(pb_grpc.AdminServicer):
             return pb.UpsertItemVectorsResponse(upserted=admin.upsert_item_vectors(parsed))
 
         return self._call("UpsertItemVectors", context, parse, answer)
+
+    def ImportTable(self, request, context):
+        def answer(admin: IndexAdmin, parsed: ImportTableRequest) -> pb.ImportTableResponse:
+            try:
+                return pb.ImportTableResponse(rows=admin.import_table(parsed))
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+
+        return self._call("ImportTable", context, lambda: ImportTableRequest(table=request.table, path=request.path), answer)

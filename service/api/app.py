@@ -61,7 +61,7 @@ def load_service(settings: Settings) -> tuple[RecommendPipeline, OnlineLearning,
         online.start("index-reload", lambda stop: reloader.run(stop, settings.index_poll_seconds))
     if settings.online_trainer == "in_process":
         online.start("online-trainer", make_trainer(settings, bundle, store, online).run)
-    return pipeline, online, IndexAdmin(reloader, store, online.updates)
+    return pipeline, online, IndexAdmin(reloader, store, online.updates, settings.artifacts)
 
 
 def load_gateway(settings: Settings) -> tuple[RemotePipeline, OnlineLearning, None]:

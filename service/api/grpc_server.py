@@ -66,10 +66,14 @@ def _validation_message(error: ValidationError) -> str:
     )
 
 
+class InvalidArgument(Exception):
+    """`answer` found the request unusable (a file it names is missing, say): INVALID_ARGUMENT."""
+
+
 def serve_call(endpoint: str, context: grpc.ServicerContext, ready, parse, answer, authorized=lambda: True):
     """Metrics and status codes around one call: UNAUTHENTICATED unless `authorized()`,
     UNAVAILABLE before `ready()` gives what `answer` needs, INVALID_ARGUMENT when `parse`
-    refuses the request."""
+    refuses the request or `answer` raises `InvalidArgument`."""
     started = time.perf_counter()
     code = grpc.StatusCode.OK
     try:
@@ -90,6 +94,9 @@ def serve_call(endpoint: str, context: grpc.ServicerContext, ready, parse, answe
         except EventLogUnavailable as exc:
             code = grpc.StatusCode.UNAVAILABLE
             context.abort(code, f"{exc}; no event of the request was appended, retry")
+        except InvalidArgument as exc:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            context.abort(code, str(exc))
     except Exception:
         if code == grpc.StatusCode.OK:
             code = grpc.StatusCode.INTERNAL

@@ -194,3 +194,17 @@ class UpsertItemVectorsResponse(_message.Message):
     UPSERTED_FIELD_NUMBER: _ClassVar[int]
     upserted: int
     def __init__(self, upserted: _Optional[int] = ...) -> None: ...
+
+class ImportTableRequest(_message.Message):
+    __slots__ = ("table", "path")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    path: str
+    def __init__(self, table: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class ImportTableResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    def __init__(self, rows: _Optional[int] = ...) -> None: ...

@@ -360,6 +360,11 @@ class AdminStub:
                 request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.UpsertItemVectorsRequest.SerializeToString,
                 response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.UpsertItemVectorsResponse.FromString,
                 _registered_method=True)
+        self.ImportTable = channel.unary_unary(
+                '/recsys.v1.Admin/ImportTable',
+                request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ImportTableRequest.SerializeToString,
+                response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ImportTableResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -384,6 +389,16 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportTable(self, request, context):
+        """Write the rows of a Parquet table snapshot (`recsys table export`) into an embedding
+        table, with fresh TTLs. The file must lie under the artifact root; every vector is
+        checked (dimension, finite) before the first row is written. Imported item rows are
+        announced on the item-update feed, so every serving process re-embeds them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -396,6 +411,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.UpsertItemVectors,
                     request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.UpsertItemVectorsRequest.FromString,
                     response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.UpsertItemVectorsResponse.SerializeToString,
+            ),
+            'ImportTable': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportTable,
+                    request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ImportTableRequest.FromString,
+                    response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ImportTableResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -455,6 +475,33 @@ class Admin:
             '/recsys.v1.Admin/UpsertItemVectors',
             service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.UpsertItemVectorsRequest.SerializeToString,
             service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.UpsertItemVectorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportTable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Admin/ImportTable',
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ImportTableRequest.SerializeToString,
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ImportTableResponse.FromString,
             options,
             channel_credentials,
             insecure,
