@@ -11,7 +11,9 @@ import pytest
 
 from service.testing.faults import (
     HTTP_SLACK_SECONDS,
+    OVERLOAD_CLIENTS,
     ScenarioResult,
+    fault_stack,
     hot_swap,
     overload,
     redis_restart,
@@ -21,21 +23,15 @@ from service.testing.faults import (
     tier_killed,
     trainer_crash,
 )
-from service.testing.stack import LocalStack
 from service.training import train_and_save
 from tests.conftest import tiny_train_config
-
-IN_FLIGHT_LIMIT = 8  # per process: the overload scenario's 24 clients exceed it, the others' 4 do not
 
 
 @pytest.fixture(scope="module")
 def stack(artifact_root, tmp_path_factory):
     artifacts = tmp_path_factory.mktemp("fault-artifacts") / "artifacts"
     shutil.copytree(artifact_root, artifacts)  # the hot swap writes an index version into it
-    stack = LocalStack(
-        artifacts, "--appendonly", "yes", "--appendfsync", "always",
-        admin_token="fault-scenario-admin-token", env={"RECSYS_MAX_IN_FLIGHT": str(IN_FLIGHT_LIMIT)},
-    )
+    stack = fault_stack(artifacts, "fault-scenario-admin-token")
     try:
         stack.start()
         yield stack
@@ -106,5 +102,5 @@ def test_online_trainer_killed_mid_load_processes_every_acknowledged_event(stack
 
 
 def test_overload_is_shed_at_once_and_nothing_fails(stack, load_ids):
-    result = run(stack, load_ids, "overload", overload, clients=3 * IN_FLIGHT_LIMIT, pause_seconds=0.0)
+    result = run(stack, load_ids, "overload", overload, clients=OVERLOAD_CLIENTS, pause_seconds=0.0)
     assert result.shed > 0

@@ -110,10 +110,11 @@ class OnlineTrainer:
             self.write(outcome, done)
             self.events.ack(entries)
             self.journal.clear(self.consumer)
-            now = time.time()
             for event in batch:
                 EVENTS_PROCESSED.labels(event.type).inc()
-                if len(outcome.published):
+            if len(outcome.published):  # the batch changed vectors: how long its events took to land
+                now = time.time()
+                for event in batch:
                     ONLINE_UPDATE_DELAY.observe(max(0.0, now - event.appended_at))
         self.backlog = self.events.backlog()
         EVENTS_BACKLOG.set(self.backlog)

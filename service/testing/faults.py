@@ -30,6 +30,17 @@ from service.testing.stack import RECSYS, REPLICA_SLOTS, LocalStack
 
 EVENT_USERS_FROM = 1 << 40  # the loop's event user ids: far above any artifact user
 HTTP_SLACK_SECONDS = 2.0  # beyond its deadline, an answer this late counts as a hang
+IN_FLIGHT_LIMIT = 8  # per process: the overload scenario's clients exceed it, the others' 4 do not
+OVERLOAD_CLIENTS = 3 * IN_FLIGHT_LIMIT
+
+
+def fault_stack(artifacts: Path, admin_token: str) -> LocalStack:
+    """The stack the scenarios run on: Redis fsyncing every write to its AOF (so an
+    acknowledged event survives a kill), and the in-flight limit the overload scenario exceeds."""
+    return LocalStack(
+        artifacts, "--appendonly", "yes", "--appendfsync", "always",
+        admin_token=admin_token, env={"RECSYS_MAX_IN_FLIGHT": str(IN_FLIGHT_LIMIT)},
+    )
 
 
 @dataclass(frozen=True)
