@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from service.api.grpc_server import GrpcServer, candidates_to_columns
-from service.api.remote import BREAKER_FAILURES, StageFailed, Tier, candidates_from_columns
+from service.api.remote import BREAKER_FAILURES, CALL_ATTEMPTS, StageFailed, Tier, candidates_from_columns
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.retrieval.generator import Candidates
@@ -244,3 +244,37 @@ def test_a_tier_target_with_several_replicas_balances_over_the_running_ones():
         tier.close()
         for server in servers:
             server.stop(0)
+
+
+class RefusesFirst(pb_grpc.RankingServicer):
+    """Refuses its first `refusals` calls unrun, as a stopping server does, then answers."""
+
+    service = "Ranking"
+
+    def __init__(self, refusals: int):
+        self.refusals, self.calls = refusals, 0
+
+    def Rank(self, request, context):
+        self.calls += 1
+        if self.calls <= self.refusals:
+            context.abort(grpc.StatusCode.UNAVAILABLE if self.calls % 2 else grpc.StatusCode.CANCELLED, "stopping")
+        return pb.RankResponse(scores=[1.0])
+
+
+@pytest.mark.parametrize("refusals, answered", [(2, True), (3, False)])
+def test_calls_refused_unrun_are_tried_again_up_to_the_attempt_limit(refusals, answered):
+    servicer = RefusesFirst(refusals)
+    server = GrpcServer([servicer], "127.0.0.1:0")
+    server.start()
+    tier = Tier("ranking", f"127.0.0.1:{server.port}")
+    try:
+        read = lambda: tier.read(pb_grpc.RankingStub(tier.channel).Rank, pb.RankRequest(user_id=1), time.monotonic() + 2)  # noqa: E731
+        if answered:
+            assert read().scores == [1.0]
+        else:
+            with pytest.raises(StageFailed, match="UNAVAILABLE"):
+                read()
+        assert servicer.calls == min(refusals + 1, CALL_ATTEMPTS)
+    finally:
+        tier.close()
+        server.stop(0)

@@ -2,9 +2,10 @@
 
 Every request has a deadline: the client's (cut to `max_deadline_seconds`) or
 `default_deadline_seconds`. Retrieval may use `retrieval_deadline_share` of it, ranking what
-is left, so the answer is never later than the deadline. A read is retried once, and only
-when the tier refused it unrun (UNAVAILABLE, or CANCELLED from a server that is stopping) and
-time remains: reads change nothing, so a second try is safe. Each tier has a circuit breaker: after
+is left, so the answer is never later than the deadline. A read is tried up to
+`CALL_ATTEMPTS` times, and again only when the tier refused it unrun (UNAVAILABLE, or
+CANCELLED from a server that is stopping) and time remains: reads change nothing, so another
+try is safe. Each tier has a circuit breaker: after
 `BREAKER_FAILURES` failures in a row its calls fail at once for `BREAKER_RESET_SECONDS`, then
 one trial call decides. When a stage fails or runs out of time its fallback answers and the
 response says `degraded`: no candidates -> the artifact's popular items (minus exclusions);
@@ -40,15 +41,26 @@ BREAKER_FAILURES = 5
 BREAKER_RESET_SECONDS = 2.0
 MIN_CALL_SECONDS = 0.002  # less time than this left: do not start a call
 RECONNECT_BACKOFF_MS = 1000
-RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-
+CALL_ATTEMPTS = 3  # a call refused unrun is tried again, on a replica picked anew
 
 # Spread calls over every address the target resolves to (`dns:///` names a headless Service's
 # pods, `ipv4:a:p,b:p` lists them). A replica that stops sends GOAWAY: new calls go to the
-# others, and one that raced it is refused (UNAVAILABLE or CANCELLED) and retried there. (No client-side health
-# checking: its Watch streams would count against each tier's in-flight limit, and grpcio
-# aborts now and then at exit while one is open.)
-ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+# others. A call that raced the GOAWAY is refused unrun (UNAVAILABLE, or CANCELLED from the
+# stopping server); gRPC's retry policy tries it again after a few milliseconds, by which
+# time the balancer has dropped that connection, and only while the deadline allows. One
+# immediate retry was not enough: it could pick the stopping replica again. (No client-side
+# health checking: its Watch streams would count against each tier's in-flight limit, and
+# grpcio aborts now and then at exit while one is open.)
+TIER_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{}],
+        "retryPolicy": {
+            "maxAttempts": CALL_ATTEMPTS, "initialBackoff": "0.01s", "maxBackoff": "0.05s", "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+        },
+    }],
+})
 
 
 class StageFailed(Exception):
@@ -56,12 +68,12 @@ class StageFailed(Exception):
 
 
 class Tier:
-    """One downstream tier: its channel, its breaker, reads with one retry when refused unrun."""
+    """One downstream tier: its channel (balanced, retrying calls refused unrun), its breaker."""
 
     def __init__(self, name: str, address: str):
         self.name = name
         self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.service_config", ROUND_ROBIN),
+            ("grpc.service_config", TIER_SERVICE_CONFIG),
             # A replica that was away is tried again within a second, not after minutes of backoff.
             ("grpc.initial_reconnect_backoff_ms", 250),
             ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
@@ -72,7 +84,7 @@ class Tier:
             name, BREAKER_FAILURES, BREAKER_RESET_SECONDS, lambda state: gauge.set(state == OPEN), counts=(grpc.RpcError,)
         )
 
-    def read(self, method, message, until: float, retry: bool = True):
+    def read(self, method, message, until: float):
         timeout = until - time.monotonic()
         if timeout < MIN_CALL_SECONDS:
             raise StageFailed(f"{self.name}: no time left")
@@ -81,8 +93,6 @@ class Tier:
         except BreakerOpen as exc:
             raise StageFailed(f"{self.name}: breaker open") from exc
         except grpc.RpcError as exc:
-            if exc.code() in RETRIED and retry:
-                return self.read(method, message, until, retry=False)
             raise StageFailed(f"{self.name}: {exc.code().name}") from exc
 
     def close(self) -> None:
