@@ -25,10 +25,10 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from service.ctr.field_map import FieldMap  # noqa: E402
+from service.ctr.tables import load_ctr_table  # noqa: E402
+from service.ctr.training import CtrTrainConfig, predict, tensors, train_ctr  # noqa: E402
 from service.ranking.compression import CompressionConfig, compress, model_bytes  # noqa: E402
-from service.ranking.ctr import CtrTrainConfig, predict, tensors, train_ctr  # noqa: E402
-from service.ranking.ctr_data import load_ctr_table  # noqa: E402
-from service.ranking.fields import FieldMap  # noqa: E402
 from service.ranking.models import build_ranker  # noqa: E402
 
 BATCHES = (1, 64, 256, 1024)

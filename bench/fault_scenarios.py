@@ -42,7 +42,7 @@ from service.testing.faults import (  # noqa: E402
     tier_killed,
     trainer_crash,
 )
-from service.training import TrainConfig, train_and_save  # noqa: E402
+from service.training.artifact import TrainConfig, train_and_save  # noqa: E402
 
 
 def scenarios(new_model: Path, quick: bool, clients: int) -> list[tuple[str, str, object, dict]]:

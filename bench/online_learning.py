@@ -28,21 +28,21 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
+from service.artifact_tables import in_memory_store, load_artifact
 from service.bundle import ModelBundle
 from service.data.files import load_dataset
 from service.data.schema import Dataset
 from service.data.split import temporal_split
-from service.embeddings.artifact_tables import in_memory_store, load_artifact, table_configs
+from service.embeddings.recent_items import InMemoryRecentItems, RedisRecentItems
 from service.embeddings.redis_store import RedisEmbeddingStore, RedisStoreConfig, connect
 from service.online.index_sync import IndexSync
-from service.online.memory import InMemoryEventLog, InMemoryItemUpdateFeed
-from service.online.recent import InMemoryRecentItems, RedisRecentItems
+from service.online.memory_streams import InMemoryEventLog, InMemoryItemUpdateFeed
 from service.online.redis_streams import RedisEventLog, RedisItemUpdateFeed
 from service.online.trainer import OnlineTrainer, OnlineTrainerConfig
-from service.pipeline import RecommendPipeline
+from service.pipeline.in_process import RecommendPipeline
 from service.schemas import Event
 from service.testing.redis_servers import RedisServer
-from service.training import TrainConfig, train_and_save
+from service.training.artifact import TrainConfig, train_and_save
 
 DEPTH = 50
 
@@ -98,7 +98,7 @@ def freshness_on_redis(folder: str, rounds: int) -> dict:
     try:
         bundle = ModelBundle.load(folder)
         namespace = uuid.uuid4().hex[:6]
-        store = RedisEmbeddingStore(table_configs(bundle), RedisStoreConfig(server.url, namespace=namespace, socket_timeout=5))
+        store = RedisEmbeddingStore(bundle.tables(), RedisStoreConfig(server.url, namespace=namespace, socket_timeout=5))
         load_artifact(store, bundle, progress=False)
         client = connect(RedisStoreConfig(server.url, socket_timeout=5))
         log = RedisEventLog(client, "bench-events", f"trainer.{namespace}")
@@ -170,7 +170,7 @@ def throughput(folder: str, n_events: int) -> dict:
                 events, recent = InMemoryEventLog(), InMemoryRecentItems(50)
             else:
                 namespace = uuid.uuid4().hex[:6]
-                store = RedisEmbeddingStore(table_configs(bundle), RedisStoreConfig(server.url, namespace=namespace, socket_timeout=5, cache_entries=0))
+                store = RedisEmbeddingStore(bundle.tables(), RedisStoreConfig(server.url, namespace=namespace, socket_timeout=5, cache_entries=0))
                 load_artifact(store, bundle, progress=False)
                 events = RedisEventLog(client, f"train-events-{namespace}", "g")
                 events.ensure_group()

@@ -25,13 +25,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from service.data.histories import UserHistories  # noqa: E402
 from service.data.synthetic import clustered_unit_vectors  # noqa: E402
-from service.embeddings.memory import InMemoryEmbeddingStore  # noqa: E402
+from service.embeddings.memory_store import InMemoryEmbeddingStore  # noqa: E402
 from service.embeddings.store import TableConfig  # noqa: E402
-from service.history import UserHistories  # noqa: E402
+from service.embeddings.tables import INTEREST_TABLE, SMOOTHING_TABLE  # noqa: E402
 from service.retrieval.generator import CandidateGenerator  # noqa: E402
 from service.retrieval.index import ItemIndex, SearchParams, default_factory  # noqa: E402
-from service.retrieval.knn_embed import INTEREST_TABLE, SMOOTHING_TABLE, ItemClusters, MixtureKnobs, interest_counts, split_budget  # noqa: E402
+from service.retrieval.knn_embed import ItemClusters, MixtureKnobs, interest_counts, split_budget  # noqa: E402
+from service.retrieval.popular import PopularItems  # noqa: E402
 from service.retrieval.two_tower import TwoTower, TwoTowerConfig  # noqa: E402
 
 USERS, HISTORY, CANDIDATES, CLUSTERS = 10_000, 20, 200, 256
@@ -75,7 +77,8 @@ def main() -> None:
     store.put_many(INTEREST_TABLE, user_ids, counts)
     store.put_many(SMOOTHING_TABLE, user_ids, counts[rng.permutation(USERS)] / HISTORY)
 
-    generator = CandidateGenerator(model, index, store, histories, item_ids[:1000], np.zeros(1000, np.float32), 50, None, clusters, MixtureKnobs())
+    popular = PopularItems("bench", item_ids[:1000], np.zeros(1000, np.float32))
+    generator = CandidateGenerator(model, index, store, histories, popular, 50, None, clusters, MixtureKnobs())
     none = np.empty(0, np.uint64)
     asked = rng.choice(user_ids, requests)
     results = {"items": n, "dim": config.out_dim, "factory": default_factory(n), "nprobe": 32, "candidates": CANDIDATES, "requests": requests}

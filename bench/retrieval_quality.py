@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.data.files import load_dataset  # noqa: E402
 from service.data.split import temporal_split  # noqa: E402
 from service.evaluation import RetrievalEvaluator, format_retrieval_table, pipeline_retrievers  # noqa: E402
-from service.pipeline import RecommendPipeline  # noqa: E402
+from service.pipeline.in_process import RecommendPipeline  # noqa: E402
 from service.retrieval.knn_embed import MixtureKnobs  # noqa: E402
-from service.training import TrainConfig, train  # noqa: E402
+from service.training.artifact import TrainConfig, train  # noqa: E402
 
 
 def als_retriever(train_part, factors: int = 64, seed: int = 0):

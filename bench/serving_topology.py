@@ -33,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.bundle import ModelBundle  # noqa: E402
-from service.embeddings.artifact_tables import table_configs  # noqa: E402
 from service.embeddings.redis_store import RedisEmbeddingStore, RedisStoreConfig  # noqa: E402
 from service.probe import grpc_status  # noqa: E402
 from service.testing.redis_servers import RedisServer, free_port  # noqa: E402
@@ -168,9 +167,9 @@ def load_levels(url: str, users: np.ndarray, concurrency: int, warmup: int) -> d
 
 def raw_compute(bundle: ModelBundle, redis_url: str, users: np.ndarray) -> dict:
     """The work one request needs with no service around it, one request at a time."""
-    from service.pipeline import RecommendPipeline
+    from service.pipeline.in_process import RecommendPipeline
 
-    store = RedisEmbeddingStore(table_configs(bundle), RedisStoreConfig(url=redis_url, namespace=bundle.namespace))
+    store = RedisEmbeddingStore(bundle.tables(), RedisStoreConfig(url=redis_url, namespace=bundle.namespace))
     pipeline = RecommendPipeline(bundle, store)
     generator, ranker = pipeline.generator, pipeline.ranking.ranker
     prepared = []

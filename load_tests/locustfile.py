@@ -54,7 +54,7 @@ def known_users(artifacts: str | None) -> np.ndarray:
     if not artifacts:
         return np.empty(0, dtype=np.uint64)
     from service.artifacts import resolve_version
-    from service.history import UserHistories
+    from service.data.histories import UserHistories
 
     return UserHistories.load(resolve_version(artifacts) / "histories.safetensors").user_ids
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine too: installs what the tests need (redis-server
 # and openssl, for the TLS test's certificates, from Debian's packages; the Python
-# environment), then runs pytest.
+# environment), checks lint and formatting (scripts/lint.sh), then runs pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null || ! command -v openssl >/dev/null; then
@@ -12,4 +12,5 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null || 
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server openssl >/dev/null
 fi
 scripts/setup.sh
+scripts/lint.sh
 exec .venv/bin/python -m pytest "$@"

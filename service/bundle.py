@@ -1,24 +1,23 @@
 """The models of one artifact version, written and loaded as `service.artifacts` lays out."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-from safetensors.numpy import load_file as load_arrays
-from safetensors.numpy import save_file as save_arrays
 from safetensors.torch import load_file as load_tensors
 from safetensors.torch import save_file as save_tensors
 from torch import nn
 
 from service.artifacts import FORMAT, read_manifest, resolve_version, write_version
-from service.features import FeatureSpace
-from service.history import UserHistories
+from service.data.feature_space import FeatureSpace
+from service.data.histories import UserHistories
+from service.embeddings.store import TableConfig
+from service.embeddings.tables import table_configs
 from service.ranking.compression import CompressionPlan, compressed_shape
-from service.ranking.models import build_ranker, ranker_name
-from service.ranking.train import RankerVariant, trained_variant
+from service.ranking.models import RankerVariant, build_ranker, ranker_name, trained_variant
 from service.retrieval.index import Device, ItemIndex, SearchParams
 from service.retrieval.index_versions import load_index_version, newest_index_file
 from service.retrieval.knn_embed import ItemClusters, KnnEmbedConfig, UserMixtures
+from service.retrieval.popular import PopularItems, version_namespace
 from service.retrieval.two_tower import TwoTower, TwoTowerConfig
 
 
@@ -44,11 +43,6 @@ class RankingParts:
         return cls(manifest["version"], FeatureSpace.load(folder), ranker.eval(), variant, 1.0 / temperature)
 
 
-def version_namespace(version: str) -> str:
-    """A short name for a version's tables in a shared store: its random token."""
-    return version.rsplit("-", 1)[-1]
-
-
 @dataclass
 class ModelBundle:
     """Everything the serving pipeline needs from one artifact version."""
@@ -61,8 +55,7 @@ class ModelBundle:
     histories: UserHistories
     clusters: ItemClusters  # kNN-Embed: item clusters, the interests
     mixtures: UserMixtures  # kNN-Embed: the artifact's users' interests
-    popular_items: np.ndarray  # uint64, most popular first
-    popular_scores: np.ndarray  # float32: cosine with the cold-user vector, the retrieval scale
+    popular: PopularItems  # cold users' candidates and the fill of a small catalogue
     manifest: dict
     folder: Path | None = None  # the version folder it was loaded from
     index_version: str = "artifact"  # which index: the artifact's own, or a rebuilt one (indexes/)
@@ -76,6 +69,10 @@ class ModelBundle:
     @property
     def namespace(self) -> str:
         return version_namespace(self.version)
+
+    def tables(self, ttl_seconds: float | None = None) -> list[TableConfig]:
+        """The embedding tables its models read, sized for this artifact."""
+        return table_configs(self.two_tower.config.id_dim, self.clusters.n_clusters, ttl_seconds)
 
     @property
     def ranking_parts(self) -> RankingParts:
@@ -95,7 +92,7 @@ class ModelBundle:
             self.histories.save(folder / "histories.safetensors")
             self.clusters.save(folder / "clusters.faiss")
             self.mixtures.save(folder / "interests.safetensors")
-            save_arrays({"items": self.popular_items, "scores": self.popular_scores}, folder / "popular.safetensors")
+            self.popular.save(folder)
             return {
                 "config": config,
                 "models": {
@@ -109,6 +106,7 @@ class ModelBundle:
 
         final, manifest = write_version(root, FORMAT, write)
         self.version, self.manifest, self.folder = manifest["version"], manifest, final
+        self.popular = replace(self.popular, version=self.version)
         return final
 
     @classmethod
@@ -129,7 +127,6 @@ class ModelBundle:
         two_tower = TwoTower(two_tower_config, features.users.size, features.items.size, features.attribute_size)
         two_tower.load_state_dict(load_tensors(folder / "two_tower.safetensors"))
         ranker, variant = load_ranker(folder, manifest, ranker_variant)
-        popular = load_arrays(folder / "popular.safetensors")
         index_file, index_version = newest_index_file(folder)
         if index_version == "artifact":
             index = ItemIndex.load(index_file, index_params, index_device)
@@ -144,8 +141,7 @@ class ModelBundle:
             histories=UserHistories.load(folder / "histories.safetensors"),
             clusters=ItemClusters.load(folder / "clusters.faiss"),
             mixtures=UserMixtures.load(folder / "interests.safetensors"),
-            popular_items=popular["items"],
-            popular_scores=popular["scores"],
+            popular=PopularItems.from_folder(folder, manifest["version"]),
             manifest=manifest,
             folder=folder,
             index_version=index_version,
@@ -171,24 +167,3 @@ def load_ranker(folder: Path, manifest: dict, variant: str | None) -> tuple[nn.M
     model = compressed_shape(model, CompressionPlan.from_json(stored[variant]))
     model.load_state_dict(load_tensors(folder / stored[variant]["file"]))
     return model, variant
-
-
-@dataclass
-class PopularItems:
-    """What a gateway needs from an artifact to answer when retrieval cannot: the popular
-    items with their retrieval-scale scores, and the version they come from."""
-
-    version: str
-    items: np.ndarray  # uint64, most popular first
-    scores: np.ndarray  # float32
-
-    @classmethod
-    def load(cls, path: str | Path, root: str | Path | None = None) -> "PopularItems":
-        folder = resolve_version(path)
-        manifest = read_manifest(folder, root if root is not None else path)
-        popular = load_arrays(folder / "popular.safetensors")
-        return cls(manifest["version"], popular["items"], popular["scores"])
-
-    @property
-    def namespace(self) -> str:
-        return version_namespace(self.version)

@@ -30,6 +30,18 @@ InteractionsOption = Annotated[
 ItemsOption = Annotated[Optional[Path], typer.Option(help="CSV/Parquet with item_id and attribute columns")]
 
 
+def _settings(**overrides):
+    """RECSYS_* settings with the flags that were given; invalid ones as a usage error."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def _setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -58,7 +70,7 @@ def _train_config(
     ranker_rank: int | None = None,
     explained_variance: float | None = None,
 ):
-    from service.training import TrainConfig
+    from service.training.artifact import TrainConfig
 
     config = TrainConfig(index_factory=index_factory)
     two_tower = replace(config.two_tower, seed=seed, **({"epochs": two_tower_epochs} if two_tower_epochs else {}))
@@ -106,7 +118,7 @@ def train(
     """Train two-tower retrieval, the item index and the ranker (DeepFM or DCN-v2) into a new artifact version."""
     _setup_logging()
     from service.artifacts import ArtifactError, resolve_version
-    from service.training import train_and_save
+    from service.training.artifact import train_and_save
 
     if if_missing:
         try:
@@ -145,82 +157,36 @@ def serve(
 ) -> None:
     """Serve every tier in one process (embedded, the default) or one tier of the distributed
     topology. Flags override RECSYS_* settings; a tier's --port serves its /metrics."""
-    if tier == Tier.online_train:
-        return online_train(artifacts)
-    import uvicorn
-    from pydantic import ValidationError
-
-    from service.api.app import build_app
-    from service.settings import Settings
-
     overrides = {"artifacts": artifacts, "host": host, "http_port": port, "grpc_port": grpc_port}
-    try:
-        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    settings = _settings(**overrides)
     _setup_logging(settings.log_level)
-    if tier in (Tier.retrieval, Tier.ranking):
+    if tier in (Tier.retrieval, Tier.ranking, Tier.online_train):
         from service.api.tiers import serve_tier
 
-        return serve_tier(settings, tier.value)
+        try:
+            return serve_tier(settings, tier.value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="TIER") from None
     if (tier == Tier.gateway) != settings.remote_tiers:
         raise typer.BadParameter(
             "`serve gateway` needs RECSYS_RETRIEVAL_ADDRESS and RECSYS_RANKING_ADDRESS; `serve all` (embedded) needs neither",
             param_hint="TIER",
         )
+    import uvicorn
+
+    if tier == Tier.gateway:
+        from service.api.gateway import build_app
+    else:
+        from service.api.embedded import build_app
     uvicorn.run(build_app(settings), host=settings.host, port=settings.http_port, log_level=settings.log_level.lower())
 
 
 @app.command("online-train")
 def online_train(artifacts: Annotated[Optional[Path], typer.Option(help="Artifact root or version folder.")] = None) -> None:
     """Learn from the event stream until SIGTERM: read it in a consumer group, update user
-    and item vectors in the Redis table, announce new item vectors to the serving processes."""
-    import signal
-    import threading
-
-    from prometheus_client import start_http_server
-
-    from service.api.grpc_server import GrpcServer
-    from service.bundle import ModelBundle
-    from service.embeddings.artifact_tables import open_store
-    from service.online.runtime import make_trainer, open_online
-    from service.settings import Settings
-
-    settings = Settings(**({"artifacts": artifacts} if artifacts else {}))
-    _setup_logging(settings.log_level)
-    if settings.redis_url is None:
-        raise typer.BadParameter(
-            "needs RECSYS_REDIS_URL; without Redis the service itself trains on its events "
-            "(RECSYS_ONLINE_TRAINER=in_process)"
-        )
-    # Not the request path: patient sockets, and no local cache in front of rows it rewrites.
-    settings = settings.model_copy(update={"redis_socket_timeout": 5.0, "embedding_cache_entries": 0})
-    bundle = ModelBundle.load(settings.artifacts)
-    store = open_store(settings, bundle)
-    online = open_online(settings, bundle, store)
-    trainer = make_trainer(settings, bundle, store, online)
-    if settings.trainer_metrics_port:
-        start_http_server(settings.trainer_metrics_port, addr=settings.host)
-    health = None
-    if settings.grpc_port:
-        # Health and reflection only, as every tier answers them: SERVING once in the event group.
-        health = GrpcServer([], f"{settings.host}:{settings.grpc_port}", workers=2)
-        health.start()
-        health.set_serving(True)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    logging.getLogger(__name__).info(
-        "online trainer %s: artifact %s, stream %s, group %s",
-        settings.trainer_consumer, bundle.version, settings.events_stream, online.trainer_events.group,
-    )
-    try:
-        trainer.run(stop)
-    finally:
-        if health is not None:
-            health.stop(0)
-        online.stop()
-        store.close()
+    and item vectors in the Redis table, announce new item vectors to the serving processes
+    (the same as `recsys serve online-train`)."""
+    serve(Tier.online_train, artifacts=artifacts, host=None, port=None, grpc_port=None)
 
 
 @app.command("eval")
@@ -239,7 +205,7 @@ def evaluate(
     _setup_logging()
     from service.data.split import temporal_split
     from service.evaluation import evaluate_artifact, format_table
-    from service.training import train_and_save
+    from service.training.artifact import train_and_save
 
     data = _load(dataset, interactions, items)
     train_part, test_part = temporal_split(data, holdout)
@@ -262,26 +228,14 @@ TableArgument = Annotated[str, typer.Option("--table", help="Table name: user or
 
 @contextlib.contextmanager
 def _table_store(artifacts: Path | None):
-    """(bundle, store) for the table commands; the store is closed on the way out."""
+    """(bundle, store) for the table commands, the store as it stands (bulk settings); it is
+    closed on the way out."""
+    from service.artifact_tables import connect_store
     from service.bundle import ModelBundle
-    from service.embeddings.artifact_tables import table_configs
-    from service.embeddings.memory import InMemoryEmbeddingStore
-    from service.embeddings.redis_store import RedisEmbeddingStore, RedisStoreConfig
-    from service.settings import Settings
 
-    settings = Settings(**({"artifacts": artifacts} if artifacts else {}))
+    settings = _settings(artifacts=artifacts)
     bundle = ModelBundle.load(settings.artifacts)
-    tables = table_configs(bundle, settings.embedding_ttl_seconds)
-    if settings.redis_url is None:
-        store = InMemoryEmbeddingStore(tables)
-    else:
-        store = RedisEmbeddingStore(tables, RedisStoreConfig(
-        settings.redis_url,
-        cluster=settings.redis_cluster,
-            namespace=settings.redis_namespace or bundle.namespace,
-            socket_timeout=max(settings.redis_socket_timeout, 5.0),  # bulk work, not the request path
-            cache_entries=0,
-        ))
+    store = connect_store(settings, bundle, bulk=True)
     try:
         yield bundle, store
     finally:
@@ -292,7 +246,7 @@ def _table_store(artifacts: Path | None):
 def table_load(artifacts: ArtifactsOption = None) -> None:
     """Write an artifact's user and item vectors into the configured store."""
     _setup_logging()
-    from service.embeddings.artifact_tables import load_artifact
+    from service.artifact_tables import load_artifact
 
     with _table_store(artifacts) as (bundle, store):
         rows = load_artifact(store, bundle)
@@ -343,7 +297,7 @@ def index_build(
     """Build a new index version from the item table (with what the online trainer wrote,
     when the table is on Redis) into the artifact; serving processes swap to it."""
     _setup_logging()
-    from service.embeddings.artifact_tables import in_memory_store
+    from service.artifact_tables import in_memory_store
     from service.retrieval.index_versions import build_index_version, table_item_vectors
 
     with _table_store(artifacts) as (bundle, store):
@@ -366,11 +320,10 @@ def knn_embed_refresh(
     """Recompute every user's smoothing neighbours from the live tables (user and item rows,
     recent items, interest counts) and write them to the interest_smoothing table."""
     _setup_logging()
+    from service.embeddings.recent_items import RedisRecentItems
     from service.online.interests import refresh_smoothing
-    from service.online.recent import RedisRecentItems
-    from service.settings import Settings
 
-    settings = Settings(**({"artifacts": artifacts} if artifacts else {}))
+    settings = _settings(artifacts=artifacts)
     if settings.redis_url is None:
         raise typer.BadParameter(
             "the in-process tables live inside the serving process: set RECSYS_REDIS_URL to refresh shared tables",
@@ -417,10 +370,10 @@ def ctr_train(
     """Train a CTR model on a click table with early stopping on dev AUC, optionally compress
     it, and write weights, field map and manifest (metrics, sizes) as a new version."""
     _setup_logging()
+    from service.ctr.model import CtrModelConfig, fit_ctr_model
+    from service.ctr.training import CtrTrainConfig
     from service.data.schema import DataError
     from service.ranking.compression import CompressionConfig
-    from service.ranking.ctr import CtrTrainConfig
-    from service.ranking.ctr_model import CtrModelConfig, fit_ctr_model
 
     if rank is not None and compress is not None:
         raise typer.BadParameter("a factorised model (--rank) is low-rank already; --compress applies to full-table models", param_hint="--compress")

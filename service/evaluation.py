@@ -10,8 +10,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from service.bundle import ModelBundle
-from service.pipeline import RecommendPipeline
-from service.retrieval.generator import STRATEGY_KNN_EMBED, STRATEGY_TWO_TOWER
+from service.pipeline.in_process import RecommendPipeline
+from service.retrieval.candidates import STRATEGY_KNN_EMBED, STRATEGY_TWO_TOWER
 from service.retrieval.knn_embed import MixtureKnobs
 from service.retrieval.two_tower import item_vectors
 from service.schemas import RecommendRequest
@@ -28,7 +28,7 @@ def recall_at(ranked: list[int], relevant: set[int], cutoffs=CUTOFFS) -> dict[in
 def evaluate_pipeline(pipeline: RecommendPipeline, test: pd.DataFrame, candidates: int = 200, cutoffs=CUTOFFS) -> dict:
     depth = max(cutoffs)
     relevant = test.groupby("user_id")["item_id"].agg(lambda s: set(int(i) for i in s))
-    popular = [int(i) for i in pipeline.bundle.popular_items]
+    popular = [int(i) for i in pipeline.bundle.popular.items]
     sums = {name: dict.fromkeys(cutoffs, 0.0) for name in ("pipeline", "candidate_generation", "most_popular")}
     for user_id, truth in tqdm(relevant.items(), total=len(relevant), desc="eval", unit="user", mininterval=2):
         request = RecommendRequest(user_id=int(user_id), k=depth, candidates=max(candidates, depth))
@@ -144,7 +144,7 @@ def pipeline_retrievers(pipeline: RecommendPipeline, knobs: MixtureKnobs) -> dic
     no_exclusions = np.empty(0, np.uint64)
 
     def most_popular(user_id: int, k: int) -> list[int]:
-        return generator.popular(k, generator.history(user_id)[0]).item_ids.tolist()
+        return generator.popular.top(k, generator.history(user_id)[0]).item_ids.tolist()
 
     def strategy(name: str, strategy_knobs: MixtureKnobs) -> Retriever:
         return lambda user_id, k: generator.generate(user_id, k, no_exclusions, name, strategy_knobs).item_ids.tolist()

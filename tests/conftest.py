@@ -1,4 +1,3 @@
-import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -6,9 +5,9 @@ import pytest
 
 from service.bundle import ModelBundle
 from service.data.synthetic import SyntheticConfig, generate
-from service.pipeline import RecommendPipeline
+from service.pipeline.in_process import RecommendPipeline
 from service.testing.redis_servers import RedisClusterServers, RedisServer
-from service.training import TrainConfig, train_and_save
+from service.training.artifact import TrainConfig, train_and_save
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 MOVIELENS = SHARED_DATA / "movielens-100k"
@@ -23,12 +22,6 @@ def tiny_train_config() -> TrainConfig:
         two_tower=replace(config.two_tower, epochs=3, batch_size=256),
         ranker=replace(config.ranker, epochs=2, batch_size=512),
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -13,17 +13,17 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from service.api.app import build_app
+from service.api.embedded import build_app
+from service.artifact_tables import in_memory_store
 from service.bundle import ModelBundle
-from service.embeddings.artifact_tables import in_memory_store
-from service.embeddings.memory import InMemoryEmbeddingStore
+from service.embeddings.memory_store import InMemoryEmbeddingStore
 from service.embeddings.snapshot import export_table
 from service.embeddings.store import TableConfig
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.retrieval.index_versions import build_index_version, table_item_vectors
 from service.settings import Settings
-from tests.conftest import free_port
+from service.testing.redis_servers import free_port
 
 TOKEN = "s3cret-admin-token-for-tests"
 BEARER = (("authorization", f"Bearer {TOKEN}"),)

@@ -8,12 +8,12 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service.api.app import build_app
+from service.api.embedded import build_app
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.retrieval.two_tower import cold_user_vector
 from service.settings import Settings
-from tests.conftest import free_port
+from service.testing.redis_servers import free_port
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +80,11 @@ def test_candidates_endpoint_reports_sources_in_retrieval_order(http, bundle, kn
 def test_unknown_user_gets_popular_items(http, bundle):
     body = recommend(http, user_id=2**64 - 1, k=5)
     assert len(body["items"]) == 5
-    popular_top = set(int(i) for i in bundle.popular_items[:200])
+    popular_top = set(int(i) for i in bundle.popular.items[:200])
     assert {item["item_id"] for item in body["items"]} <= popular_top
     candidates = http.post("/v1/candidates", json={"user_id": 2**64 - 1, "k": 5}).json()["candidates"]
     assert {c["source"] for c in candidates} == {"popular"}
-    assert [c["item_id"] for c in candidates[:5]] == [int(i) for i in bundle.popular_items[:5]]
+    assert [c["item_id"] for c in candidates[:5]] == [int(i) for i in bundle.popular.items[:5]]
 
 
 def test_small_catalog_fills_up_with_popular_items(http, bundle, known_user):
@@ -191,7 +191,7 @@ def test_grpc_bad_requests_get_invalid_argument(stub, request_fields, field):
 def test_grpc_unknown_user_gets_popular_items(stub, bundle):
     response = stub.Recommend(pb.RecommendRequest(user_id=123, k=3), timeout=10)
     assert len(response.items) == 3
-    assert {i.item_id for i in response.items} <= {int(i) for i in bundle.popular_items[:200]}
+    assert {i.item_id for i in response.items} <= {int(i) for i in bundle.popular.items[:200]}
 
 
 def test_grpc_health_and_reflection(service):

@@ -5,7 +5,7 @@ import pytest
 
 from service.artifacts import MANIFEST, ArtifactError, read_manifest, resolve_version
 from service.bundle import ModelBundle
-from service.pipeline import RecommendPipeline
+from service.pipeline.in_process import RecommendPipeline
 from service.schemas import RecommendRequest
 
 

@@ -9,7 +9,6 @@ from service.artifacts import resolve_version
 from service.bundle import ModelBundle
 from service.cli import app
 from service.data.synthetic import SyntheticConfig, generate
-from service.embeddings.artifact_tables import table_configs
 from service.embeddings.redis_store import RedisEmbeddingStore, RedisStoreConfig
 
 
@@ -76,7 +75,7 @@ def test_table_load_export_import_round_trip_through_redis(artifact_root, bundle
     assert result.exit_code == 0, result.output
     assert "imported 200 rows" in result.output
     lookup = RedisEmbeddingStore(
-        table_configs(bundle), RedisStoreConfig(redis_server.url, namespace="snap", cache_entries=0)
+        bundle.tables(), RedisStoreConfig(redis_server.url, namespace="snap", cache_entries=0)
     ).get_many("user", bundle.features.users.ids)
     assert lookup.found.all()
     np.testing.assert_array_equal(lookup.vectors, expected)
@@ -107,7 +106,8 @@ def test_index_build_publishes_a_version_the_next_load_serves(artifact_root, tmp
 
 
 def test_knn_embed_refresh_rewrites_the_smoothing_in_redis(artifact_root, bundle, redis_server, monkeypatch):
-    from service.retrieval.knn_embed import SMOOTHING_TABLE, neighbour_mixtures, normalise_rows
+    from service.embeddings.tables import SMOOTHING_TABLE
+    from service.retrieval.knn_embed import neighbour_mixtures, normalise_rows
     from service.retrieval.two_tower import user_vectors
 
     runner = CliRunner()
@@ -118,7 +118,7 @@ def test_knn_embed_refresh_rewrites_the_smoothing_in_redis(artifact_root, bundle
     monkeypatch.setenv("RECSYS_REDIS_URL", redis_server.url)
     monkeypatch.setenv("RECSYS_REDIS_NAMESPACE", "smooth")
     assert runner.invoke(app, ["table", "load", "--artifacts", str(artifact_root)]).exit_code == 0
-    store = RedisEmbeddingStore(table_configs(bundle), RedisStoreConfig(redis_server.url, namespace="smooth", cache_entries=0))
+    store = RedisEmbeddingStore(bundle.tables(), RedisStoreConfig(redis_server.url, namespace="smooth", cache_entries=0))
     users = bundle.mixtures.user_ids
     store.delete(SMOOTHING_TABLE, users)
     result = runner.invoke(app, ["knn-embed", "refresh", "--neighbours", "3", "--artifacts", str(artifact_root)])
@@ -137,7 +137,7 @@ def test_train_with_the_dcn_v2_ranker_serves_and_reports_it(tmp_path):
     from prometheus_client import REGISTRY
 
     from service.cli import RankerModel
-    from service.pipeline import RecommendPipeline
+    from service.pipeline.in_process import RecommendPipeline
     from service.ranking.dcn_v2 import DCNv2
     from service.ranking.models import RANKERS
     from service.schemas import RecommendRequest

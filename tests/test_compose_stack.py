@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from tests.conftest import free_port
+from service.testing.redis_servers import free_port
 from tests.test_deploy_files import load_compose, metric_ports, recsys_services
 from tests.test_end_to_end import LOAD_REQUESTS, run_locust
 

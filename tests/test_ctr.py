@@ -9,7 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from service.data.criteo import CATEGORICAL_COLUMNS, INTEGER_COLUMNS, load_criteo_splits, read_criteo
+from service.ctr.field_map import EncodedRows, FieldMap
+from service.ctr.training import CtrTrainConfig, predict, tensors, train_ctr
+from service.data.criteo import (
+    CATEGORICAL_COLUMNS,
+    INTEGER_COLUMNS,
+    load_criteo_splits,
+    read_criteo,
+)
 from service.data.ctr import interactions_as_ctr
 from service.data.schema import DataError
 from service.ranking.compression import (
@@ -17,17 +24,16 @@ from service.ranking.compression import (
     CompressionPlan,
     compress,
     compress_fields,
-    compressed_shape,
     compress_linear_outputs,
+    compressed_shape,
     layer_outputs,
     model_bytes,
     svd_linear,
     variance_rank,
 )
-from service.ranking.ctr import CtrTrainConfig, evaluate, predict, tensors, train_ctr
 from service.ranking.dcn_v2 import DCNv2, DCNv2Config
 from service.ranking.deepfm import DeepFM, DeepFMConfig
-from service.ranking.fields import EncodedRows, FieldMap
+from service.training.loop import binary_metrics
 
 CRITEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo-kaggle-8k"
 
@@ -84,7 +90,7 @@ def test_ctr_models_learn_criteo(model_name):
     metrics = train_ctr(model, train, dev, CtrTrainConfig(epochs=4, patience=1))
     assert metrics["best"]["auc"] == max(e["auc"] for e in metrics["epochs"])
     predicted = predict(model, test)
-    assert evaluate(test.labels, predicted)["auc"] > 0.65  # the click rate alone gives 0.5
+    assert binary_metrics(test.labels, predicted)["auc"] > 0.65  # the click rate alone gives 0.5
     assert abs(predicted.mean() - test.labels.mean()) < 0.05  # started calibrated, stays near it
 
 
@@ -177,8 +183,8 @@ def test_ctr_train_command_writes_a_model_that_loads_and_scores_as_measured(tmp_
 
     from service.artifacts import ArtifactError
     from service.cli import app
-    from service.ranking.ctr_data import load_ctr_table
-    from service.ranking.ctr_model import load_ctr_model
+    from service.ctr.model import load_ctr_model
+    from service.ctr.tables import load_ctr_table
 
     spec, out = "synthetic:users=120,items=150,seed=2", tmp_path / "ctr"
     result = CliRunner().invoke(app, ["ctr", "train", "--dataset", spec, "--out", str(out), "--model", "dcn_v2",
@@ -193,7 +199,7 @@ def test_ctr_train_command_writes_a_model_that_loads_and_scores_as_measured(tmp_
     # The loaded weights and field map reproduce the recorded test metrics exactly.
     _, splits = load_ctr_table(spec)
     test = saved.fields.encode(splits["test"])
-    assert evaluate(test.labels, predict(saved.model, test)) == pytest.approx(manifest["metrics"]["test"], abs=1e-6)
+    assert binary_metrics(test.labels, predict(saved.model, test)) == pytest.approx(manifest["metrics"]["test"], abs=1e-6)
     assert "test AUC" in result.output
 
     (saved.folder / "model.safetensors").write_bytes(b"tampered")

@@ -12,14 +12,16 @@ import httpx2
 import numpy as np
 import pytest
 
-from service.api.grpc_server import GrpcServer, candidates_to_columns
-from service.api.remote import BREAKER_FAILURES, CALL_ATTEMPTS, StageFailed, Tier, candidates_from_columns
+from service.api.codec import candidates_from_columns, candidates_to_columns
+from service.api.grpc_server import GrpcServer
+from service.api.remote import BREAKER_FAILURES, CALL_ATTEMPTS, Tier
+from service.pipeline.interface import StageFailed
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
-from service.retrieval.generator import Candidates
+from service.retrieval.candidates import Candidates
 from service.schemas import RankRequest
 from service.testing.stack import wait_serving
-from tests.conftest import free_port
+from service.testing.redis_servers import free_port
 from tests.test_end_to_end import BIN, wait_ready
 from tests.test_online import assert_new_item_reaches_similar_users
 

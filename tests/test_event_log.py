@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import redis
 
+from service.embeddings.recent_items import InMemoryRecentItems, RedisRecentItems, recent_key
 from service.embeddings.redis_store import RedisStoreConfig, connect
-from service.online.memory import InMemoryEventLog, InMemoryItemUpdateFeed
-from service.online.recent import InMemoryRecentItems, RedisRecentItems, recent_key
+from service.online.memory_streams import InMemoryEventLog, InMemoryItemUpdateFeed
 from service.online.redis_streams import RedisEventLog, RedisItemUpdateFeed
 from service.online.streams import EventLogUnavailable, ItemUpdateFeed
 from service.schemas import Event

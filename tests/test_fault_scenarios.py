@@ -23,7 +23,7 @@ from service.testing.faults import (
     tier_killed,
     trainer_crash,
 )
-from service.training import train_and_save
+from service.training.artifact import train_and_save
 from tests.conftest import tiny_train_config
 
 

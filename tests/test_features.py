@@ -1,6 +1,6 @@
 import numpy as np
 
-from service.features import FeatureSpace, IdVocabulary
+from service.data.feature_space import FeatureSpace, IdVocabulary
 
 
 def test_vocabulary_maps_raw_ids_to_rows_and_unknown_to_zero():

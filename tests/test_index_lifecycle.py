@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from service.artifact_tables import in_memory_store
 from service.bundle import ModelBundle
-from service.embeddings.artifact_tables import in_memory_store
 from service.metrics import INDEX_SWAPS
 from service.online.index_sync import IndexSync
-from service.online.memory import InMemoryItemUpdateFeed
-from service.pipeline import RecommendPipeline
+from service.online.memory_streams import InMemoryItemUpdateFeed
+from service.pipeline.in_process import RecommendPipeline
 from service.retrieval.index import ItemIndex, SearchParams, gpus_available
 from service.retrieval.index_versions import (
     INDEX_FILE,

@@ -7,18 +7,17 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api.app import build_app
+from service.api.embedded import build_app
+from service.artifact_tables import in_memory_store
 from service.data.schema import Dataset
-from service.embeddings.artifact_tables import ITEM_TABLE, USER_TABLE, in_memory_store
+from service.embeddings.recent_items import InMemoryRecentItems
+from service.embeddings.tables import INTEREST_TABLE, ITEM_TABLE, SMOOTHING_TABLE, USER_TABLE
 from service.online.interests import InterestUpdater, live_user_vectors, refresh_smoothing
-from service.online.recent import InMemoryRecentItems
-from service.pipeline import PipelineOptions, RecommendPipeline
+from service.pipeline.in_process import PipelineOptions, RecommendPipeline
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
-from service.retrieval.generator import SOURCE_KNN_EMBED, SOURCE_TWO_TOWER
+from service.retrieval.candidates import SOURCE_KNN_EMBED, SOURCE_TWO_TOWER
 from service.retrieval.knn_embed import (
-    INTEREST_TABLE,
-    SMOOTHING_TABLE,
     MixtureKnobs,
     interest_counts,
     smoothed_mixture,
@@ -26,8 +25,9 @@ from service.retrieval.knn_embed import (
 )
 from service.retrieval.two_tower import user_vectors
 from service.settings import Settings
-from service.training import train
-from tests.conftest import free_port, tiny_train_config
+from service.training.artifact import train
+from service.testing.redis_servers import free_port
+from tests.conftest import tiny_train_config
 
 NONE = np.empty(0, np.uint64)
 

@@ -17,18 +17,19 @@ import redis
 from fastapi.testclient import TestClient
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from service.api.app import build_app
+from service.api.embedded import build_app
+from service.artifact_tables import in_memory_store, open_store
 from service.bundle import ModelBundle
-from service.embeddings.artifact_tables import ITEM_TABLE, in_memory_store, open_store
+from service.embeddings.recent_items import RedisRecentItems
 from service.embeddings.redis_store import RedisStoreConfig, connect
-from service.online.recent import RedisRecentItems
+from service.embeddings.tables import ITEM_TABLE
 from service.online.redis_streams import RedisEventLog, RedisItemUpdateFeed
 from service.online.trainer import OnlineTrainer, OnlineTrainerConfig
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.schemas import Event
 from service.settings import Settings
-from tests.conftest import free_port
+from service.testing.redis_servers import free_port
 
 BIN = Path(sys.executable).parent
 NEW_ITEM = 2**63 + 12345  # no catalog attributes, no vector: only clicks will place it
@@ -299,8 +300,8 @@ class DegradedReads:
 
 
 def test_the_trainer_never_writes_back_vectors_it_could_not_read(artifact_root):
-    from service.online.memory import InMemoryEventLog, InMemoryItemUpdateFeed
-    from service.online.recent import InMemoryRecentItems
+    from service.embeddings.recent_items import InMemoryRecentItems
+    from service.online.memory_streams import InMemoryEventLog, InMemoryItemUpdateFeed
 
     bundle = ModelBundle.load(artifact_root)
     store, log = DegradedReads(in_memory_store(bundle)), InMemoryEventLog()

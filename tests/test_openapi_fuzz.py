@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from service.api.app import build_app
+from service.api.embedded import build_app
 from service.settings import Settings
 
 EXAMPLES_PER_OPERATION = 25

@@ -4,12 +4,12 @@ import torch
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from service.api.app import build_app
+from service.api.embedded import build_app
 from service.bundle import ModelBundle, RankingParts
-from service.pipeline import RankingStage
+from service.data.context import context_rows
+from service.pipeline.in_process import RankingStage
 from service.ranking.dcn_v2 import DCNv2, DCNv2Config
 from service.ranking.deepfm import DeepFM, DeepFMConfig
-from service.ranking.inputs import context_rows
 from service.ranking.ranker import Ranker
 from service.schemas import Context
 from service.settings import Settings

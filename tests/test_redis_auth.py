@@ -8,7 +8,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from service.api.app import build_app
+from service.api.embedded import build_app
 from service.settings import Settings
 from service.testing.redis_servers import RedisServer, TlsFiles
 

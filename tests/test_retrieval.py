@@ -4,11 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from service.data.feature_space import FeatureSpace
 from service.data.schema import Dataset
-from service.features import FeatureSpace
+from service.retrieval.candidates import is_in_sorted
 from service.retrieval.index import ItemIndex, SearchParams
-from service.retrieval.generator import is_in_sorted
-from service.retrieval.two_tower import TwoTower, TwoTowerConfig, UserTowerKernel, history_before, in_batch_softmax_loss
+from service.retrieval.two_tower import (
+    TwoTower,
+    TwoTowerConfig,
+    UserTowerKernel,
+    history_before,
+    in_batch_softmax_loss,
+)
 
 
 def test_in_batch_loss_applies_logq_and_masks_accidental_hits():

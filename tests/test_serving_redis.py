@@ -7,8 +7,8 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api.app import build_app
-from service.embeddings.artifact_tables import USER_TABLE
+from service.api.embedded import build_app
+from service.embeddings.tables import USER_TABLE
 from service.settings import Settings
 from service.testing.redis_servers import RedisServer
 

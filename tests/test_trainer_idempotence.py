@@ -7,11 +7,12 @@ import uuid
 import numpy as np
 import pytest
 
+from service.artifact_tables import open_store
 from service.bundle import ModelBundle
-from service.embeddings.artifact_tables import ITEM_TABLE, USER_TABLE, open_store
-from service.online.runtime import make_trainer, open_online
+from service.embeddings.tables import INTEREST_TABLE, ITEM_TABLE, USER_TABLE
+from service.online.parts import open_online
+from service.online.runtime import make_trainer
 from service.online.streams import event_fields
-from service.retrieval.knn_embed import INTEREST_TABLE
 from service.schemas import Event
 from service.settings import Settings
 
@@ -45,7 +46,7 @@ class Tables:
         )
         self.bundle = ModelBundle.load(artifact_root)
         self.store = open_store(self.settings, self.bundle)
-        self.online = open_online(self.settings, self.bundle, self.store)
+        self.online = open_online(self.settings, self.store)
         self.trainer = make_trainer(self.settings, self.bundle, self.store, self.online)
         self.trainer.config = type(self.trainer.config)(**{**self.trainer.config.__dict__, "block_seconds": 0})
 

@@ -4,20 +4,22 @@ and HTTP /admin/v1/*. Without RECSYS_ADMIN_TOKEN neither is registered (gRPC UNI
 HTTP 404)."""
 
 import hmac
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
+import grpc
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 
-from service.api.grpc_server import InvalidArgument, serve_call
-from service.embeddings.artifact_tables import ITEM_TABLE
+from service.api import codec
+from service.api.grpc_server import InvalidArgument, Unauthenticated, answering, loaded, validated
+from service.api.served import Served
 from service.embeddings.snapshot import import_table
 from service.embeddings.store import EmbeddingStore
+from service.embeddings.tables import ITEM_TABLE
 from service.online.streams import ItemUpdateFeed
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
@@ -92,85 +94,93 @@ class ImportTableAnswer(BaseModel):
     rows: int
 
 
-def admin_router(token: str) -> APIRouter:
-    """/admin/v1/*: the same calls as gRPC Admin, each needing `Authorization: Bearer <token>`."""
-    bearer = HTTPBearer(auto_error=False)
+class RequireBearer:
+    """The HTTP routes' check: `Authorization: Bearer <token>`, else 401."""
 
-    def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    scheme = HTTPBearer(auto_error=False)
+
+    def __init__(self, token: str):
+        self.token = token
+
+    def __call__(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(scheme)]) -> None:
         given = f"{credentials.scheme} {credentials.credentials}" if credentials else ""
-        if not bearer_matches({"authorization": given}, token):
+        if not bearer_matches({"authorization": given}, self.token):
             raise HTTPException(401, "this call needs `Authorization: Bearer <RECSYS_ADMIN_TOKEN>`", {"WWW-Authenticate": "Bearer"})
 
-    def loaded_admin(request: Request) -> IndexAdmin:
-        admin = getattr(request.app.state, "admin", None)
-        if admin is None:
-            raise HTTPException(503, "models are not loaded yet")
-        return admin
 
-    AdminDep = Annotated[IndexAdmin, Depends(loaded_admin)]
-    router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(authorized)])
+def loaded_admin(request: Request) -> IndexAdmin:
+    admin = getattr(request.app.state, "admin", None)
+    if admin is None:
+        raise HTTPException(503, "models are not loaded yet")
+    return admin
 
-    @router.post("/index/reload", response_model=ReloadIndexAnswer)
-    def reload_index(admin: AdminDep) -> ReloadIndexAnswer:
-        """Swap to the artifact's newest index version now (this process; others at their next poll)."""
-        swapped, version = admin.reload_index()
-        return ReloadIndexAnswer(swapped=swapped, index_version=version)
 
-    @router.post("/items/vectors", response_model=UpsertItemVectorsAnswer)
-    def upsert_item_vectors(body: UpsertItemVectorsRequest, admin: AdminDep) -> UpsertItemVectorsAnswer:
-        """Write item id vectors into the embedding table and announce them to every serving process's index."""
-        try:
-            checked = UpsertItemVectorsRequest.model_validate(body.model_dump(), context={"dim": admin.item_dim})
-        except ValidationError as exc:
-            raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
-        return UpsertItemVectorsAnswer(upserted=admin.upsert_item_vectors(checked))
+AdminDep = Annotated[IndexAdmin, Depends(loaded_admin)]
 
-    @router.post("/tables/import", response_model=ImportTableAnswer)
-    def import_table_snapshot(body: ImportTableRequest, admin: AdminDep) -> ImportTableAnswer:
-        """Write a Parquet table snapshot from under the artifact root into an embedding table."""
-        try:
-            return ImportTableAnswer(rows=admin.import_table(body))
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
 
+def reload_index(admin: AdminDep) -> ReloadIndexAnswer:
+    """Swap to the artifact's newest index version now (this process; others at their next poll)."""
+    swapped, version = admin.reload_index()
+    return ReloadIndexAnswer(swapped=swapped, index_version=version)
+
+
+def upsert_item_vectors(body: UpsertItemVectorsRequest, admin: AdminDep) -> UpsertItemVectorsAnswer:
+    """Write item id vectors into the embedding table and announce them to every serving process's index."""
+    try:
+        checked = UpsertItemVectorsRequest.model_validate(body.model_dump(), context={"dim": admin.item_dim})
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
+    return UpsertItemVectorsAnswer(upserted=admin.upsert_item_vectors(checked))
+
+
+def import_table_snapshot(body: ImportTableRequest, admin: AdminDep) -> ImportTableAnswer:
+    """Write a Parquet table snapshot from under the artifact root into an embedding table."""
+    try:
+        return ImportTableAnswer(rows=admin.import_table(body))
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+def admin_router(token: str) -> APIRouter:
+    """/admin/v1/*: the same calls as gRPC Admin, each needing `Authorization: Bearer <token>`."""
+    router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(RequireBearer(token))])
+    router.add_api_route("/index/reload", reload_index, methods=["POST"], response_model=ReloadIndexAnswer)
+    router.add_api_route("/items/vectors", upsert_item_vectors, methods=["POST"], response_model=UpsertItemVectorsAnswer)
+    router.add_api_route("/tables/import", import_table_snapshot, methods=["POST"], response_model=ImportTableAnswer)
     return router
 
 
 class AdminServicer(pb_grpc.AdminServicer):
+    """gRPC recsys.v1.Admin: each call needs `authorization: Bearer <token>` metadata."""
+
     service = "Admin"
 
-    def __init__(self, admin: Callable[[], IndexAdmin | None], token: str):
-        self._admin = admin
+    def __init__(self, served: Served, token: str):
+        self.served = served
         self._token = token
 
-    def _call(self, endpoint: str, context, parse, answer):
-        return serve_call(
-            endpoint, context, self._admin, parse, answer,
-            authorized=lambda: bearer_matches(context.invocation_metadata(), self._token),
-        )
+    def _admin(self, context: grpc.ServicerContext) -> IndexAdmin:
+        """The loaded admin, once the caller is authorized (UNAUTHENTICATED before UNAVAILABLE)."""
+        if not bearer_matches(context.invocation_metadata(), self._token):
+            raise Unauthenticated("this call needs `authorization: Bearer <RECSYS_ADMIN_TOKEN>` metadata")
+        return loaded(self.served.admin)
 
-    def ReloadIndex(self, request, context):
-        def answer(admin: IndexAdmin, _) -> pb.ReloadIndexResponse:
-            swapped, version = admin.reload_index()
+    def ReloadIndex(self, request: pb.ReloadIndexRequest, context: grpc.ServicerContext) -> pb.ReloadIndexResponse:
+        with answering("ReloadIndex", context):
+            swapped, version = self._admin(context).reload_index()
             return pb.ReloadIndexResponse(swapped=swapped, index_version=version)
 
-        return self._call("ReloadIndex", context, lambda: None, answer)
-
-    def UpsertItemVectors(self, request, context):
-        def parse() -> UpsertItemVectorsRequest:
-            items = [{"item_id": item.item_id, "vector": list(item.vector)} for item in request.items]
-            return UpsertItemVectorsRequest.model_validate({"items": items}, context={"dim": self._admin().item_dim})
-
-        def answer(admin: IndexAdmin, parsed: UpsertItemVectorsRequest) -> pb.UpsertItemVectorsResponse:
+    def UpsertItemVectors(self, request: pb.UpsertItemVectorsRequest, context: grpc.ServicerContext) -> pb.UpsertItemVectorsResponse:
+        with answering("UpsertItemVectors", context):
+            admin = self._admin(context)
+            parsed = validated(codec.upsert_request_from_proto, request, admin.item_dim)
             return pb.UpsertItemVectorsResponse(upserted=admin.upsert_item_vectors(parsed))
 
-        return self._call("UpsertItemVectors", context, parse, answer)
-
-    def ImportTable(self, request, context):
-        def answer(admin: IndexAdmin, parsed: ImportTableRequest) -> pb.ImportTableResponse:
+    def ImportTable(self, request: pb.ImportTableRequest, context: grpc.ServicerContext) -> pb.ImportTableResponse:
+        with answering("ImportTable", context):
+            admin = self._admin(context)
+            parsed = validated(ImportTableRequest, table=request.table, path=request.path)
             try:
                 return pb.ImportTableResponse(rows=admin.import_table(parsed))
             except ValueError as exc:
                 raise InvalidArgument(str(exc)) from None
-
-        return self._call("ImportTable", context, lambda: ImportTableRequest(table=request.table, path=request.path), answer)

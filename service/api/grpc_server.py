@@ -1,109 +1,95 @@
 """gRPC transport: recsys.v1.Recommender (the gateway), recsys.v1.Retrieval and
 recsys.v1.Ranking (the tiers), grpc.health.v1 and server reflection.
 
-Requests are validated by the same pydantic models as HTTP; a validation error becomes
-INVALID_ARGUMENT with the same message.
+Requests are validated by the same pydantic models as HTTP (`service.api.codec`); a
+validation error becomes INVALID_ARGUMENT with the same message. Each method reads top to
+bottom: what it needs loaded, the parsed request, the pipeline call, the answer.
 """
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
+from typing import TypeVar
 
 import grpc
 import numpy as np
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
+from service.api import codec
+from service.api.served import Served
 from service.metrics import REQUEST_LATENCY, REQUESTS
-from service.online.runtime import OnlineLearning
 from service.online.streams import EventLogUnavailable, accept_events
-from service.pipeline import RankingStage, RecommendPipeline
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
-from service.retrieval.generator import Candidates
-from service.schemas import (
-    CandidatesResponse,
-    EventsRequest,
-    RankerInfo,
-    RankRequest,
-    RecommendRequest,
-)
+
+T = TypeVar("T")
 
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_CONNECTION_AGE_MS = 60_000
 
 
-def request_from_proto(message: pb.RecommendRequest) -> RecommendRequest:
-    fields = MessageToDict(message, preserving_proto_field_name=True)
-    # proto3 JSON writes 64-bit integers as strings; the contract takes integers.
-    fields["user_id"] = message.user_id
-    fields["exclude_item_ids"] = list(message.exclude_item_ids)
-    if not message.strategy:
-        fields.pop("strategy", None)
-    return RecommendRequest.model_validate(fields)
+class Refused(Exception):
+    """A call refused with a status code and this message."""
+
+    code = grpc.StatusCode.UNKNOWN
 
 
-def events_from_proto(message: pb.SendEventsRequest) -> EventsRequest:
-    return EventsRequest.model_validate({
-        "events": [
-            {
-                "user_id": e.user_id,
-                "item_id": e.item_id,
-                "type": e.type,
-                **({"timestamp": e.timestamp.seconds + e.timestamp.nanos / 1e9} if e.HasField("timestamp") else {}),
-            }
-            for e in message.events
-        ]
-    })
+class InvalidArgument(Refused):
+    """The request is unusable (it fails validation, a file it names is missing, ...)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
-def _validation_message(error: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in error.errors()
-    )
+class NotLoaded(Refused):
+    code = grpc.StatusCode.UNAVAILABLE
 
 
-class InvalidArgument(Exception):
-    """`answer` found the request unusable (a file it names is missing, say): INVALID_ARGUMENT."""
+class Unauthenticated(Refused):
+    code = grpc.StatusCode.UNAUTHENTICATED
 
 
-def serve_call(endpoint: str, context: grpc.ServicerContext, ready, parse, answer, authorized=lambda: True):
-    """Metrics and status codes around one call: UNAUTHENTICATED unless `authorized()`,
-    UNAVAILABLE before `ready()` gives what `answer` needs, INVALID_ARGUMENT when `parse`
-    refuses the request or `answer` raises `InvalidArgument`."""
+@contextmanager
+def answering(endpoint: str, context: grpc.ServicerContext) -> Iterator[None]:
+    """Metrics and status codes around one call: a `Refused` becomes its code and message,
+    an event log that cannot take events UNAVAILABLE (retry), anything else INTERNAL."""
     started = time.perf_counter()
     code = grpc.StatusCode.OK
     try:
-        if not authorized():
-            code = grpc.StatusCode.UNAUTHENTICATED
-            context.abort(code, "this call needs `authorization: Bearer <RECSYS_ADMIN_TOKEN>` metadata")
-        resource = ready()
-        if resource is None:
-            code = grpc.StatusCode.UNAVAILABLE
-            context.abort(code, "models are not loaded yet")
         try:
-            parsed = parse()
-        except ValidationError as exc:
-            code = grpc.StatusCode.INVALID_ARGUMENT
-            context.abort(code, _validation_message(exc))
-        try:
-            return answer(resource, parsed)
+            yield
+        except Refused as exc:
+            code = exc.code
+            context.abort(code, str(exc))
         except EventLogUnavailable as exc:
             code = grpc.StatusCode.UNAVAILABLE
             context.abort(code, f"{exc}; no event of the request was appended, retry")
-        except InvalidArgument as exc:
-            code = grpc.StatusCode.INVALID_ARGUMENT
-            context.abort(code, str(exc))
-    except Exception:
-        if code == grpc.StatusCode.OK:
+        except Exception:
             code = grpc.StatusCode.INTERNAL
-        raise
+            raise
     finally:
         REQUESTS.labels("grpc", endpoint, code.name).inc()
         REQUEST_LATENCY.labels("grpc", endpoint).observe(time.perf_counter() - started)
+
+
+def loaded(part: T | None) -> T:
+    """`part` of what the process serves, or UNAVAILABLE until it is loaded."""
+    if part is None:
+        raise NotLoaded("models are not loaded yet")
+    return part
+
+
+def validated(parse: Callable[..., T], *args, **kwargs) -> T:
+    """`parse(...)`, a validation error as INVALID_ARGUMENT naming the fields."""
+    try:
+        return parse(*args, **kwargs)
+    except ValidationError as exc:
+        raise InvalidArgument(
+            "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors())
+        ) from None
 
 
 def deadline_of(context: grpc.ServicerContext) -> float | None:
@@ -112,70 +98,31 @@ def deadline_of(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def candidates_to_proto(result: CandidatesResponse) -> pb.CandidatesResponse:
-    return pb.CandidatesResponse(
-        user_id=result.user_id,
-        candidates=[pb.Candidate(item_id=c.item_id, score=c.score, source=c.source, component=c.component) for c in result.candidates],
-        degraded=result.degraded,
-        model_version=result.model_version,
-    )
-
-
-def candidates_to_columns(found: Candidates, model_version: str) -> pb.RetrieveResponse:
-    names, codes = np.unique(found.sources.astype(str), return_inverse=True)
-    components = np.array([-1 if c is None else c for c in found.components], dtype=np.int32)
-    return pb.RetrieveResponse(
-        item_ids=found.item_ids.tolist(), scores=found.scores.tolist(), sources=codes.tolist(),
-        source_names=names.tolist(), components=components.tolist(), degraded=found.degraded, model_version=model_version,
-    )
-
-
-def ranker_to_proto(ranker: RankerInfo | None) -> pb.RankerInfo | None:
-    return None if ranker is None else pb.RankerInfo(model=ranker.model, variant=ranker.variant)
-
-
-def rank_request_from_proto(message: pb.RankRequest) -> RankRequest:
-    return RankRequest.model_validate({
-        "user_id": message.user_id,
-        "context": MessageToDict(message.context, preserving_proto_field_name=True) if message.HasField("context") else None,
-        "item_ids": list(message.item_ids),
-        "retrieval_scores": list(message.retrieval_scores),
-    })
-
-
 class RecommenderServicer(pb_grpc.RecommenderServicer):
-    """The gateway's service: over an in-process pipeline (embedded) or a remote one."""
+    """The gateway's service: over the embedded pipeline or the remote one."""
 
     service = "Recommender"
 
-    def __init__(self, pipeline: Callable[[], RecommendPipeline | None], online: Callable[[], OnlineLearning | None]):
-        self._pipeline = pipeline
-        self._online = online
+    def __init__(self, served: Served):
+        self.served = served
 
-    def Recommend(self, request, context):
-        def answer(pipeline: RecommendPipeline, parsed: RecommendRequest) -> pb.RecommendResponse:
-            result = pipeline.recommend(parsed, deadline_of(context))
-            return pb.RecommendResponse(
-                user_id=result.user_id,
-                items=[pb.ScoredItem(item_id=i.item_id, score=i.score) for i in result.items],
-                degraded=result.degraded,
-                model_version=result.model_version,
-                ranker=ranker_to_proto(result.ranker),
-            )
+    def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RecommendResponse:
+        with answering("Recommend", context):
+            pipeline = loaded(self.served.pipeline)
+            parsed = validated(codec.request_from_proto, request)
+            return codec.recommend_response_to_proto(pipeline.recommend(parsed, deadline_of(context)))
 
-        return serve_call("Recommend", context, self._pipeline, lambda: request_from_proto(request), answer)
+    def Candidates(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.CandidatesResponse:
+        with answering("Candidates", context):
+            pipeline = loaded(self.served.pipeline)
+            parsed = validated(codec.request_from_proto, request)
+            return codec.candidates_to_proto(pipeline.candidates(parsed, deadline_of(context)))
 
-    def Candidates(self, request, context):
-        def answer(pipeline: RecommendPipeline, parsed: RecommendRequest) -> pb.CandidatesResponse:
-            return candidates_to_proto(pipeline.candidates(parsed, deadline_of(context)))
-
-        return serve_call("Candidates", context, self._pipeline, lambda: request_from_proto(request), answer)
-
-    def SendEvents(self, request, context):
-        def answer(online: OnlineLearning, parsed: EventsRequest) -> pb.SendEventsResponse:
+    def SendEvents(self, request: pb.SendEventsRequest, context: grpc.ServicerContext) -> pb.SendEventsResponse:
+        with answering("SendEvents", context):
+            online = loaded(self.served.online)
+            parsed = validated(codec.events_from_proto, request)
             return pb.SendEventsResponse(accepted=accept_events(online.events, parsed).accepted)
-
-        return serve_call("SendEvents", context, self._online, lambda: events_from_proto(request), answer)
 
 
 class RetrievalServicer(pb_grpc.RetrievalServicer):
@@ -183,14 +130,14 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
 
     service = "Retrieval"
 
-    def __init__(self, pipeline: Callable[[], RecommendPipeline | None]):
-        self._pipeline = pipeline
+    def __init__(self, served: Served):
+        self.served = served
 
-    def Retrieve(self, request, context):
-        def answer(pipeline: RecommendPipeline, parsed: RecommendRequest) -> pb.RetrieveResponse:
-            return candidates_to_columns(pipeline.retrieve(parsed), pipeline.model_version)
-
-        return serve_call("Retrieve", context, self._pipeline, lambda: request_from_proto(request), answer)
+    def Retrieve(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RetrieveResponse:
+        with answering("Retrieve", context):
+            pipeline = loaded(self.served.pipeline)
+            parsed = validated(codec.request_from_proto, request)
+            return codec.candidates_to_columns(pipeline.retrieve(parsed), pipeline.model_version)
 
 
 class RankingServicer(pb_grpc.RankingServicer):
@@ -198,16 +145,18 @@ class RankingServicer(pb_grpc.RankingServicer):
 
     service = "Ranking"
 
-    def __init__(self, ranking: Callable[[], RankingStage | None]):
-        self._ranking = ranking
+    def __init__(self, served: Served):
+        self.served = served
 
-    def Rank(self, request, context):
-        def answer(ranking: RankingStage, parsed: RankRequest) -> pb.RankResponse:
+    def Rank(self, request: pb.RankRequest, context: grpc.ServicerContext) -> pb.RankResponse:
+        with answering("Rank", context):
+            ranking = loaded(self.served.ranking)
+            parsed = validated(codec.rank_request_from_proto, request)
             ids = np.array(parsed.item_ids, dtype=np.uint64)
             scores = ranking.rank(parsed.user_id, ids, np.array(parsed.retrieval_scores, np.float32), parsed.context)
-            return pb.RankResponse(scores=scores.tolist(), ranker=ranker_to_proto(ranking.ranker_info), model_version=ranking.model_version)
-
-        return serve_call("Rank", context, self._ranking, lambda: rank_request_from_proto(request), answer)
+            return pb.RankResponse(
+                scores=scores.tolist(), ranker=codec.ranker_to_proto(ranking.ranker_info), model_version=ranking.model_version
+            )
 
 
 class MalformedRequests(grpc.ServerInterceptor):

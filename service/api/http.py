@@ -1,17 +1,19 @@
-"""HTTP/JSON transport (FastAPI). Handlers stay thin: validate, call the pipeline, answer."""
+"""HTTP/JSON transport (FastAPI). Handlers stay thin: validate, call the pipeline, answer.
+What they serve is on `app.state` (`pipeline`, `online`), put there by the process's lifespan;
+a part not loaded yet answers 503."""
 
 import time
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from service.api.middleware import BodyLimit, InFlightLimit, RequestMetrics
 from service.online.streams import EventLog, EventLogUnavailable, accept_events
-from service.pipeline import RecommendPipeline
+from service.pipeline.interface import Pipeline
 from service.schemas import (
     CandidatesResponse,
     EventsRequest,
@@ -21,7 +23,7 @@ from service.schemas import (
 )
 
 
-def get_pipeline(request: Request) -> RecommendPipeline:
+def get_pipeline(request: Request) -> Pipeline:
     pipeline = getattr(request.app.state, "pipeline", None)
     if pipeline is None:
         raise HTTPException(status_code=503, detail="models are not loaded yet")
@@ -47,9 +49,11 @@ def get_deadline(
     return None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
 
 
-PipelineDep = Annotated[RecommendPipeline, Depends(get_pipeline)]
+PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
 DeadlineDep = Annotated[float | None, Depends(get_deadline)]
 EventLogDep = Annotated[EventLog, Depends(get_event_log)]
+
+router = APIRouter()
 
 
 def json_response(answer: BaseModel) -> Response:
@@ -58,55 +62,61 @@ def json_response(answer: BaseModel) -> Response:
     return Response(answer.model_dump_json(), media_type="application/json")
 
 
+@router.post("/v1/recommend", response_model=RecommendResponse, tags=["recommend"])
+def recommend(body: RecommendRequest, pipeline: PipelineDep, deadline: DeadlineDep) -> Response:
+    """Top-k items for a user, ranked; items the user already interacted with are left out."""
+    return json_response(pipeline.recommend(body, deadline))
+
+
+@router.post("/v1/candidates", response_model=CandidatesResponse, tags=["recommend"])
+def candidates(body: RecommendRequest, pipeline: PipelineDep, deadline: DeadlineDep) -> Response:
+    """The candidate set before ranking, with retrieval scores and sources."""
+    return json_response(pipeline.candidates(body, deadline))
+
+
+@router.post("/v1/events", status_code=202, response_model=EventsResponse, tags=["events"])
+def events(body: EventsRequest, log: EventLogDep) -> EventsResponse:
+    """Append what users did (impressions, clicks, purchases) to the event log, all or
+    none; answered once the log holds them. The online trainer learns from them."""
+    return accept_events(log, body)
+
+
+@router.get("/healthz", tags=["health"])
+def healthz() -> dict:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"])
+def readyz(request: Request, response: Response) -> dict:
+    """Models and index are loaded."""
+    pipeline = getattr(request.app.state, "pipeline", None)
+    if pipeline is None:
+        response.status_code = 503
+        return {"status": "loading"}
+    return {"status": "ready", "model_version": pipeline.model_version}
+
+
+@router.get("/metrics", tags=["health"], include_in_schema=False)
+def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def event_log_unavailable(request: Request, exc: EventLogUnavailable) -> JSONResponse:
+    return JSONResponse({"detail": f"{exc}; no event of the request was appended, retry"}, 503, {"Retry-After": "1"})
+
+
 def create_app(lifespan: Callable | None = None, max_in_flight: int = 32, max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The HTTP app; `lifespan` loads the pipeline into `app.state.pipeline`."""
+    """The HTTP app; `lifespan` loads what it serves into `app.state`."""
     app = FastAPI(
         title="recsys",
         summary="Top-k recommendations: two-tower retrieval over FAISS, DeepFM ranking, online learning from events.",
         version="1",
         lifespan=lifespan,
     )
-
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(InFlightLimit, limit=max_in_flight)
     app.add_middleware(RequestMetrics)  # added last: outermost, so it counts refusals too
-
-    @app.post("/v1/recommend", response_model=RecommendResponse, tags=["recommend"])
-    def recommend(body: RecommendRequest, pipeline: PipelineDep, deadline: DeadlineDep) -> Response:
-        """Top-k items for a user, ranked; items the user already interacted with are left out."""
-        return json_response(pipeline.recommend(body, deadline))
-
-    @app.post("/v1/candidates", response_model=CandidatesResponse, tags=["recommend"])
-    def candidates(body: RecommendRequest, pipeline: PipelineDep, deadline: DeadlineDep) -> Response:
-        """The candidate set before ranking, with retrieval scores and sources."""
-        return json_response(pipeline.candidates(body, deadline))
-
-    @app.exception_handler(EventLogUnavailable)
-    async def event_log_unavailable(request: Request, exc: EventLogUnavailable) -> JSONResponse:
-        return JSONResponse({"detail": f"{exc}; no event of the request was appended, retry"}, 503, {"Retry-After": "1"})
-
-    @app.post("/v1/events", status_code=202, response_model=EventsResponse, tags=["events"])
-    def events(body: EventsRequest, log: EventLogDep) -> EventsResponse:
-        """Append what users did (impressions, clicks, purchases) to the event log, all or
-        none; answered once the log holds them. The online trainer learns from them."""
-        return accept_events(log, body)
-
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> dict:
-        """The process is alive."""
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["health"])
-    def readyz(request: Request, response: Response) -> dict:
-        """Models and index are loaded."""
-        pipeline = getattr(request.app.state, "pipeline", None)
-        if pipeline is None:
-            response.status_code = 503
-            return {"status": "loading"}
-        return {"status": "ready", "model_version": pipeline.model_version}
-
-    @app.get("/metrics", tags=["health"], include_in_schema=False)
-    def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
+    app.add_exception_handler(EventLogUnavailable, event_log_unavailable)
+    app.include_router(router)
     return app

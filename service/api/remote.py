@@ -19,20 +19,23 @@ import time
 import grpc
 import numpy as np
 
+from service.api import codec
 from service.breaker import OPEN, BreakerOpen, CircuitBreaker
-from service.bundle import PopularItems
-from service.metrics import DEGRADED, STAGE_LATENCY, TIER_BREAKER_OPEN
-from service.pipeline import candidates_response, ranked_response
-from service.proto_gen.recsys.v1 import recommender_pb2 as pb
-from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
-from service.retrieval.generator import SOURCE_POPULAR, Candidates, is_in_sorted, labels
-from service.schemas import (
-    CandidatesResponse,
-    Context,
-    RankerInfo,
-    RecommendRequest,
-    RecommendResponse,
+from service.metrics import DEGRADED, TIER_BREAKER_OPEN
+from service.pipeline.interface import (
+    RANK,
+    RETRIEVE,
+    StageFailed,
+    candidate_count,
+    candidates_response,
+    excluded_ids,
+    ranked_response,
+    timed,
 )
+from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
+from service.retrieval.candidates import Candidates
+from service.retrieval.popular import PopularItems
+from service.schemas import CandidatesResponse, RecommendRequest, RecommendResponse
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,10 +64,6 @@ TIER_SERVICE_CONFIG = json.dumps({
         },
     }],
 })
-
-
-class StageFailed(Exception):
-    """A tier did not answer in time or at all."""
 
 
 class Tier:
@@ -99,42 +98,9 @@ class Tier:
         self.channel.close()
 
 
-def context_to_proto(context: Context | None) -> pb.Context | None:
-    return None if context is None else pb.Context(**context.model_dump(exclude_none=True))
-
-
-def request_to_proto(request: RecommendRequest) -> pb.RecommendRequest:
-    knobs = request.knn_embed.model_dump(exclude_none=True) if request.knn_embed else None
-    return pb.RecommendRequest(
-        user_id=request.user_id,
-        k=request.k,
-        context=context_to_proto(request.context),
-        exclude_item_ids=request.exclude_item_ids,
-        strategy=request.strategy or "",
-        candidates=request.candidates,
-        knn_embed=pb.KnnEmbedOptions(**knobs) if knobs is not None else None,
-    )
-
-
-def candidates_from_columns(message: pb.RetrieveResponse) -> Candidates:
-    n = len(message.item_ids)
-    if not (len(message.scores) == len(message.sources) == len(message.components) == n) or any(
-        code >= len(message.source_names) for code in message.sources
-    ):
-        raise StageFailed("retrieval answered columns of different lengths or an unnamed source")
-    components = np.array(message.components, dtype=np.int64).astype(object)
-    components[components == -1] = None
-    return Candidates(
-        np.array(message.item_ids, dtype=np.uint64),
-        np.array(message.scores, dtype=np.float32),
-        np.array(message.source_names, dtype=object)[np.array(message.sources, dtype=np.int64)] if n else labels(None, 0),
-        message.degraded,
-        components,
-    )
-
-
 class RemotePipeline:
-    """Same calls as `RecommendPipeline`, answered by the tiers."""
+    """The `Pipeline` the gateway serves: the tiers over gRPC, each stage within its share of
+    the deadline, falling back when a tier fails."""
 
     def __init__(self, settings: Settings, popular: PopularItems):
         self.settings = settings
@@ -153,22 +119,18 @@ class RemotePipeline:
     def _retrieve(self, request: RecommendRequest, until: float) -> Candidates:
         share = self.settings.retrieval_deadline_share
         stage_until = time.monotonic() + (until - time.monotonic()) * share
-        with STAGE_LATENCY.labels("retrieve").time():
+        with timed(RETRIEVE):
             try:
-                answer = self.retrieval.read(self._retrieve_stub, request_to_proto(request), stage_until)
-                found = candidates_from_columns(answer)
+                answer = self.retrieval.read(self._retrieve_stub, codec.request_to_proto(request), stage_until)
+                found = codec.candidates_from_columns(answer)
             except StageFailed as exc:
                 log.warning("retrieval fell back to popular items: %s", exc)
                 DEGRADED.labels("retrieval").inc()
-                return self._popular(request)
+                fallback = self.popular.top(candidate_count(request, self.settings.default_candidates), excluded_ids(request))
+                fallback.degraded = True
+                return fallback
         self.model_version = answer.model_version
         return found
-
-    def _popular(self, request: RecommendRequest) -> Candidates:
-        n = max(request.k, request.candidates or self.settings.default_candidates)
-        keep = ~is_in_sorted(self.popular.items, np.unique(np.array(request.exclude_item_ids, dtype=np.uint64)))
-        items, scores = self.popular.items[keep][:n], self.popular.scores[keep][:n]
-        return Candidates(items, scores, labels(SOURCE_POPULAR, len(items)), degraded=True)
 
     def candidates(self, request: RecommendRequest, deadline: float | None = None) -> CandidatesResponse:
         return candidates_response(request.user_id, self._retrieve(request, self._until(deadline)), self.model_version)
@@ -178,21 +140,15 @@ class RemotePipeline:
         found = self._retrieve(request, until)
         if not len(found):
             return ranked_response(request, found, None, self.model_version, None)
-        message = pb.RankRequest(
-            user_id=request.user_id,
-            context=context_to_proto(request.context),
-            item_ids=found.item_ids.tolist(),
-            retrieval_scores=found.scores.tolist(),
-        )
-        with STAGE_LATENCY.labels("rank").time():
+        with timed(RANK):
             try:
-                ranked = self.ranking.read(self._rank_stub, message, until)
+                ranked = self.ranking.read(self._rank_stub, codec.rank_request_to_proto(request, found), until)
             except StageFailed as exc:
                 log.warning("ranking fell back to retrieval order: %s", exc)
                 DEGRADED.labels("ranking").inc()
                 return ranked_response(request, found, None, self.model_version, None, degraded=True)
-        ranker = RankerInfo(model=ranked.ranker.model, variant=ranked.ranker.variant)
-        return ranked_response(request, found, np.array(ranked.scores, np.float32), self.model_version, ranker)
+        scores = np.array(ranked.scores, np.float32)
+        return ranked_response(request, found, scores, self.model_version, codec.ranker_from_proto(ranked.ranker))
 
     def close(self) -> None:
         self.retrieval.close()

@@ -1,76 +1,84 @@
-"""`recsys serve retrieval|ranking`: one tier as its own process.
+"""`recsys serve retrieval|ranking|online-train`: one tier as its own process.
 
-A tier is a gRPC server (its service, grpc.health.v1, reflection) plus /metrics on the HTTP
-port. Health says NOT_SERVING until the models and index are loaded, so readiness means
-"can answer", not "Redis is up". On SIGTERM or SIGINT health goes NOT_SERVING first, calls
-are still answered for `SHUTDOWN_NOTICE_SECONDS` (readiness probes see it and take the replica
-out of its Service), then the server stops taking calls (GOAWAY: gateways send new ones to other
-replicas), calls in flight get `SHUTDOWN_GRACE_SECONDS` to finish, and the process exits.
+A tier is a gRPC server (its service, grpc.health.v1, reflection) plus /metrics, run by
+`service.api.process.run_until_stopped`: health says NOT_SERVING until the models and index
+are loaded, so readiness means "can answer", not "Redis is up"; on SIGTERM or SIGINT it says
+NOT_SERVING and keeps answering for `SHUTDOWN_NOTICE_SECONDS`, then drains for
+`SHUTDOWN_GRACE_SECONDS`. The online trainer answers health and reflection only (SERVING
+once it is in its event group) and learns from the stream until stopped.
 """
 
 import logging
-import signal
 import threading
 from typing import Literal
 
 import torch
-from prometheus_client import start_http_server
 
 from service.api.admin import AdminServicer
-from service.api.app import load_service
-from service.api.grpc_server import GrpcServer, RankingServicer, RetrievalServicer
-from service.bundle import RankingParts
-from service.metrics import MODEL_INFO, READY
-from service.pipeline import RankingStage
+from service.api.embedded import load_embedded
+from service.api.grpc_server import RankingServicer, RetrievalServicer
+from service.api.process import ServingProcess, run_until_stopped
+from service.api.served import Served
+from service.artifact_tables import open_store
+from service.bundle import ModelBundle, RankingParts
+from service.metrics import MODEL_INFO
+from service.online.parts import open_online
+from service.online.runtime import make_trainer
+from service.pipeline.in_process import RankingStage
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_NOTICE_SECONDS = 1.0  # NOT_SERVING while still answering
 SHUTDOWN_GRACE_SECONDS = 5.0
-TierName = Literal["retrieval", "ranking"]
+TRAINER_GRPC_WORKERS = 2  # health and reflection only
+TierName = Literal["retrieval", "ranking", "online-train"]
 
 
-def load_ranking(settings: Settings) -> RankingStage:
+def load_retrieval(settings: Settings) -> Served:
+    # The trainer runs as its own process (`recsys serve online-train`) beside the tiers.
+    return load_embedded(settings.model_copy(update={"online_trainer": "off"}))
+
+
+def load_ranking(settings: Settings) -> Served:
+    torch.set_num_threads(settings.torch_threads)
     parts = RankingParts.load(settings.artifacts, settings.ranker_variant)
     ranking = RankingStage(parts)
     MODEL_INFO.info({"version": parts.version, "ranker": ranking.ranker_info.model, "ranker_variant": ranking.ranker_info.variant})
-    return ranking
+    return Served(ranking=ranking)
+
+
+def load_trainer(settings: Settings) -> Served:
+    """The artifact, its tables on Redis (bulk settings: patient sockets, no local cache in
+    front of rows it rewrites), the event group, and the trainer over them."""
+    bundle = ModelBundle.load(settings.artifacts)
+    store = open_store(settings, bundle, bulk=True)
+    online = open_online(settings, store)
+    log.info(
+        "online trainer %s: artifact %s, stream %s, group %s",
+        settings.trainer_consumer, bundle.version, settings.events_stream, online.trainer_events.group,
+    )
+    return Served(online=online, trainer=make_trainer(settings, bundle, store, online), closers=[store.close])
+
+
+def train_until_stopped(served: Served, stop: threading.Event) -> None:
+    served.trainer.run(stop)
 
 
 def serve_tier(settings: Settings, tier: TierName) -> None:
-    """Serve `tier` until SIGTERM / SIGINT."""
-    torch.set_num_threads(settings.torch_threads)
-    loaded: dict = {}
+    """Serve `tier` until SIGTERM / SIGINT; ValueError when the settings cannot run it."""
+    token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
     if tier == "retrieval":
-        services = [RetrievalServicer(lambda: loaded.get("pipeline"))]
-        if settings.admin_token is not None:
-            services.append(AdminServicer(lambda: loaded.get("admin"), settings.admin_token.get_secret_value()))
+        process = ServingProcess(settings, lambda s: [RetrievalServicer(s), *([AdminServicer(s, token)] if token else [])])
+        run_until_stopped(process, lambda: load_retrieval(settings), settings.http_port, SHUTDOWN_GRACE_SECONDS, SHUTDOWN_NOTICE_SECONDS)
+    elif tier == "ranking":
+        process = ServingProcess(settings, lambda s: [RankingServicer(s)])
+        run_until_stopped(process, lambda: load_ranking(settings), settings.http_port, SHUTDOWN_GRACE_SECONDS, SHUTDOWN_NOTICE_SECONDS)
     else:
-        services = [RankingServicer(lambda: loaded.get("ranking"))]
-    server = GrpcServer(services, f"{settings.host}:{settings.grpc_port}", settings.grpc_workers, settings.max_in_flight)
-    server.start()
-    start_http_server(settings.http_port, addr=settings.host)
-    log.info("%s tier: gRPC on %s:%d, /metrics on %s:%d", tier, settings.host, server.port, settings.host, settings.http_port)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    online = None
-    try:
-        if tier == "retrieval":
-            # The trainer runs as its own process (`recsys online-train`) beside the tiers.
-            loaded["pipeline"], online, loaded["admin"] = load_service(settings.model_copy(update={"online_trainer": "off"}))
-        else:
-            loaded["ranking"] = load_ranking(settings)
-        READY.set(1)
-        server.set_serving(True)
-        log.info("%s tier serving", tier)
-        stop.wait()
-        log.info("%s tier draining", tier)
-    finally:
-        READY.set(0)
-        server.stop(SHUTDOWN_GRACE_SECONDS, SHUTDOWN_NOTICE_SECONDS)
-        if online is not None:
-            online.stop()
-        if "pipeline" in loaded:
-            loaded["pipeline"].close()
+        if settings.redis_url is None:
+            raise ValueError(
+                "the online trainer needs RECSYS_REDIS_URL; without Redis the service itself trains on its events "
+                "(RECSYS_ONLINE_TRAINER=in_process)"
+            )
+        process = ServingProcess(settings, lambda s: [], workers=TRAINER_GRPC_WORKERS)
+        run_until_stopped(process, lambda: load_trainer(settings), settings.trainer_metrics_port, 0.0, 0.0, train_until_stopped)

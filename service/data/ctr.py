@@ -5,8 +5,8 @@ interacted with, in the same context), and the split is temporal."""
 import numpy as np
 import pandas as pd
 
+from service.data.context import context_rows
 from service.data.schema import Dataset
-from service.ranking.inputs import context_rows
 
 SPLIT_SHARES = (0.8, 0.1, 0.1)  # train, dev, test by time
 

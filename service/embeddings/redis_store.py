@@ -24,11 +24,13 @@ from service.breaker import BreakerOpen, CircuitBreaker
 from service.embeddings import layout
 from service.embeddings.cache import LocalCache
 from service.embeddings.store import EmbeddingStore, Lookup, TableConfig, as_ids, observe_lookup
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 Client = redis.Redis | RedisCluster
 REDIS_FAILURES = (redis.RedisError, OSError)
+BULK_SOCKET_TIMEOUT = 5.0  # seconds: bulk work waits out a busy server instead of failing
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,22 @@ class RedisStoreConfig:
     cache_entries: int = 100_000  # 0 turns the local cache off
     cache_ttl_seconds: float = 1.0
     max_connections: int = 64
+
+    @classmethod
+    def from_settings(cls, settings: Settings, namespace: str = "", bulk: bool = False) -> "RedisStoreConfig":
+        """The configured Redis (RECSYS_REDIS_*), for the request path, or for `bulk` work (table
+        loads and exports, the online trainer): patient sockets and no local cache in front of
+        rows it rewrites."""
+        if settings.redis_url is None:
+            raise ValueError("RECSYS_REDIS_URL is not set")
+        return cls(
+            settings.redis_url,
+            cluster=settings.redis_cluster,
+            namespace=namespace,
+            socket_timeout=max(settings.redis_socket_timeout, BULK_SOCKET_TIMEOUT) if bulk else settings.redis_socket_timeout,
+            cache_entries=0 if bulk else settings.embedding_cache_entries,
+            cache_ttl_seconds=settings.embedding_cache_ttl_seconds,
+        )
 
 
 def connect(config: RedisStoreConfig) -> Client:

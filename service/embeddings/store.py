@@ -17,7 +17,12 @@ from typing import Literal
 import numpy as np
 
 from service.embeddings.layout import check_table_name
-from service.metrics import EMBEDDING_ADMISSIONS, EMBEDDING_BATCH_IDS, EMBEDDING_LOOKUP_LATENCY, EMBEDDING_LOOKUPS
+from service.metrics import (
+    EMBEDDING_ADMISSIONS,
+    EMBEDDING_BATCH_IDS,
+    EMBEDDING_LOOKUP_LATENCY,
+    EMBEDDING_LOOKUPS,
+)
 
 
 @dataclass(frozen=True)

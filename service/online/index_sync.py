@@ -13,9 +13,9 @@ import time
 import numpy as np
 import torch
 
-from service.embeddings.artifact_tables import ITEM_TABLE
+from service.data.feature_space import FeatureSpace
 from service.embeddings.store import EmbeddingStore
-from service.features import FeatureSpace
+from service.embeddings.tables import ITEM_TABLE
 from service.metrics import FRESHNESS, INDEX_SYNC_DELAY, INDEX_UPSERTS
 from service.online.streams import ItemUpdateFeed
 from service.retrieval.index import ItemIndex

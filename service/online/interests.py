@@ -10,13 +10,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from service.embeddings.artifact_tables import ITEM_TABLE, USER_TABLE
+from service.data.feature_space import FeatureSpace
+from service.data.histories import UserHistories
+from service.embeddings.recent_items import RecentItems
 from service.embeddings.store import EmbeddingStore, Lookup
-from service.features import FeatureSpace
-from service.history import UserHistories
+from service.embeddings.tables import INTEREST_TABLE, ITEM_TABLE, SMOOTHING_TABLE, USER_TABLE
 from service.metrics import ONLINE_ROWS_WRITTEN
-from service.online.recent import RecentItems
-from service.retrieval.knn_embed import INTEREST_TABLE, SMOOTHING_TABLE, ItemClusters, UserMixtures, neighbour_mixtures, normalise_rows
+from service.retrieval.knn_embed import (
+    ItemClusters,
+    UserMixtures,
+    neighbour_mixtures,
+    normalise_rows,
+)
 from service.retrieval.two_tower import TwoTower, UserTowerKernel
 
 log = logging.getLogger(__name__)

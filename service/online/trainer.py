@@ -33,10 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.embeddings.artifact_tables import ITEM_TABLE, USER_TABLE
+from service.data.feature_space import FeatureSpace
+from service.data.histories import UserHistories
+from service.embeddings.recent_items import RecentItems
 from service.embeddings.store import EmbeddingStore, Lookup
-from service.features import FeatureSpace
-from service.history import UserHistories
+from service.embeddings.tables import INTEREST_TABLE, ITEM_TABLE, USER_TABLE
 from service.metrics import (
     EVENTS_BACKLOG,
     EVENTS_PROCESSED,
@@ -46,9 +47,7 @@ from service.metrics import (
 )
 from service.online.interests import InterestUpdater
 from service.online.journal import BatchOutcome
-from service.online.recent import RecentItems
 from service.online.streams import EventLog, ItemUpdateFeed, LoggedEvent
-from service.retrieval.knn_embed import INTEREST_TABLE
 from service.retrieval.two_tower import TwoTower
 from service.schemas import POSITIVE_EVENT_TYPES
 

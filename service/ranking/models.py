@@ -1,8 +1,11 @@
 """The CTR models a ranker can be, by name: what the artifact's manifest records and what
 `recsys train --ranker` chooses."""
 
+from dataclasses import dataclass
+
 from torch import nn
 
+from service.ranking.compression import CompressionPlan
 from service.ranking.dcn_v2 import DCNv2, DCNv2Config
 from service.ranking.deepfm import DeepFM, DeepFMConfig
 
@@ -20,3 +23,18 @@ def build_ranker(name: str, config: dict, start_from_numeric: int | None = None)
     model_class, config_class = RANKERS[name]
     tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
     return model_class(config_class(**tuples), start_from_numeric=start_from_numeric)
+
+
+@dataclass
+class RankerVariant:
+    """A compressed copy of the trained ranker, the plan that rebuilds its shape, and its
+    validation metrics next to the trained model's."""
+
+    model: nn.Module
+    plan: CompressionPlan
+    metrics: dict
+
+
+def trained_variant(rank: int | None) -> str:
+    """The name a trained ranker serves under: `full`, or `factorised` (rank-r tables)."""
+    return "full" if rank is None else "factorised"

@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.features import FeatureSpace
-from service.ranking.inputs import RankingEncoder
+from service.data.feature_space import FeatureSpace
+from service.ranking.encoder import RankingEncoder
 
 
 class Ranker:

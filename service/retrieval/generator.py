@@ -3,70 +3,25 @@ search (single vector, or kNN-Embed's per-interest searches plus a reserved sing
 share), exclusion of what the user has seen (in the artifact's history and since), popular
 items for cold users and to fill up."""
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from service.embeddings.artifact_tables import ITEM_TABLE, USER_TABLE
+from service.data.histories import UserHistories
+from service.embeddings.recent_items import RecentItems
 from service.embeddings.store import EmbeddingStore
-from service.history import UserHistories
-from service.online.recent import RecentItems
+from service.embeddings.tables import INTEREST_TABLE, ITEM_TABLE, SMOOTHING_TABLE, USER_TABLE
+from service.retrieval.candidates import (
+    SOURCE_KNN_EMBED,
+    SOURCE_TWO_TOWER,
+    STRATEGY_KNN_EMBED,
+    STRATEGY_TWO_TOWER,
+    Candidates,
+    is_in_sorted,
+    labels,
+)
 from service.retrieval.index import ItemIndex
-from service.retrieval.knn_embed import INTEREST_TABLE, SMOOTHING_TABLE, ItemClusters, MixtureKnobs, smoothed_mixture, split_budget
+from service.retrieval.knn_embed import ItemClusters, MixtureKnobs, smoothed_mixture, split_budget
+from service.retrieval.popular import PopularItems
 from service.retrieval.two_tower import TwoTower, UserTowerKernel
-
-SOURCE_TWO_TOWER, SOURCE_KNN_EMBED, SOURCE_POPULAR = "two_tower", "knn_embed", "popular"
-STRATEGY_TWO_TOWER, STRATEGY_KNN_EMBED = "two_tower", "knn_embed"
-
-
-def labels(value, n: int) -> np.ndarray:
-    """`n` copies of a per-candidate label, as an object array (fancy-indexed with the ids)."""
-    out = np.empty(n, dtype=object)
-    out[:] = value
-    return out
-
-
-def is_in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Which `values` (any shape) are in the sorted, distinct `sorted_set`: a binary search,
-    cheaper than `np.isin`'s sort of both sides for a request's few hundred ids."""
-    if not len(sorted_set):
-        return np.zeros(values.shape, dtype=bool)
-    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
-    return sorted_set[at] == values
-
-
-@dataclass
-class Candidates:
-    item_ids: np.ndarray  # uint64
-    scores: np.ndarray  # float32 cosine: with the user vector, or the cold-user vector for popular
-    sources: np.ndarray  # object: each candidate's source name
-    degraded: bool = False  # the embedding store failed: vectors were defaults
-    components: np.ndarray | None = None  # object: kNN-Embed's cluster of each candidate, else None
-
-    def __post_init__(self) -> None:
-        if self.components is None:
-            self.components = labels(None, len(self.item_ids))
-
-    @classmethod
-    def empty(cls) -> "Candidates":
-        return cls(np.empty(0, np.uint64), np.empty(0, np.float32), labels(None, 0))
-
-    def __len__(self) -> int:
-        return len(self.item_ids)
-
-    def ranked(self) -> "Candidates":
-        """Best score first, whatever found it (ties keep their order)."""
-        order = np.argsort(-self.scores, kind="stable")
-        return Candidates(self.item_ids[order], self.scores[order], self.sources[order], self.degraded, self.components[order])
-
-    def extended(self, more: "Candidates") -> "Candidates":
-        return Candidates(
-            np.concatenate([self.item_ids, more.item_ids]),
-            np.concatenate([self.scores, more.scores]).astype(np.float32),
-            np.concatenate([self.sources, more.sources]),
-            self.degraded or more.degraded,
-            np.concatenate([self.components, more.components]),
-        )
 
 
 class CandidateGenerator:
@@ -76,8 +31,7 @@ class CandidateGenerator:
         index: ItemIndex,
         store: EmbeddingStore,
         histories: UserHistories,
-        popular_items: np.ndarray,
-        popular_scores: np.ndarray,
+        popular: PopularItems,
         history_length: int,
         recent: RecentItems | None = None,
         clusters: ItemClusters | None = None,
@@ -91,8 +45,7 @@ class CandidateGenerator:
         self.knobs = knobs
         self.store = store
         self.histories = histories
-        self.popular_items = popular_items
-        self.popular_scores = popular_scores
+        self.popular = popular
         self.history_length = history_length
         self.recent = recent
 
@@ -120,12 +73,6 @@ class CandidateGenerator:
             return history, False
         recent, degraded = self.recent.get(user_id)
         return (np.concatenate([history, recent]) if len(recent) else history), degraded
-
-    def popular(self, n: int, excluded: np.ndarray) -> Candidates:
-        """`excluded`: sorted, distinct."""
-        keep = ~is_in_sorted(self.popular_items, excluded)
-        ids = self.popular_items[keep][:n]
-        return Candidates(ids, self.popular_scores[keep][:n], labels(SOURCE_POPULAR, len(ids)))
 
     def mixture(self, user_id: int, knobs: MixtureKnobs) -> tuple[np.ndarray, np.ndarray, bool]:
         """The user's top-m interests (clusters, weights; empty without interests) and
@@ -180,7 +127,7 @@ class CandidateGenerator:
         vector, degraded = self.user_vector(user_id, history)
         degraded |= recent_degraded
         if vector is None:
-            result = self.popular(n, excluded)
+            result = self.popular.top(n, excluded)
             result.degraded = degraded
             return result
         result = Candidates.empty()
@@ -198,5 +145,5 @@ class CandidateGenerator:
             result = self.single_vector(vector, n, excluded)
         result.degraded = degraded
         if len(result) < n:  # a small catalog: fill up with popular items
-            result = result.extended(self.popular(n - len(result), np.union1d(excluded, result.item_ids)))
+            result = result.extended(self.popular.top(n - len(result), np.union1d(excluded, result.item_ids)))
         return result

@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from service.artifacts import ArtifactError, sha256_file
-from service.embeddings.artifact_tables import ITEM_TABLE
 from service.embeddings.store import EmbeddingStore
+from service.embeddings.tables import ITEM_TABLE
 from service.metrics import INDEX_INFO, INDEX_SWAPS
 from service.retrieval.index import Device, ItemIndex, SearchParams
 

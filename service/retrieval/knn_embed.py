@@ -30,9 +30,6 @@ from service.retrieval.index import MISSING_SCORE, add_with_progress, training_s
 
 log = logging.getLogger(__name__)
 
-INTEREST_TABLE, SMOOTHING_TABLE = "interest", "interest_smoothing"
-
-
 @dataclass(frozen=True)
 class KnnEmbedConfig:
     """Build-time knobs: they shape the artifact (and `recsys knn-embed refresh`)."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from service.features import FeatureSpace
+from service.data.feature_space import FeatureSpace
 
 log = logging.getLogger(__name__)
 

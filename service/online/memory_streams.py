@@ -8,7 +8,14 @@ from collections import OrderedDict, deque
 
 import numpy as np
 
-from service.online.streams import EventLog, ItemUpdateFeed, ItemUpdates, LoggedEvent, event_fields, logged_event
+from service.online.streams import (
+    EventLog,
+    ItemUpdateFeed,
+    ItemUpdates,
+    LoggedEvent,
+    event_fields,
+    logged_event,
+)
 from service.schemas import Event
 
 

@@ -1,37 +1,44 @@
-"""The one pipeline HTTP and gRPC both call: retrieve candidates, rank them, answer.
+"""The pipeline in process: retrieve candidates, rank them, answer (`Pipeline`).
 
-`RecommendPipeline` runs both stages in process (the embedded mode, and inside the retrieval
-and ranking tiers); `service.api.remote.RemotePipeline` calls the tiers over gRPC and answers
-through the same `candidates_response` and `ranked_response`."""
+`RecommendPipeline` runs both stages here: the embedded service, and the retrieval tier
+(which answers its `retrieve`). `RankingStage` is the second stage alone: the ranking tier's
+whole job."""
 
 from dataclasses import dataclass, replace
 
 import numpy as np
 
+from service.artifact_tables import in_memory_store
 from service.bundle import ModelBundle, RankingParts
-from service.embeddings.artifact_tables import in_memory_store
+from service.embeddings.recent_items import RecentItems
 from service.embeddings.store import EmbeddingStore
-from service.metrics import CANDIDATES, COLD_START, DEGRADED, MODEL_INFO, STAGE_LATENCY
-from service.online.recent import RecentItems
+from service.metrics import CANDIDATES, COLD_START, DEGRADED, MODEL_INFO
+from service.pipeline.interface import (
+    RANK,
+    RETRIEVE,
+    candidate_count,
+    candidates_response,
+    ranked_response,
+    timed,
+)
 from service.ranking.models import ranker_name
 from service.ranking.ranker import Ranker
-from service.retrieval.generator import (
+from service.retrieval.candidates import (
     SOURCE_KNN_EMBED,
     SOURCE_POPULAR,
     SOURCE_TWO_TOWER,
-    CandidateGenerator,
     Candidates,
 )
+from service.retrieval.generator import CandidateGenerator
 from service.retrieval.knn_embed import MixtureKnobs
 from service.schemas import (
-    Candidate,
     CandidatesResponse,
     Context,
     RankerInfo,
     RecommendRequest,
     RecommendResponse,
-    ScoredItem,
 )
+from service.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,15 @@ class PipelineOptions:
     history_length: int = 50
     strategy: str = "two_tower"  # when a request names none
     knn_embed: MixtureKnobs = MixtureKnobs()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "PipelineOptions":
+        return cls(
+            default_candidates=settings.default_candidates,
+            history_length=settings.history_length,
+            strategy=settings.strategy,
+            knn_embed=MixtureKnobs(settings.knn_alpha, settings.knn_components, settings.knn_reserved_share),
+        )
 
 
 class RankingStage:
@@ -52,7 +68,7 @@ class RankingStage:
         self.ranker_info = RankerInfo(model=ranker_name(parts.ranker), variant=parts.ranker_variant)
 
     def rank(self, user_id: int, item_ids: np.ndarray, retrieval_scores: np.ndarray, context: Context | None) -> np.ndarray:
-        with STAGE_LATENCY.labels("rank").time():
+        with timed(RANK):
             return self.ranker.score(
                 user_id,
                 item_ids,
@@ -80,8 +96,7 @@ class RecommendPipeline:
             bundle.index,
             store,
             bundle.histories,
-            bundle.popular_items,
-            bundle.popular_scores,
+            bundle.popular,
             min(options.history_length, bundle.two_tower.config.history_length),
             recent,
             bundle.clusters,
@@ -104,11 +119,10 @@ class RecommendPipeline:
 
     def retrieve(self, request: RecommendRequest) -> Candidates:
         """The candidates, before ranking (what the retrieval tier answers)."""
-        n = max(request.k, request.candidates or self.options.default_candidates)
-        with STAGE_LATENCY.labels("retrieve").time():
+        with timed(RETRIEVE):
             candidates = self.generator.generate(
                 request.user_id,
-                n,
+                candidate_count(request, self.options.default_candidates),
                 np.array(request.exclude_item_ids, dtype=np.uint64),
                 request.strategy or self.options.strategy,
                 self._knobs(request),
@@ -132,34 +146,3 @@ class RecommendPipeline:
 
     def close(self) -> None:
         self.store.close()
-
-
-def candidates_response(user_id: int, found: Candidates, model_version: str) -> CandidatesResponse:
-    return CandidatesResponse(
-        user_id=user_id,
-        candidates=[
-            Candidate(item_id=int(i), score=float(s), source=src, component=c)
-            for i, s, src, c in zip(found.item_ids, found.scores, found.sources, found.components)
-        ],
-        degraded=found.degraded,
-        model_version=model_version,
-    )
-
-
-def ranked_response(
-    request: RecommendRequest, found: Candidates, scores: np.ndarray | None, model_version: str, ranker: RankerInfo | None, degraded: bool = False
-) -> RecommendResponse:
-    """The top `request.k` by ranker score (ties by id); with no `scores` (ranking fell
-    back), the first k in retrieval order, `ranker` None."""
-    if scores is None:
-        order = np.arange(min(request.k, len(found.item_ids)))
-        scores = found.scores
-    else:
-        order = np.lexsort((found.item_ids, -scores))[: request.k]
-    return RecommendResponse(
-        user_id=request.user_id,
-        items=[ScoredItem(item_id=int(found.item_ids[i]), score=float(scores[i])) for i in order],
-        degraded=found.degraded or degraded,
-        model_version=model_version,
-        ranker=ranker,
-    )

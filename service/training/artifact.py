@@ -7,13 +7,21 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from service.bundle import ModelBundle
+from service.data.feature_space import FeatureSpace
+from service.data.histories import UserHistories
 from service.data.schema import Dataset
-from service.features import FeatureSpace
-from service.history import UserHistories
-from service.ranking.train import RankerTrainConfig, build_rows, compress_ranker, train_ranker, trained_variant
+from service.ranking.models import trained_variant
 from service.retrieval.index import ItemIndex, SearchParams
 from service.retrieval.knn_embed import ItemClusters, KnnEmbedConfig, UserMixtures
-from service.retrieval.two_tower import TwoTowerConfig, cold_user_vector, item_vectors, train_two_tower, user_vectors
+from service.retrieval.popular import PopularItems
+from service.retrieval.two_tower import (
+    TwoTowerConfig,
+    cold_user_vector,
+    item_vectors,
+    train_two_tower,
+    user_vectors,
+)
+from service.training.ranker import RankerTrainConfig, build_rows, compress_ranker, train_ranker
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +70,7 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig()) -> tuple[ModelB
         histories=histories,
         clusters=clusters,
         mixtures=mixtures,
-        popular_items=features.items.ids[order],
-        popular_scores=(vectors[order] @ cold_user).astype(np.float32),
+        popular=PopularItems("", features.items.ids[order], (vectors[order] @ cold_user).astype(np.float32)),
         manifest={},
     )
     metrics = {

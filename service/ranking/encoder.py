@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.features import FeatureSpace
+from service.data.feature_space import FeatureSpace
 
 HOUR_ROWS, WEEKDAY_ROWS = 25, 8
 NUMERIC_FIELDS = ("retrieval_score", "item_log_popularity")
@@ -26,14 +26,6 @@ class RankingBatch:
 
 def field_sizes(features: FeatureSpace) -> tuple[int, ...]:
     return (features.users.size, features.items.size, HOUR_ROWS, WEEKDAY_ROWS)
-
-
-def context_rows(timestamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Hour and weekday rows (1-based) of epoch seconds, in UTC."""
-    timestamps = np.asarray(timestamps, dtype=np.int64)
-    hour = (timestamps // 3600) % 24
-    weekday = (timestamps // 86_400 + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
-    return hour + 1, weekday + 1
 
 
 class RankingEncoder:

@@ -15,17 +15,20 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from sklearn.metrics import log_loss, roc_auc_score
-from tqdm import tqdm
 
-from service.features import FeatureSpace
-from service.ranking.compression import METHODS, CompressionConfig, CompressionPlan, compress, model_bytes
-from service.ranking.ctr import EarlyStopping
-from service.ranking.inputs import NUMERIC_FIELDS, RankingEncoder, context_rows, field_sizes
-from service.ranking.models import build_ranker
+from service.data.context import context_rows
+from service.data.feature_space import FeatureSpace
+from service.ranking.compression import (
+    METHODS,
+    CompressionConfig,
+    compress,
+    model_bytes,
+)
+from service.ranking.encoder import NUMERIC_FIELDS, RankingEncoder, field_sizes
+from service.ranking.models import RankerVariant, build_ranker
 from service.retrieval.index import ItemIndex
 from service.retrieval.two_tower import TwoTower, history_before
+from service.training.loop import LoopConfig, binary_metrics, fit_binary, log_odds
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +54,6 @@ class RankerTrainConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     calibration_rows: int = 4096  # training rows whose layer outputs output-feature compression reads
     seed: int = 0
-
-
-@dataclass
-class RankerVariant:
-    """A compressed copy of the trained ranker, the plan that rebuilds its shape, and its
-    validation metrics next to the trained model's."""
-
-    model: torch.nn.Module
-    plan: CompressionPlan
-    metrics: dict
-
-
-def trained_variant(rank: int | None) -> str:
-    """The name a trained ranker serves under: `full`, or `factorised` (rank-r tables)."""
-    return "full" if rank is None else "factorised"
 
 
 @dataclass
@@ -158,8 +146,7 @@ def train_ranker(
     rows: RankingRows, features: FeatureSpace, config: RankerTrainConfig, score_scale: float
 ) -> tuple[torch.nn.Module, dict]:
     """`score_scale` turns retrieval cosines into two-tower logits (1 / temperature)."""
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)  # the initial weights
     encoder = RankingEncoder(features, score_scale)
     model = build_ranker(
         config.model,
@@ -173,37 +160,22 @@ def train_ranker(
         start_from_numeric=NUMERIC_FIELDS.index("retrieval_score"),
     )
     validation, train = rows.take(np.flatnonzero(rows.validation)), rows.take(np.flatnonzero(~rows.validation))
-    # Start calibrated: the untrained ranker's mean prediction is the training click rate.
-    base_rate = float(train.labels.mean())
-    with torch.no_grad():
-        model.bias.fill_(np.log(base_rate / (1 - base_rate)) - float(train.scores.mean()) * score_scale)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps = max(1, len(train.labels) // config.batch_size)
-    stopping, history = EarlyStopping(config.patience), []
-    with tqdm(total=config.epochs * steps, desc="ranker", unit="batch", mininterval=2) as bar:
-        for epoch in range(config.epochs):
-            model.train()
-            perm = rng.permutation(len(train.labels))
-            for step in range(steps):
-                part = train.take(perm[step * config.batch_size : (step + 1) * config.batch_size])
-                batch = encoder.encode_rows(part.user_rows, part.item_rows, part.hour_rows, part.weekday_rows, part.scores)
-                logits = model(batch.categorical, batch.attributes, batch.numeric)
-                loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(part.labels))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                bar.update()
-            predicted = _predict(model, encoder, validation)
-            auc = float(roc_auc_score(validation.labels, predicted))
-            logloss = float(log_loss(validation.labels, np.clip(predicted, 1e-7, 1 - 1e-7)))
-            history.append(
-                {"epoch": epoch + 1, "val_auc": auc, "val_logloss": logloss, "val_mean_prediction": float(predicted.mean())}
-            )
-            bar.set_postfix(epoch=epoch + 1, val_auc=f"{auc:.4f}")
-            log.info("ranker epoch %d/%d val AUC %.4f logloss %.4f", epoch + 1, config.epochs, auc, logloss)
-            if stopping.should_stop(model, auc):
-                break
-    stopping.restore_best(model)
+
+    def batch_of(index: np.ndarray) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        part = train.take(index)
+        batch = encoder.encode_rows(part.user_rows, part.item_rows, part.hour_rows, part.weekday_rows, part.scores)
+        return (batch.categorical, batch.attributes, batch.numeric), torch.from_numpy(part.labels)
+
+    # The retrieval score starts as the only signal: the bias offsets its mean logit.
+    start_bias = log_odds(float(train.labels.mean())) - float(train.scores.mean()) * score_scale
+    loop = LoopConfig(config.epochs, config.patience, config.batch_size, config.learning_rate, config.weight_decay, config.seed)
+    epochs = fit_binary(
+        model, len(train.labels), batch_of, lambda m: _predict(m, encoder, validation), validation.labels, loop, start_bias, "ranker"
+    )
+    history = [
+        {"epoch": e["epoch"], "val_auc": e["auc"], "val_logloss": e["logloss"], "val_mean_prediction": e["mean_prediction"]}
+        for e in epochs
+    ]
     best = max(history, key=lambda e: e["val_auc"])
     metrics = {
         "val_auc": best["val_auc"],
@@ -235,9 +207,10 @@ def compress_ranker(
         compact, plan = compress(model, method, config.compression, calibration)
         predicted = _predict(compact, encoder, validation)
         size = model_bytes(compact)
+        measured = binary_metrics(validation.labels, predicted)
         metrics = {
-            "val_auc": float(roc_auc_score(validation.labels, predicted)),
-            "val_logloss": float(log_loss(validation.labels, np.clip(predicted, 1e-7, 1 - 1e-7))),
+            "val_auc": measured["auc"],
+            "val_logloss": measured["logloss"],
             "bytes": size,
             "ratio": round(trained_bytes / size["total"], 2),
         }

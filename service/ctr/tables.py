@@ -11,11 +11,11 @@ from its training split:
 
 import pandas as pd
 
+from service.ctr.field_map import FieldMap
 from service.data.criteo import CATEGORICAL_COLUMNS, INTEGER_COLUMNS, LABEL, load_criteo_splits
 from service.data.ctr import interactions_as_ctr
 from service.data.files import load_dataset
 from service.data.schema import DataError
-from service.ranking.fields import FieldMap
 
 SPLITS = ("train", "dev", "test")
 CRITEO_MIN_COUNT = 3

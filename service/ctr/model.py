@@ -19,11 +19,19 @@ from safetensors.torch import save_file as save_tensors
 from torch import nn
 
 from service.artifacts import read_manifest, resolve_version, write_version
-from service.ranking.compression import CompressionConfig, CompressionPlan, Method, compress, compressed_shape, model_bytes
-from service.ranking.ctr import CtrTrainConfig, evaluate, predict, tensors, train_ctr
-from service.ranking.ctr_data import load_ctr_table
-from service.ranking.fields import FieldMap
+from service.ctr.field_map import FieldMap
+from service.ctr.tables import load_ctr_table
+from service.ctr.training import CtrTrainConfig, predict, tensors, train_ctr
+from service.ranking.compression import (
+    CompressionConfig,
+    CompressionPlan,
+    Method,
+    compress,
+    compressed_shape,
+    model_bytes,
+)
 from service.ranking.models import build_ranker, ranker_name
+from service.training.loop import binary_metrics
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +92,7 @@ class CtrModelConfig:
 
 
 def fit_ctr_model(spec: str, root: str | Path, config: CtrModelConfig) -> CtrModel:
-    """Train a CTR model on the click table `spec` (`service.ranking.ctr_data`), early-stopped
+    """Train a CTR model on the click table `spec` (`service.ctr.tables`), early-stopped
     on dev AUC, compress it if asked, measure dev and test AUC and logloss (of the model as
     trained too, when compressed) and save it under `root`."""
     if config.rank is not None and config.compression is not None:
@@ -97,7 +105,7 @@ def fit_ctr_model(spec: str, root: str | Path, config: CtrModelConfig) -> CtrMod
     history = train_ctr(model, train, dev, config.train, config.model)
 
     def measured(model: nn.Module) -> dict:
-        return {split: evaluate(rows.labels, predict(model, rows)) for split, rows in (("dev", dev), ("test", test))}
+        return {split: binary_metrics(rows.labels, predict(model, rows)) for split, rows in (("dev", dev), ("test", test))}
 
     metrics = {**measured(model), "best_epoch": history["best"]["epoch"], "epochs": history["epochs"]}
     plan = None

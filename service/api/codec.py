@@ -1,0 +1,142 @@
+"""The proto messages of `proto/recsys/v1/recommender.proto` and the contract's pydantic
+models (`service.schemas`) or candidate columns, both ways, in one file: a field added to
+the proto is changed here. Requests from the wire are validated by the same models as HTTP
+(a `ValidationError` is the caller's INVALID_ARGUMENT)."""
+
+import numpy as np
+from google.protobuf.json_format import MessageToDict
+
+from service.pipeline.interface import StageFailed
+from service.proto_gen.recsys.v1 import recommender_pb2 as pb
+from service.retrieval.candidates import Candidates, labels
+from service.schemas import (
+    CandidatesResponse,
+    Context,
+    EventsRequest,
+    RankerInfo,
+    RankRequest,
+    RecommendRequest,
+    RecommendResponse,
+    UpsertItemVectorsRequest,
+)
+
+
+def request_from_proto(message: pb.RecommendRequest) -> RecommendRequest:
+    fields = MessageToDict(message, preserving_proto_field_name=True)
+    # proto3 JSON writes 64-bit integers as strings; the contract takes integers.
+    fields["user_id"] = message.user_id
+    fields["exclude_item_ids"] = list(message.exclude_item_ids)
+    if not message.strategy:
+        fields.pop("strategy", None)
+    return RecommendRequest.model_validate(fields)
+
+
+def request_to_proto(request: RecommendRequest) -> pb.RecommendRequest:
+    knobs = request.knn_embed.model_dump(exclude_none=True) if request.knn_embed else None
+    return pb.RecommendRequest(
+        user_id=request.user_id,
+        k=request.k,
+        context=context_to_proto(request.context),
+        exclude_item_ids=request.exclude_item_ids,
+        strategy=request.strategy or "",
+        candidates=request.candidates,
+        knn_embed=pb.KnnEmbedOptions(**knobs) if knobs is not None else None,
+    )
+
+
+def context_to_proto(context: Context | None) -> pb.Context | None:
+    return None if context is None else pb.Context(**context.model_dump(exclude_none=True))
+
+
+def events_from_proto(message: pb.SendEventsRequest) -> EventsRequest:
+    return EventsRequest.model_validate({
+        "events": [
+            {
+                "user_id": e.user_id,
+                "item_id": e.item_id,
+                "type": e.type,
+                **({"timestamp": e.timestamp.seconds + e.timestamp.nanos / 1e9} if e.HasField("timestamp") else {}),
+            }
+            for e in message.events
+        ]
+    })
+
+
+def ranker_to_proto(ranker: RankerInfo | None) -> pb.RankerInfo | None:
+    return None if ranker is None else pb.RankerInfo(model=ranker.model, variant=ranker.variant)
+
+
+def ranker_from_proto(message: pb.RankerInfo) -> RankerInfo:
+    return RankerInfo(model=message.model, variant=message.variant)
+
+
+def recommend_response_to_proto(result: RecommendResponse) -> pb.RecommendResponse:
+    return pb.RecommendResponse(
+        user_id=result.user_id,
+        items=[pb.ScoredItem(item_id=i.item_id, score=i.score) for i in result.items],
+        degraded=result.degraded,
+        model_version=result.model_version,
+        ranker=ranker_to_proto(result.ranker),
+    )
+
+
+def candidates_to_proto(result: CandidatesResponse) -> pb.CandidatesResponse:
+    return pb.CandidatesResponse(
+        user_id=result.user_id,
+        candidates=[pb.Candidate(item_id=c.item_id, score=c.score, source=c.source, component=c.component) for c in result.candidates],
+        degraded=result.degraded,
+        model_version=result.model_version,
+    )
+
+
+def candidates_to_columns(found: Candidates, model_version: str) -> pb.RetrieveResponse:
+    """The retrieval tier's answer: the candidates as packed columns, the sources coded."""
+    names, codes = np.unique(found.sources.astype(str), return_inverse=True)
+    components = np.array([-1 if c is None else c for c in found.components], dtype=np.int32)
+    return pb.RetrieveResponse(
+        item_ids=found.item_ids.tolist(), scores=found.scores.tolist(), sources=codes.tolist(),
+        source_names=names.tolist(), components=components.tolist(), degraded=found.degraded, model_version=model_version,
+    )
+
+
+def candidates_from_columns(message: pb.RetrieveResponse) -> Candidates:
+    """The inverse of `candidates_to_columns`; columns that do not fit are the retrieval
+    stage's failure (`StageFailed`), answered by its fallback."""
+    n = len(message.item_ids)
+    if not (len(message.scores) == len(message.sources) == len(message.components) == n) or any(
+        code >= len(message.source_names) for code in message.sources
+    ):
+        raise StageFailed("retrieval answered columns of different lengths or an unnamed source")
+    components = np.array(message.components, dtype=np.int64).astype(object)
+    components[components == -1] = None
+    return Candidates(
+        np.array(message.item_ids, dtype=np.uint64),
+        np.array(message.scores, dtype=np.float32),
+        np.array(message.source_names, dtype=object)[np.array(message.sources, dtype=np.int64)] if n else labels(None, 0),
+        message.degraded,
+        components,
+    )
+
+
+def rank_request_to_proto(request: RecommendRequest, found: Candidates) -> pb.RankRequest:
+    return pb.RankRequest(
+        user_id=request.user_id,
+        context=context_to_proto(request.context),
+        item_ids=found.item_ids.tolist(),
+        retrieval_scores=found.scores.tolist(),
+    )
+
+
+def rank_request_from_proto(message: pb.RankRequest) -> RankRequest:
+    return RankRequest.model_validate({
+        "user_id": message.user_id,
+        "context": MessageToDict(message.context, preserving_proto_field_name=True) if message.HasField("context") else None,
+        "item_ids": list(message.item_ids),
+        "retrieval_scores": list(message.retrieval_scores),
+    })
+
+
+def upsert_request_from_proto(message: pb.UpsertItemVectorsRequest, dim: int) -> UpsertItemVectorsRequest:
+    """Admin UpsertItemVectors, its vectors checked against the item table's `dim`."""
+    items = [{"item_id": item.item_id, "vector": list(item.vector)} for item in message.items]
+    return UpsertItemVectorsRequest.model_validate({"items": items}, context={"dim": dim})

@@ -1,0 +1,34 @@
+"""The gateway (`recsys serve gateway`): HTTP and gRPC Recommender in front of the retrieval
+and ranking tiers (`RemotePipeline`), the artifact's popular items as the fallback, events
+appended to the shared stream. No model is loaded, and neither torch nor FAISS is imported
+(tests/test_layers.py holds it to that); no index here, so no Admin calls."""
+
+import logging
+
+from fastapi import FastAPI
+
+from service.api.grpc_server import RecommenderServicer
+from service.api.process import http_app
+from service.api.remote import RemotePipeline
+from service.api.served import Served
+from service.online.parts import open_event_log
+from service.retrieval.popular import PopularItems
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_gateway(settings: Settings) -> Served:
+    popular = PopularItems.load(settings.artifacts)
+    log.info(
+        "gateway: retrieval at %s, ranking at %s; fallback items from %s",
+        settings.retrieval_address, settings.ranking_address, popular.version,
+    )
+    events = open_event_log(settings, settings.redis_namespace or popular.namespace)
+    return Served(pipeline=RemotePipeline(settings, popular), online=events)
+
+
+def build_app(settings: Settings) -> FastAPI:
+    if not settings.remote_tiers:
+        raise ValueError("a gateway needs RECSYS_RETRIEVAL_ADDRESS and RECSYS_RANKING_ADDRESS")
+    return http_app(settings, load_gateway, lambda served: [RecommenderServicer(served)])

@@ -1,0 +1,90 @@
+"""What every recommendation pipeline answers, and the parts of the answer they share.
+
+`Pipeline` is what the transports (HTTP, gRPC) call. Two implement it:
+`service.pipeline.in_process.RecommendPipeline` runs retrieval and ranking in this process
+(the embedded service, and inside the retrieval tier); `service.api.remote.RemotePipeline`
+is the gateway's, calling the tiers over gRPC. Both size the candidate set, time their
+stages and build their answers here, so the two modes answer alike. Numpy and the contract
+only: a gateway imports this without loading a model.
+"""
+
+from typing import ContextManager, Protocol
+
+import numpy as np
+
+from service.metrics import STAGE_LATENCY
+from service.retrieval.candidates import Candidates
+from service.schemas import (
+    Candidate,
+    CandidatesResponse,
+    RankerInfo,
+    RecommendRequest,
+    RecommendResponse,
+    ScoredItem,
+)
+
+RETRIEVE, RANK = "retrieve", "rank"  # the stages, as `recsys_stage_duration_seconds` labels them
+
+
+class StageFailed(Exception):
+    """A stage did not answer in time, at all, or with something usable: its fallback answers."""
+
+
+class Pipeline(Protocol):
+    """`deadline`: monotonic seconds by which the client wants the answer (None: the
+    pipeline's default); a remote pipeline shares it out among its tiers."""
+
+    @property
+    def model_version(self) -> str: ...
+
+    def recommend(self, request: RecommendRequest, deadline: float | None = None) -> RecommendResponse: ...
+
+    def candidates(self, request: RecommendRequest, deadline: float | None = None) -> CandidatesResponse: ...
+
+    def close(self) -> None: ...
+
+
+def timed(stage: str) -> ContextManager:
+    """Times a stage into `recsys_stage_duration_seconds{stage}`."""
+    return STAGE_LATENCY.labels(stage).time()
+
+
+def candidate_count(request: RecommendRequest, default: int) -> int:
+    """Candidates to retrieve: the request's, else `default`, and never fewer than k."""
+    return max(request.k, request.candidates or default)
+
+
+def excluded_ids(request: RecommendRequest) -> np.ndarray:
+    """The request's exclusions, sorted and distinct."""
+    return np.unique(np.array(request.exclude_item_ids, dtype=np.uint64))
+
+
+def candidates_response(user_id: int, found: Candidates, model_version: str) -> CandidatesResponse:
+    return CandidatesResponse(
+        user_id=user_id,
+        candidates=[
+            Candidate(item_id=int(i), score=float(s), source=src, component=c)
+            for i, s, src, c in zip(found.item_ids, found.scores, found.sources, found.components)
+        ],
+        degraded=found.degraded,
+        model_version=model_version,
+    )
+
+
+def ranked_response(
+    request: RecommendRequest, found: Candidates, scores: np.ndarray | None, model_version: str, ranker: RankerInfo | None, degraded: bool = False
+) -> RecommendResponse:
+    """The top `request.k` by ranker score (ties by id); with no `scores` (ranking fell
+    back), the first k in retrieval order, `ranker` None."""
+    if scores is None:
+        order = np.arange(min(request.k, len(found.item_ids)))
+        scores = found.scores
+    else:
+        order = np.lexsort((found.item_ids, -scores))[: request.k]
+    return RecommendResponse(
+        user_id=request.user_id,
+        items=[ScoredItem(item_id=int(found.item_ids[i]), score=float(scores[i])) for i in order],
+        degraded=found.degraded or degraded,
+        model_version=model_version,
+        ranker=ranker,
+    )
