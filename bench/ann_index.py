@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.data.synthetic import clustered_unit_vectors  # noqa: E402
-from service.retrieval.index import ItemIndex, SearchParams, default_factory  # noqa: E402
+from service.data.synthetic import clustered_unit_vectors
+from service.retrieval.index import ItemIndex, SearchParams, default_factory
 
 DIM, K = 64, 100
 
@@ -50,9 +50,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100k items and fewer settings")
     parser.add_argument("--items", type=int, default=None)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--index", action="append", choices=("Flat", "IVF,Flat", "IVF,SQ8", "HNSW32"), help="only these types (repeatable)")
+    parser.add_argument(
+        "--index",
+        action="append",
+        choices=("Flat", "IVF,Flat", "IVF,SQ8", "HNSW32"),
+        help="only these types (repeatable)",
+    )
     parser.add_argument("--ef-search", type=int, nargs="+", help="HNSW efSearch values to measure")
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="gpu: faiss-gpu (pip install -e .[gpu])")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="gpu: faiss-gpu (pip install -e .[gpu])",
+    )
     args = parser.parse_args()
     n = args.items or (100_000 if args.quick else 1_000_000)
     n_queries, singles = (500, 200) if args.quick else (1000, 500)
@@ -62,9 +72,32 @@ def main() -> None:
     auto = default_factory(n).removeprefix("IDMap2,")
     nlist = auto.split(",")[0].removeprefix("IVF") if auto.startswith("IVF") else "1024"
     settings = [("Flat", [SearchParams()])]
-    settings.append((f"IVF{nlist},Flat", [SearchParams(nprobe=p) for p in ((16, 32, 64) if args.quick else (8, 16, 32, 64, 128))]))
-    settings.append((f"IVF{nlist},SQ8", [SearchParams(nprobe=p) for p in ((32,) if args.quick else (16, 32, 64))]))
-    settings.append(("HNSW32", [SearchParams(ef_search=e) for e in (args.ef_search or ((128, 384) if args.quick else (64, 128, 256, 384, 512)))]))
+    settings.append(
+        (
+            f"IVF{nlist},Flat",
+            [
+                SearchParams(nprobe=p)
+                for p in ((16, 32, 64) if args.quick else (8, 16, 32, 64, 128))
+            ],
+        )
+    )
+    settings.append(
+        (
+            f"IVF{nlist},SQ8",
+            [SearchParams(nprobe=p) for p in ((32,) if args.quick else (16, 32, 64))],
+        )
+    )
+    settings.append(
+        (
+            "HNSW32",
+            [
+                SearchParams(ef_search=e)
+                for e in (
+                    args.ef_search or ((128, 384) if args.quick else (64, 128, 256, 384, 512))
+                )
+            ],
+        )
+    )
     if args.index:
         settings = [(f, p) for f, p in settings if f.replace(nlist, "") in args.index]
 
@@ -81,20 +114,40 @@ def main() -> None:
         size = index.serialized_bytes()
         for params in params_list:
             index.set_params(params)
-            row = {"factory": factory, "nprobe": params.nprobe if "IVF" in factory else None,
-                   "ef_search": params.ef_search if "HNSW" in factory else None,
-                   "device": index.device, "build_s": round(build, 1), "index_mb": round(size / 2**20, 1)}
+            row = {
+                "factory": factory,
+                "nprobe": params.nprobe if "IVF" in factory else None,
+                "ef_search": params.ef_search if "HNSW" in factory else None,
+                "device": index.device,
+                "build_s": round(build, 1),
+                "index_mb": round(size / 2**20, 1),
+            }
             row.update(measure(index, queries, truth, singles))
             rows.append(row)
             print(row, flush=True)
         del index
-    results = {"items": n, "dim": DIM, "queries": n_queries, "default_factory": default_factory(n), "rows": rows}
+    results = {
+        "items": n,
+        "dim": DIM,
+        "queries": n_queries,
+        "default_factory": default_factory(n),
+        "rows": rows,
+    }
     print(f"\n{n:,} items x {DIM} dims, recall@{K} against exact search")
-    print("| index | knob | device | recall@100 | single p50 ms | single p99 ms | batched q/s | build s | MiB |")
+    print(
+        "| index | knob | device | recall@100 | single p50 ms | single p99 ms | batched q/s | build s | MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        knob = f"nprobe={r['nprobe']}" if r["nprobe"] else (f"efSearch={r['ef_search']}" if r["ef_search"] else "exact")
-        print(f"| {r['factory']} | {knob} | {r['device']} | {r['recall_at_100']:.4f} | {r['single_p50_ms']} | {r['single_p99_ms']} | {r['batched_qps']} | {r['build_s']} | {r['index_mb']} |")
+        knob = (
+            f"nprobe={r['nprobe']}"
+            if r["nprobe"]
+            else (f"efSearch={r['ef_search']}" if r["ef_search"] else "exact")
+        )
+        print(
+            f"| {r['factory']} | {knob} | {r['device']} | {r['recall_at_100']:.4f} | {r['single_p50_ms']} | "
+            f"{r['single_p99_ms']} | {r['batched_qps']} | {r['build_s']} | {r['index_mb']} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -50,14 +50,20 @@ DEPTH = 50
 def train(dataset, quick: bool, root: str) -> str:
     config = TrainConfig()
     if quick:
-        config = replace(config, two_tower=replace(config.two_tower, epochs=4), ranker=replace(config.ranker, epochs=1))
+        config = replace(
+            config,
+            two_tower=replace(config.two_tower, epochs=4),
+            ranker=replace(config.ranker, epochs=1),
+        )
     return str(train_and_save(dataset, root, config))
 
 
 def online_parts(bundle: ModelBundle, store, train_artifact_rows: bool):
     events, recent, feed = InMemoryEventLog(), InMemoryRecentItems(50), InMemoryItemUpdateFeed()
     config = OnlineTrainerConfig(block_seconds=0, train_artifact_rows=train_artifact_rows)
-    trainer = OnlineTrainer(bundle.two_tower, bundle.features, bundle.histories, store, events, recent, feed, config)
+    trainer = OnlineTrainer(
+        bundle.two_tower, bundle.features, bundle.histories, store, events, recent, feed, config
+    )
     sync = IndexSync(bundle.two_tower, bundle.features, store, bundle.index, feed, block_seconds=0)
     return events, recent, trainer, sync
 
@@ -65,12 +71,16 @@ def online_parts(bundle: ModelBundle, store, train_artifact_rows: bool):
 def prequential(folder: str, test, new_items: np.ndarray, mode: str, batch: int) -> dict:
     bundle = ModelBundle.load(folder)  # each mode changes its own index and table
     store = in_memory_store(bundle)
-    events, recent, trainer, sync = online_parts(bundle, store, train_artifact_rows=mode == "online_all_rows")
+    events, recent, trainer, sync = online_parts(
+        bundle, store, train_artifact_rows=mode == "online_all_rows"
+    )
     pipeline = RecommendPipeline(bundle, store, recent=None if mode == "static" else recent)
     ordered = test.sort_values("timestamp", kind="stable")
     users, items = ordered["user_id"].to_numpy(np.uint64), ordered["item_id"].to_numpy(np.uint64)
     hits = np.zeros(len(users), dtype=bool)
-    for start in tqdm(range(0, len(users), batch), desc=f"replay {mode}", unit="batch", mininterval=2):
+    for start in tqdm(
+        range(0, len(users), batch), desc=f"replay {mode}", unit="batch", mininterval=2
+    ):
         chunk_users, chunk_items = users[start : start + batch], items[start : start + batch]
         for offset, (user, item) in enumerate(zip(chunk_users.tolist(), chunk_items.tolist())):
             found = pipeline.generator.generate(user, DEPTH, np.empty(0, np.uint64))
@@ -78,7 +88,12 @@ def prequential(folder: str, test, new_items: np.ndarray, mode: str, batch: int)
         if mode == "recent_history":
             recent.push(chunk_users, chunk_items)
         elif mode.startswith("online"):
-            events.append([Event(user_id=u, item_id=i, type="click") for u, i in zip(chunk_users.tolist(), chunk_items.tolist())])
+            events.append(
+                [
+                    Event(user_id=u, item_id=i, type="click")
+                    for u, i in zip(chunk_users.tolist(), chunk_items.tolist())
+                ]
+            )
             while trainer.step():
                 pass
             sync.step()
@@ -98,18 +113,38 @@ def freshness_on_redis(folder: str, rounds: int) -> dict:
     try:
         bundle = ModelBundle.load(folder)
         namespace = uuid.uuid4().hex[:6]
-        store = RedisEmbeddingStore(bundle.tables(), RedisStoreConfig(server.url, namespace=namespace, socket_timeout=5))
+        store = RedisEmbeddingStore(
+            bundle.tables(), RedisStoreConfig(server.url, namespace=namespace, socket_timeout=5)
+        )
         load_artifact(store, bundle, progress=False)
         client = connect(RedisStoreConfig(server.url, socket_timeout=5))
         log = RedisEventLog(client, "bench-events", f"trainer.{namespace}")
         log.ensure_group()
         feed = RedisItemUpdateFeed(client, namespace)
         recent = RedisRecentItems(client, namespace, 50)
-        trainer = OnlineTrainer(bundle.two_tower, bundle.features, bundle.histories, store, log, recent, feed, OnlineTrainerConfig(block_seconds=1.0))
+        trainer = OnlineTrainer(
+            bundle.two_tower,
+            bundle.features,
+            bundle.histories,
+            store,
+            log,
+            recent,
+            feed,
+            OnlineTrainerConfig(block_seconds=1.0),
+        )
         serving_client = connect(RedisStoreConfig(server.url, socket_timeout=5))
-        sync = IndexSync(bundle.two_tower, bundle.features, store, bundle.index, RedisItemUpdateFeed(serving_client, namespace), block_seconds=1.0)
+        sync = IndexSync(
+            bundle.two_tower,
+            bundle.features,
+            store,
+            bundle.index,
+            RedisItemUpdateFeed(serving_client, namespace),
+            block_seconds=1.0,
+        )
         stop = threading.Event()
-        threads = [threading.Thread(target=part.run, args=(stop,), daemon=True) for part in (trainer, sync)]
+        threads = [
+            threading.Thread(target=part.run, args=(stop,), daemon=True) for part in (trainer, sync)
+        ]
         for thread in threads:
             thread.start()
         users = bundle.features.users.ids
@@ -127,8 +162,12 @@ def freshness_on_redis(folder: str, rounds: int) -> dict:
         client.close()
         serving_client.close()
         store.close()
-        return {"rounds": rounds, "p50_s": round(float(np.median(delays)), 4), "p95_s": round(float(np.percentile(delays, 95)), 4),
-                "max_s": round(float(np.max(delays)), 4)}
+        return {
+            "rounds": rounds,
+            "p50_s": round(float(np.median(delays)), 4),
+            "p95_s": round(float(np.percentile(delays, 95)), 4),
+            "max_s": round(float(np.max(delays)), 4),
+        }
     finally:
         server.stop()
 
@@ -140,7 +179,10 @@ def throughput(folder: str, n_events: int) -> dict:
         rng = np.random.default_rng(0)
         users, items = bundle.features.users.ids, bundle.features.items.ids
         batches = [
-            [Event(user_id=int(u), item_id=int(i), type="click") for u, i in zip(rng.choice(users, 100), rng.choice(items, 100))]
+            [
+                Event(user_id=int(u), item_id=int(i), type="click")
+                for u, i in zip(rng.choice(users, 100), rng.choice(items, 100))
+            ]
             for _ in range(n_events // 100)
         ]
         client = redis.Redis.from_url(server.url)
@@ -150,7 +192,15 @@ def throughput(folder: str, n_events: int) -> dict:
         def raw(batch):
             pipe = client.pipeline(transaction=False)
             for e in batch:
-                pipe.xadd("raw-events", {"user": str(e.user_id), "item": str(e.item_id), "type": e.type, "ts": repr(time.time())})
+                pipe.xadd(
+                    "raw-events",
+                    {
+                        "user": str(e.user_id),
+                        "item": str(e.item_id),
+                        "type": e.type,
+                        "ts": repr(time.time()),
+                    },
+                )
             pipe.execute()
 
         timings = {"log": 0.0, "raw": 0.0}
@@ -170,12 +220,26 @@ def throughput(folder: str, n_events: int) -> dict:
                 events, recent = InMemoryEventLog(), InMemoryRecentItems(50)
             else:
                 namespace = uuid.uuid4().hex[:6]
-                store = RedisEmbeddingStore(bundle.tables(), RedisStoreConfig(server.url, namespace=namespace, socket_timeout=5, cache_entries=0))
+                store = RedisEmbeddingStore(
+                    bundle.tables(),
+                    RedisStoreConfig(
+                        server.url, namespace=namespace, socket_timeout=5, cache_entries=0
+                    ),
+                )
                 load_artifact(store, bundle, progress=False)
                 events = RedisEventLog(client, f"train-events-{namespace}", "g")
                 events.ensure_group()
                 recent = RedisRecentItems(client, namespace, 50)
-            trainer = OnlineTrainer(bundle.two_tower, bundle.features, bundle.histories, store, events, recent, InMemoryItemUpdateFeed(), OnlineTrainerConfig(block_seconds=0))
+            trainer = OnlineTrainer(
+                bundle.two_tower,
+                bundle.features,
+                bundle.histories,
+                store,
+                events,
+                recent,
+                InMemoryItemUpdateFeed(),
+                OnlineTrainerConfig(block_seconds=0),
+            )
             for batch in batches:
                 events.append(batch)
             started = time.perf_counter()
@@ -183,18 +247,30 @@ def throughput(folder: str, n_events: int) -> dict:
                 pass
             trained[backend] = round(n_events / (time.perf_counter() - started))
         client.close()
-        return {"appended_per_s": appended, "log_vs_raw_xadd": round(appended["log"] / appended["raw"], 3), "trained_per_s": trained}
+        return {
+            "appended_per_s": appended,
+            "log_vs_raw_xadd": round(appended["log"] / appended["raw"], 3),
+            "trained_per_s": trained,
+        }
     finally:
         server.stop()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a small synthetic set, short training (under 2 minutes)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small synthetic set, short training (under 2 minutes)",
+    )
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--dataset", default=None, help="default: synthetic (small with --quick)")
     args = parser.parse_args()
-    name = args.dataset or ("synthetic:users=500,items=800,categories=16" if args.quick else "synthetic")
+    name = args.dataset or (
+        "synthetic:users=500,items=800,categories=16" if args.quick else "synthetic"
+    )
     data = load_dataset(name)
     train_part, test = temporal_split(data, 0.2)
     # A tenth of the catalog arrives only in the replay: unknown to the artifact, like new items.
@@ -210,7 +286,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         folder = train(train_part, args.quick, scratch)
         modes = ("static", "recent_history", "online", "online_all_rows")
-        results["prequential"] = {mode: prequential(folder, test, new_items, mode, batch=256) for mode in modes}
+        results["prequential"] = {
+            mode: prequential(folder, test, new_items, mode, batch=256) for mode in modes
+        }
         results["freshness_redis"] = freshness_on_redis(folder, 10 if args.quick else 50)
         results["throughput"] = throughput(folder, 2000 if args.quick else 10_000)
     print(json.dumps(results, indent=2))

@@ -25,22 +25,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.data.histories import UserHistories  # noqa: E402
-from service.data.synthetic import clustered_unit_vectors  # noqa: E402
-from service.embeddings.memory_store import InMemoryEmbeddingStore  # noqa: E402
-from service.embeddings.store import TableConfig  # noqa: E402
-from service.embeddings.tables import INTEREST_TABLE, SMOOTHING_TABLE  # noqa: E402
-from service.retrieval.generator import CandidateGenerator  # noqa: E402
-from service.retrieval.index import ItemIndex, SearchParams, default_factory  # noqa: E402
-from service.retrieval.knn_embed import ItemClusters, MixtureKnobs, interest_counts, split_budget  # noqa: E402
-from service.retrieval.popular import PopularItems  # noqa: E402
-from service.retrieval.two_tower import TwoTower, TwoTowerConfig  # noqa: E402
+from service.data.histories import UserHistories
+from service.data.synthetic import clustered_unit_vectors
+from service.embeddings.memory_store import InMemoryEmbeddingStore
+from service.embeddings.store import TableConfig
+from service.embeddings.tables import INTEREST_TABLE, SMOOTHING_TABLE
+from service.retrieval.generator import CandidateGenerator
+from service.retrieval.index import ItemIndex, SearchParams, default_factory
+from service.retrieval.knn_embed import ItemClusters, MixtureKnobs, interest_counts, split_budget
+from service.retrieval.popular import PopularItems
+from service.retrieval.two_tower import TwoTower, TwoTowerConfig
 
 USERS, HISTORY, CANDIDATES, CLUSTERS = 10_000, 20, 200, 256
 
 
 def percentiles(seconds: list[float]) -> dict:
-    return {"p50_ms": round(float(np.percentile(seconds, 50)) * 1e3, 3), "p99_ms": round(float(np.percentile(seconds, 99)) * 1e3, 3)}
+    return {
+        "p50_ms": round(float(np.percentile(seconds, 50)) * 1e3, 3),
+        "p99_ms": round(float(np.percentile(seconds, 99)) * 1e3, 3),
+    }
 
 
 def main() -> None:
@@ -64,28 +67,58 @@ def main() -> None:
     model = TwoTower(config, 2, 2, 2).eval()
     user_ids = np.arange(10**12, 10**12 + USERS, dtype=np.uint64)
     history_items = rng.choice(item_ids, size=(USERS, HISTORY))
-    histories = UserHistories(user_ids, np.arange(0, USERS * HISTORY + 1, HISTORY), history_items.ravel())
-    store = InMemoryEmbeddingStore([
-        TableConfig("user", config.id_dim), TableConfig("item", config.id_dim),
-        TableConfig(INTEREST_TABLE, CLUSTERS), TableConfig(SMOOTHING_TABLE, CLUSTERS),
-    ])
+    histories = UserHistories(
+        user_ids, np.arange(0, USERS * HISTORY + 1, HISTORY), history_items.ravel()
+    )
+    store = InMemoryEmbeddingStore(
+        [
+            TableConfig("user", config.id_dim),
+            TableConfig("item", config.id_dim),
+            TableConfig(INTEREST_TABLE, CLUSTERS),
+            TableConfig(SMOOTHING_TABLE, CLUSTERS),
+        ]
+    )
     store.put_many("user", user_ids, rng.normal(0, 0.05, (USERS, config.id_dim)).astype(np.float32))
     for s in range(0, n, 100_000):
-        store.put_many("item", item_ids[s : s + 100_000], rng.normal(0, 0.05, (min(100_000, n - s), config.id_dim)).astype(np.float32))
+        store.put_many(
+            "item",
+            item_ids[s : s + 100_000],
+            rng.normal(0, 0.05, (min(100_000, n - s), config.id_dim)).astype(np.float32),
+        )
     item_cluster = clusters.assign(item_vectors)
-    counts = interest_counts(user_ids, histories.offsets, item_cluster[(history_items.ravel() - 1).astype(np.int64)], CLUSTERS, 20.0)
+    counts = interest_counts(
+        user_ids,
+        histories.offsets,
+        item_cluster[(history_items.ravel() - 1).astype(np.int64)],
+        CLUSTERS,
+        20.0,
+    )
     store.put_many(INTEREST_TABLE, user_ids, counts)
     store.put_many(SMOOTHING_TABLE, user_ids, counts[rng.permutation(USERS)] / HISTORY)
 
     popular = PopularItems("bench", item_ids[:1000], np.zeros(1000, np.float32))
-    generator = CandidateGenerator(model, index, store, histories, popular, 50, None, clusters, MixtureKnobs())
+    generator = CandidateGenerator(
+        model, index, store, histories, popular, 50, None, clusters, MixtureKnobs()
+    )
     none = np.empty(0, np.uint64)
     asked = rng.choice(user_ids, requests)
-    results = {"items": n, "dim": config.out_dim, "factory": default_factory(n), "nprobe": 32, "candidates": CANDIDATES, "requests": requests}
+    results = {
+        "items": n,
+        "dim": config.out_dim,
+        "factory": default_factory(n),
+        "nprobe": 32,
+        "candidates": CANDIDATES,
+        "requests": requests,
+    }
     for user in asked[:50]:  # warm up
         generator.generate(int(user), CANDIDATES, none, "knn_embed")
     # Interleaved per request, so drift on a shared machine hits all three alike.
-    seconds: dict[str, list[float]] = {"raw_faiss": [], "raw_faiss_knn_embed": [], "two_tower": [], "knn_embed": []}
+    seconds: dict[str, list[float]] = {
+        "raw_faiss": [],
+        "raw_faiss_knn_embed": [],
+        "two_tower": [],
+        "knn_embed": [],
+    }
     knobs = MixtureKnobs()
     for user in asked:
         history, _ = generator.history(int(user))
@@ -98,9 +131,13 @@ def main() -> None:
         budgets = split_budget(CANDIDATES - round(CANDIDATES * knobs.reserved_share), weights)
         components = components[budgets > 0].reshape(-1, 1)
         queries = np.repeat(vector, len(components), 0)
-        centroid_scores = np.ascontiguousarray((queries * clusters.centroids[components[:, 0]]).sum(1, keepdims=True))
+        centroid_scores = np.ascontiguousarray(
+            (queries * clusters.centroids[components[:, 0]]).sum(1, keepdims=True)
+        )
         t = time.perf_counter()
-        clusters.index.search_preassigned(queries, int(budgets.max()) + len(history), components, centroid_scores)
+        clusters.index.search_preassigned(
+            queries, int(budgets.max()) + len(history), components, centroid_scores
+        )
         index.index.search(vector, CANDIDATES + len(history))
         seconds["raw_faiss_knn_embed"].append(time.perf_counter() - t)
         for strategy in ("two_tower", "knn_embed"):
@@ -109,10 +146,15 @@ def main() -> None:
             seconds[strategy].append(time.perf_counter() - t)
     results.update({name: percentiles(times) for name, times in seconds.items()})
     for strategy, raw in (("two_tower", "raw_faiss"), ("knn_embed", "raw_faiss_knn_embed")):
-        results[strategy]["ratio_p50_to_raw"] = round(results[strategy]["p50_ms"] / results[raw]["p50_ms"], 2)
+        results[strategy]["ratio_p50_to_raw"] = round(
+            results[strategy]["p50_ms"] / results[raw]["p50_ms"], 2
+        )
     results["index_mib"] = round(index.serialized_bytes() / 2**20, 1)
     results["clusters_mib"] = round(len(faiss.serialize_index(clusters.index)) / 2**20, 1)
-    print(f"\n{n:,} items x {config.out_dim} dims, {results['factory']} nprobe 32, {CANDIDATES} candidates, one request at a time")
+    print(
+        f"\n{n:,} items x {config.out_dim} dims, {results['factory']} nprobe 32, {CANDIDATES} candidates, one "
+        "request at a time"
+    )
     print("| | p50 ms | p99 ms | p50 / its raw FAISS calls |")
     print("|---|---|---|---|")
     for name, label, raw in (
@@ -122,8 +164,12 @@ def main() -> None:
         ("knn_embed", "retrieval stage, knn_embed", "raw_faiss_knn_embed"),
     ):
         r = results[name]
-        print(f"| {label} | {r['p50_ms']} | {r['p99_ms']} | {r['ratio_p50_to_raw'] if raw else 1.0} |")
-    print(f"\nitem index {results['index_mib']} MiB, kNN-Embed cluster index {results['clusters_mib']} MiB")
+        print(
+            f"| {label} | {r['p50_ms']} | {r['p99_ms']} | {r['ratio_p50_to_raw'] if raw else 1.0} |"
+        )
+    print(
+        f"\nitem index {results['index_mib']} MiB, kNN-Embed cluster index {results['clusters_mib']} MiB"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -23,12 +23,12 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.data.files import load_dataset  # noqa: E402
-from service.data.split import temporal_split  # noqa: E402
-from service.evaluation import RetrievalEvaluator, format_retrieval_table, pipeline_retrievers  # noqa: E402
-from service.pipeline.in_process import RecommendPipeline  # noqa: E402
-from service.retrieval.knn_embed import MixtureKnobs  # noqa: E402
-from service.training.artifact import TrainConfig, train  # noqa: E402
+from service.data.files import load_dataset
+from service.data.split import temporal_split
+from service.evaluation import RetrievalEvaluator, format_retrieval_table, pipeline_retrievers
+from service.pipeline.in_process import RecommendPipeline
+from service.retrieval.knn_embed import MixtureKnobs
+from service.training.artifact import TrainConfig, train
 
 
 def als_retriever(train_part, factors: int = 64, seed: int = 0):
@@ -36,11 +36,20 @@ def als_retriever(train_part, factors: int = 64, seed: int = 0):
     from implicit.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
-    users, user_index = np.unique(train_part.interactions["user_id"].to_numpy(np.uint64), return_inverse=True)
-    items, item_index = np.unique(train_part.interactions["item_id"].to_numpy(np.uint64), return_inverse=True)
-    matrix = sp.csr_matrix((np.ones(len(user_index), np.float32), (user_index, item_index)), shape=(len(users), len(items)))
+    users, user_index = np.unique(
+        train_part.interactions["user_id"].to_numpy(np.uint64), return_inverse=True
+    )
+    items, item_index = np.unique(
+        train_part.interactions["item_id"].to_numpy(np.uint64), return_inverse=True
+    )
+    matrix = sp.csr_matrix(
+        (np.ones(len(user_index), np.float32), (user_index, item_index)),
+        shape=(len(users), len(items)),
+    )
     matrix.data[:] = 1.0  # repeated pairs count once
-    model = AlternatingLeastSquares(factors=factors, iterations=15, regularization=0.05, random_state=seed)
+    model = AlternatingLeastSquares(
+        factors=factors, iterations=15, regularization=0.05, random_state=seed
+    )
     with threadpool_limits(1, "blas"):  # implicit's advice: its own threads, not BLAS's
         model.fit(matrix, show_progress=True)
 
@@ -55,16 +64,26 @@ def als_retriever(train_part, factors: int = 64, seed: int = 0):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="synthetic")
-    parser.add_argument("--quick", action="store_true", help="a small synthetic set and short training")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small synthetic set and short training"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    dataset = load_dataset("synthetic:users=500,items=800,categories=12" if args.quick and args.dataset == "synthetic" else args.dataset)
+    dataset = load_dataset(
+        "synthetic:users=500,items=800,categories=12"
+        if args.quick and args.dataset == "synthetic"
+        else args.dataset
+    )
     train_part, test = temporal_split(dataset, 0.2)
     config = TrainConfig()
     if args.quick:
-        config = replace(config, two_tower=replace(config.two_tower, epochs=4), ranker=replace(config.ranker, epochs=1))
+        config = replace(
+            config,
+            two_tower=replace(config.two_tower, epochs=4),
+            ranker=replace(config.ranker, epochs=1),
+        )
     started = time.perf_counter()
     bundle, _ = train(train_part, config)
     bundle.manifest = {"models": {"knn_embed": {}}}

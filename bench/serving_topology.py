@@ -9,8 +9,9 @@ the embedding tables for both topologies (the local cache in front of it on, as 
 the online trainer off (no events are sent). Each topology runs as real processes on
 loopback; one client thread, then C (default 4), send the same known users' requests
 (two_tower, k=10, 200 candidates ranked) over httpx, after a warm-up; the clients share
-the machine's CPUs with the servers. Also reports each process's resident memory. Raw compute is the same requests' work with no
-service around it, one request at a time in this process: one Redis MGET of the user's
+the machine's CPUs with the servers. Also reports each process's resident memory. Raw
+compute is the same requests' work with no service around it, one request at a time in
+this process: one Redis MGET of the user's
 row and history rows, one FAISS `Index.search` for 200 candidates, one ranker forward over
 the 200 candidates' prepared features. Reports throughput, p50/p99 and how many answers
 were degraded (a fallback answered).
@@ -48,8 +49,21 @@ def percentiles(seconds: list[float]) -> dict:
 def train(root: Path, items: int) -> Path:
     dataset = f"synthetic:users=3000,items={items},categories=64"
     print(f"training {dataset} into {root}", flush=True)
-    subprocess.run([str(BIN / "recsys"), "train", "--dataset", dataset, "--two-tower-epochs", "2", "--ranker-epochs", "2",
-                    "--out", str(root)], check=True)
+    subprocess.run(
+        [
+            str(BIN / "recsys"),
+            "train",
+            "--dataset",
+            dataset,
+            "--two-tower-epochs",
+            "2",
+            "--ranker-epochs",
+            "2",
+            "--out",
+            str(root),
+        ],
+        check=True,
+    )
     return root
 
 
@@ -60,7 +74,12 @@ class Processes:
     def start(self, tier: str, **extra) -> dict:
         ports = {"RECSYS_HTTP_PORT": str(free_port()), "RECSYS_GRPC_PORT": str(free_port())}
         env = {**self.env, **ports, **extra}
-        process = subprocess.Popen([str(BIN / "recsys"), "serve", tier], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            [str(BIN / "recsys"), "serve", tier],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         self.running.append(process)
         self.by_tier[tier] = process
         deadline = time.monotonic() + 300
@@ -77,7 +96,15 @@ class Processes:
         sizes = {}
         for tier, process in self.by_tier.items():
             status = Path(f"/proc/{process.pid}/status").read_text()
-            sizes[tier] = round(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024, 1)
+            sizes[tier] = round(
+                int(
+                    next(
+                        line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")
+                    )
+                )
+                / 1024,
+                1,
+            )
         return sizes
 
     def stop(self) -> None:
@@ -96,7 +123,9 @@ def drive(url: str, users: np.ndarray, concurrency: int, warmup: int) -> dict:
 
     with httpx2.Client(timeout=10) as client:
         for user in users[:warmup]:
-            client.post(url, content=body(user), headers={"content-type": "application/json"}).raise_for_status()
+            client.post(
+                url, content=body(user), headers={"content-type": "application/json"}
+            ).raise_for_status()
     work = users[warmup:]
     latencies: list[float] = []
     degraded = [0]
@@ -107,7 +136,9 @@ def drive(url: str, users: np.ndarray, concurrency: int, warmup: int) -> dict:
         with httpx2.Client(timeout=10) as client:
             for user in share:
                 started = time.perf_counter()
-                response = client.post(url, content=body(user), headers={"content-type": "application/json"})
+                response = client.post(
+                    url, content=body(user), headers={"content-type": "application/json"}
+                )
                 mine.append(time.perf_counter() - started)
                 response.raise_for_status()
                 bad += response.json()["degraded"]
@@ -115,14 +146,22 @@ def drive(url: str, users: np.ndarray, concurrency: int, warmup: int) -> dict:
             latencies.extend(mine)
             degraded[0] += bad
 
-    threads = [threading.Thread(target=client_thread, args=(work[i::concurrency],)) for i in range(concurrency)]
+    threads = [
+        threading.Thread(target=client_thread, args=(work[i::concurrency],))
+        for i in range(concurrency)
+    ]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    return {"requests": len(work), "throughput_rps": round(len(work) / wall, 1), **percentiles(latencies), "degraded": degraded[0]}
+    return {
+        "requests": len(work),
+        "throughput_rps": round(len(work) / wall, 1),
+        **percentiles(latencies),
+        "degraded": degraded[0],
+    }
 
 
 def latency_sums(url: str) -> dict[str, float]:
@@ -132,7 +171,10 @@ def latency_sums(url: str) -> dict[str, float]:
     text = httpx2.get(url.replace("/v1/recommend", "/metrics")).text
     series = {}
     for line in text.splitlines():
-        if line.startswith(("recsys_request_duration_seconds_", "recsys_stage_duration_seconds_")) and "_bucket" not in line:
+        if (
+            line.startswith(("recsys_request_duration_seconds_", "recsys_stage_duration_seconds_"))
+            and "_bucket" not in line
+        ):
             name, value = line.rsplit(" ", 1)
             series[name] = float(value)
     return series
@@ -143,11 +185,15 @@ def server_means_ms(before: dict, after: dict) -> dict[str, float]:
 
     def mean(metric: str, labels: str) -> float:
         total = after[f"{metric}_sum{{{labels}}}"] - before.get(f"{metric}_sum{{{labels}}}", 0.0)
-        count = after[f"{metric}_count{{{labels}}}"] - before.get(f"{metric}_count{{{labels}}}", 0.0)
+        count = after[f"{metric}_count{{{labels}}}"] - before.get(
+            f"{metric}_count{{{labels}}}", 0.0
+        )
         return round(total / count * 1e3, 3)
 
     return {
-        "request": mean("recsys_request_duration_seconds", 'endpoint="/v1/recommend",transport="http"'),
+        "request": mean(
+            "recsys_request_duration_seconds", 'endpoint="/v1/recommend",transport="http"'
+        ),
         "retrieve": mean("recsys_stage_duration_seconds", 'stage="retrieve"'),
         "rank": mean("recsys_stage_duration_seconds", 'stage="rank"'),
     }
@@ -169,7 +215,9 @@ def raw_compute(bundle: ModelBundle, redis_url: str, users: np.ndarray) -> dict:
     """The work one request needs with no service around it, one request at a time."""
     from service.pipeline.in_process import RecommendPipeline
 
-    store = RedisEmbeddingStore(bundle.tables(), RedisStoreConfig(url=redis_url, namespace=bundle.namespace))
+    store = RedisEmbeddingStore(
+        bundle.tables(), RedisStoreConfig(url=redis_url, namespace=bundle.namespace)
+    )
     pipeline = RecommendPipeline(bundle, store)
     generator, ranker = pipeline.generator, pipeline.ranking.ranker
     prepared = []
@@ -179,7 +227,9 @@ def raw_compute(bundle: ModelBundle, redis_url: str, users: np.ndarray) -> dict:
         recent = history[-generator.history_length :]
         keys = store.keys("user", [int(user)]) + store.keys("item", [int(i) for i in recent])
         scores, ids = bundle.index.index.search(vector.reshape(1, -1), CANDIDATES)
-        batch = ranker.encoder.encode_request(int(user), ids[0].astype(np.uint64), scores[0], None, None)
+        batch = ranker.encoder.encode_request(
+            int(user), ids[0].astype(np.uint64), scores[0], None, None
+        )
         prepared.append((keys, vector.reshape(1, -1), batch))
     client, index, model = store.client, bundle.index.index, ranker.model
     parts = {"redis_mget": [], "faiss_search": [], "ranker_forward": []}
@@ -211,7 +261,9 @@ def main() -> None:
     parser.add_argument("--items", type=int)
     parser.add_argument("--requests", type=int)
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--artifacts", type=Path, help="serve this artifact instead of training one")
+    parser.add_argument(
+        "--artifacts", type=Path, help="serve this artifact instead of training one"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     items = args.items or (20_000 if args.quick else 100_000)
@@ -226,9 +278,19 @@ def main() -> None:
         users = rng.choice(bundle.histories.user_ids, warmup + n_requests)
         redis = RedisServer()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
-        env.update(RECSYS_ARTIFACTS=str(artifacts), RECSYS_REDIS_URL=redis.url, RECSYS_HOST="127.0.0.1",
-                   RECSYS_ONLINE_TRAINER="off", RECSYS_INDEX_POLL_SECONDS="0", RECSYS_LOG_LEVEL="WARNING")
-        results = {"items": len(bundle.index), "concurrency": args.concurrency, "cpus": os.cpu_count()}
+        env.update(
+            RECSYS_ARTIFACTS=str(artifacts),
+            RECSYS_REDIS_URL=redis.url,
+            RECSYS_HOST="127.0.0.1",
+            RECSYS_ONLINE_TRAINER="off",
+            RECSYS_INDEX_POLL_SECONDS="0",
+            RECSYS_LOG_LEVEL="WARNING",
+        )
+        results = {
+            "items": len(bundle.index),
+            "concurrency": args.concurrency,
+            "cpus": os.cpu_count(),
+        }
         try:
             processes = Processes(env)
             print("raw compute", flush=True)
@@ -237,7 +299,12 @@ def main() -> None:
             results["raw_compute"] = raw_compute(bundle, redis.url, users[warmup:])
             print("embedded", flush=True)
             ports = processes.start("all")
-            results["embedded"] = load_levels(f"http://127.0.0.1:{ports['RECSYS_HTTP_PORT']}/v1/recommend", users, args.concurrency, warmup)
+            results["embedded"] = load_levels(
+                f"http://127.0.0.1:{ports['RECSYS_HTTP_PORT']}/v1/recommend",
+                users,
+                args.concurrency,
+                warmup,
+            )
             results["rss_mib"] = processes.rss_mib()
             processes.stop()
             print("distributed", flush=True)
@@ -247,7 +314,12 @@ def main() -> None:
                 RECSYS_RETRIEVAL_ADDRESS=f"127.0.0.1:{retrieval['RECSYS_GRPC_PORT']}",
                 RECSYS_RANKING_ADDRESS=f"127.0.0.1:{ranking['RECSYS_GRPC_PORT']}",
             )
-            results["distributed"] = load_levels(f"http://127.0.0.1:{gateway['RECSYS_HTTP_PORT']}/v1/recommend", users, args.concurrency, warmup)
+            results["distributed"] = load_levels(
+                f"http://127.0.0.1:{gateway['RECSYS_HTTP_PORT']}/v1/recommend",
+                users,
+                args.concurrency,
+                warmup,
+            )
             results["rss_mib"].update(processes.rss_mib())
             processes.stop()
         finally:
@@ -260,23 +332,42 @@ def main() -> None:
             level["p50_over_raw"] = round(level["p50"] / raw["p50"], 2)
     results["distributed_over_embedded"] = {
         level: {
-            "throughput": round(results["distributed"][level]["throughput_rps"] / results["embedded"][level]["throughput_rps"], 2),
-            "p50": round(results["distributed"][level]["p50"] / results["embedded"][level]["p50"], 2),
-            "p99": round(results["distributed"][level]["p99"] / results["embedded"][level]["p99"], 2),
+            "throughput": round(
+                results["distributed"][level]["throughput_rps"]
+                / results["embedded"][level]["throughput_rps"],
+                2,
+            ),
+            "p50": round(
+                results["distributed"][level]["p50"] / results["embedded"][level]["p50"], 2
+            ),
+            "p99": round(
+                results["distributed"][level]["p99"] / results["embedded"][level]["p99"], 2
+            ),
         }
         for level in results["embedded"]
     }
-    print(f"\n{results['items']:,} items, {results['cpus']} CPUs, client threads on the same machine")
+    print(
+        f"\n{results['items']:,} items, {results['cpus']} CPUs, client threads on the same machine"
+    )
     print("| path | clients | requests/s | p50 ms | p99 ms | degraded | p50 / raw p50 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| raw compute (MGET + FAISS search + ranker forward) | 1 | {raw['throughput_rps_one_thread']} | {raw['p50']} | {raw['p99']} | - | 1.00 |")
+    print(
+        f"| raw compute (MGET + FAISS search + ranker forward) | 1 | {raw['throughput_rps_one_thread']} | "
+        f"{raw['p50']} | {raw['p99']} | - | 1.00 |"
+    )
     for mode in ("embedded", "distributed"):
         for level, r in results[mode].items():
-            print(f"| {mode} /v1/recommend | {level[1:]} | {r['throughput_rps']} | {r['p50']} | {r['p99']} | {r['degraded']} | {r['p50_over_raw']} |")
+            print(
+                f"| {mode} /v1/recommend | {level[1:]} | {r['throughput_rps']} | {r['p50']} | {r['p99']} | "
+                f"{r['degraded']} | {r['p50_over_raw']} |"
+            )
     print(f"raw parts p50 ms: {raw['parts_p50_ms']}")
     print(f"resident memory after the run, MiB: {results['rss_mib']}")
     for mode in ("embedded", "distributed"):
-        print(f"{mode}, one client, mean inside the server (warm-up included), ms: {results[mode]['c1']['server_mean_ms']}")
+        print(
+            f"{mode}, one client, mean inside the server (warm-up included), ms: "
+            f"{results[mode]['c1']['server_mean_ms']}"
+        )
     print(f"distributed / embedded: {results['distributed_over_embedded']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

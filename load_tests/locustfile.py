@@ -34,12 +34,20 @@ log = logging.getLogger("load_tests")
 class LoadSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECSYS_LOAD_")
 
-    artifacts: str | None = Field(None, validation_alias="RECSYS_ARTIFACTS", description="Known users' source.")
-    cold_share: float = Field(0.1, ge=0, le=1, description="Requests for users the service has never seen.")
-    feedback_share: float = Field(0.3, ge=0, le=1, description="Answers followed by impressions and a click.")
+    artifacts: str | None = Field(
+        None, validation_alias="RECSYS_ARTIFACTS", description="Known users' source."
+    )
+    cold_share: float = Field(
+        0.1, ge=0, le=1, description="Requests for users the service has never seen."
+    )
+    feedback_share: float = Field(
+        0.3, ge=0, le=1, description="Answers followed by impressions and a click."
+    )
     zipf_exponent: float = Field(1.2, gt=0, description="Popularity skew over known users.")
     k: int = Field(10, ge=1, le=500)
-    grpc_target: str | None = Field(None, description="host:port of the gateway's gRPC; default: --host's host, port 50051.")
+    grpc_target: str | None = Field(
+        None, description="host:port of the gateway's gRPC; default: --host's host, port 50051."
+    )
     grpc_timeout_seconds: float = Field(2.0, gt=0)
     # The SLO gate: a run that breaks any budget exits 1.
     max_failure_ratio: float = Field(0.0, ge=0, le=1)
@@ -60,7 +68,9 @@ def known_users(artifacts: str | None) -> np.ndarray:
 
 
 USERS = known_users(SETTINGS.artifacts)
-RANK_WEIGHTS = np.cumsum(1.0 / np.arange(1, len(USERS) + 1) ** SETTINGS.zipf_exponent) if len(USERS) else None
+RANK_WEIGHTS = (
+    np.cumsum(1.0 / np.arange(1, len(USERS) + 1) ** SETTINGS.zipf_exponent) if len(USERS) else None
+)
 
 
 def pick_user() -> int:
@@ -80,14 +90,21 @@ class HttpRecommendUser(HttpUser):
     @task
     def recommend(self) -> None:
         body = {"user_id": pick_user(), "k": SETTINGS.k, "context": {"hour": random.randrange(24)}}
-        with self.client.post("/v1/recommend", json=body, name="/v1/recommend", catch_response=True) as response:
+        with self.client.post(
+            "/v1/recommend", json=body, name="/v1/recommend", catch_response=True
+        ) as response:
             if response.status_code != 200 or len(response.json()["items"]) != SETTINGS.k:
                 response.failure(f"status {response.status_code}: {response.text[:200]}")
                 return
             shown = [item["item_id"] for item in response.json()["items"]]
         if random.random() < SETTINGS.feedback_share:
-            events_ = [{"user_id": body["user_id"], "item_id": i, "type": t} for i, t in feedback(body["user_id"], shown)]
-            with self.client.post("/v1/events", json={"events": events_}, name="/v1/events", catch_response=True) as response:
+            events_ = [
+                {"user_id": body["user_id"], "item_id": i, "type": t}
+                for i, t in feedback(body["user_id"], shown)
+            ]
+            with self.client.post(
+                "/v1/events", json={"events": events_}, name="/v1/events", catch_response=True
+            ) as response:
                 if response.status_code != 202 or response.json()["accepted"] != len(events_):
                     response.failure(f"status {response.status_code}: {response.text[:200]}")
 
@@ -114,14 +131,20 @@ class GrpcRecommendUser(User):
         except (grpc.RpcError, AssertionError) as exc:
             error = exc
         self.environment.events.request.fire(
-            request_type="grpc", name=name, response_time=(time.perf_counter() - started) * 1000,
-            response_length=answer.ByteSize() if answer is not None else 0, exception=error, context={},
+            request_type="grpc",
+            name=name,
+            response_time=(time.perf_counter() - started) * 1000,
+            response_length=answer.ByteSize() if answer is not None else 0,
+            exception=error,
+            context={},
         )
         return None if error else answer
 
     @task
     def recommend(self) -> None:
-        request = pb.RecommendRequest(user_id=pick_user(), k=SETTINGS.k, context=pb.Context(hour=random.randrange(24)))
+        request = pb.RecommendRequest(
+            user_id=pick_user(), k=SETTINGS.k, context=pb.Context(hour=random.randrange(24))
+        )
 
         def full_page(answer) -> None:
             assert len(answer.items) == SETTINGS.k, f"{len(answer.items)} items"
@@ -130,12 +153,17 @@ class GrpcRecommendUser(User):
         if answer is None or random.random() >= SETTINGS.feedback_share:
             return
         shown = [item.item_id for item in answer.items]
-        sent = [pb.Event(user_id=request.user_id, item_id=i, type=t) for i, t in feedback(request.user_id, shown)]
+        sent = [
+            pb.Event(user_id=request.user_id, item_id=i, type=t)
+            for i, t in feedback(request.user_id, shown)
+        ]
 
         def all_accepted(reply) -> None:
             assert reply.accepted == len(sent), f"accepted {reply.accepted} of {len(sent)}"
 
-        self.call("SendEvents", self.stub.SendEvents, pb.SendEventsRequest(events=sent), all_accepted)
+        self.call(
+            "SendEvents", self.stub.SendEvents, pb.SendEventsRequest(events=sent), all_accepted
+        )
 
 
 def slo_breaches(stats, settings: LoadSettings) -> list[str]:

@@ -33,10 +33,14 @@ def artifact_vectors(bundle: ModelBundle) -> dict[str, tuple[np.ndarray, np.ndar
 def load_artifact(store: EmbeddingStore, bundle: ModelBundle, progress: bool = True) -> int:
     tables = artifact_vectors(bundle)
     total = sum(len(ids) for ids, _ in tables.values())
-    with tqdm(total=total, desc="load vectors", unit="row", disable=not progress, mininterval=2) as bar:
+    with tqdm(
+        total=total, desc="load vectors", unit="row", disable=not progress, mininterval=2
+    ) as bar:
         for table, (ids, vectors) in tables.items():
             for start in range(0, len(ids), LOAD_BATCH):
-                store.put_many(table, ids[start : start + LOAD_BATCH], vectors[start : start + LOAD_BATCH])
+                store.put_many(
+                    table, ids[start : start + LOAD_BATCH], vectors[start : start + LOAD_BATCH]
+                )
                 bar.update(len(ids[start : start + LOAD_BATCH]))
     return total
 
@@ -49,7 +53,9 @@ def holds_artifact(store: EmbeddingStore, bundle: ModelBundle, sample: int = 100
     return False
 
 
-def in_memory_store(bundle: ModelBundle, ttl_seconds: float | None = None) -> InMemoryEmbeddingStore:
+def in_memory_store(
+    bundle: ModelBundle, ttl_seconds: float | None = None
+) -> InMemoryEmbeddingStore:
     """An in-process table holding the artifact's vectors: the embedded default."""
     store = InMemoryEmbeddingStore(bundle.tables(ttl_seconds))
     load_artifact(store, bundle, progress=False)
@@ -63,7 +69,12 @@ def connect_store(settings: Settings, bundle: ModelBundle, bulk: bool = False) -
     tables = bundle.tables(settings.embedding_ttl_seconds)
     if settings.redis_url is None:
         return InMemoryEmbeddingStore(tables)
-    return RedisEmbeddingStore(tables, RedisStoreConfig.from_settings(settings, settings.redis_namespace or bundle.namespace, bulk))
+    return RedisEmbeddingStore(
+        tables,
+        RedisStoreConfig.from_settings(
+            settings, settings.redis_namespace or bundle.namespace, bulk
+        ),
+    )
 
 
 def open_store(settings: Settings, bundle: ModelBundle, bulk: bool = False) -> EmbeddingStore:
@@ -71,7 +82,11 @@ def open_store(settings: Settings, bundle: ModelBundle, bulk: bool = False) -> E
     once, by whichever process finds the artifact's namespace empty; loads are idempotent)."""
     store = connect_store(settings, bundle, bulk)
     if isinstance(store, RedisEmbeddingStore) and not holds_artifact(store, bundle):
-        log.info("Redis namespace %r holds none of artifact %s: loading its vectors", store.config.namespace, bundle.version)
+        log.info(
+            "Redis namespace %r holds none of artifact %s: loading its vectors",
+            store.config.namespace,
+            bundle.version,
+        )
         load_artifact(store, bundle)
     elif not isinstance(store, RedisEmbeddingStore):
         load_artifact(store, bundle, progress=False)

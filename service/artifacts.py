@@ -56,7 +56,11 @@ def resolve_version(path: str | Path) -> Path:
         return path
     if not path.is_dir():
         raise ArtifactError(f"artifact path {path} does not exist")
-    versions = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file())
+    versions = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()
+    )
     if not versions:
         raise ArtifactError(f"no artifact version under {path}: run `recsys train --out {path}`")
     return versions[-1]

@@ -25,8 +25,12 @@ class BreakerOpen(Exception):
 
 class CircuitBreaker:
     def __init__(
-        self, name: str, failures: int = 5, reset_seconds: float = 2.0,
-        on_change: Callable[[str], None] | None = None, counts: tuple[type[BaseException], ...] = (Exception,),
+        self,
+        name: str,
+        failures: int = 5,
+        reset_seconds: float = 2.0,
+        on_change: Callable[[str], None] | None = None,
+        counts: tuple[type[BaseException], ...] = (Exception,),
         clock: Callable[[], float] = time.monotonic,
     ):
         """`counts`: the exceptions that count as a failure of the guarded service; others

@@ -40,7 +40,13 @@ class RankingParts:
         manifest = read_manifest(folder, path)
         ranker, variant = load_ranker(folder, manifest, ranker_variant)
         temperature = TwoTowerConfig(**manifest["models"]["two_tower"]).temperature
-        return cls(manifest["version"], FeatureSpace.load(folder), ranker.eval(), variant, 1.0 / temperature)
+        return cls(
+            manifest["version"],
+            FeatureSpace.load(folder),
+            ranker.eval(),
+            variant,
+            1.0 / temperature,
+        )
 
 
 @dataclass
@@ -60,7 +66,9 @@ class ModelBundle:
     folder: Path | None = None  # the version folder it was loaded from
     index_version: str = "artifact"  # which index: the artifact's own, or a rebuilt one (indexes/)
     ranker_variant: str = "full"  # full or factorised (as trained), output_features or weight_svd
-    compressed_rankers: dict[str, RankerVariant] = field(default_factory=dict)  # to save beside the ranker
+    compressed_rankers: dict[str, RankerVariant] = field(
+        default_factory=dict
+    )  # to save beside the ranker
 
     @property
     def knn_embed_config(self) -> KnnEmbedConfig:
@@ -76,17 +84,32 @@ class ModelBundle:
 
     @property
     def ranking_parts(self) -> RankingParts:
-        return RankingParts(self.version, self.features, self.ranker, self.ranker_variant, 1.0 / self.two_tower.config.temperature)
+        return RankingParts(
+            self.version,
+            self.features,
+            self.ranker,
+            self.ranker_variant,
+            1.0 / self.two_tower.config.temperature,
+        )
 
     def save(self, root: str | Path, config: dict, schema: dict, metrics: dict) -> Path:
         def write(folder: Path) -> dict:
             self.features.save(folder)
-            save_tensors({k: v.contiguous() for k, v in self.two_tower.state_dict().items()}, folder / "two_tower.safetensors")
-            save_tensors({k: v.contiguous() for k, v in self.ranker.state_dict().items()}, folder / "ranker.safetensors")
+            save_tensors(
+                {k: v.contiguous() for k, v in self.two_tower.state_dict().items()},
+                folder / "two_tower.safetensors",
+            )
+            save_tensors(
+                {k: v.contiguous() for k, v in self.ranker.state_dict().items()},
+                folder / "ranker.safetensors",
+            )
             variants = {}
             for method, variant in self.compressed_rankers.items():
                 file = f"ranker.{method}.safetensors"
-                save_tensors({k: v.contiguous() for k, v in variant.model.state_dict().items()}, folder / file)
+                save_tensors(
+                    {k: v.contiguous() for k, v in variant.model.state_dict().items()},
+                    folder / file,
+                )
                 variants[method] = {"file": file, **variant.plan.to_json()}
             self.index.save(folder / "items.faiss")
             self.histories.save(folder / "histories.safetensors")
@@ -97,8 +120,15 @@ class ModelBundle:
                 "config": config,
                 "models": {
                     "two_tower": self.two_tower.config.__dict__,
-                    "ranker": {"type": ranker_name(self.ranker), **self.ranker.config.__dict__, "variants": variants},
-                    "knn_embed": {**config.get("knn_embed", {}), "clusters": self.clusters.n_clusters},
+                    "ranker": {
+                        "type": ranker_name(self.ranker),
+                        **self.ranker.config.__dict__,
+                        "variants": variants,
+                    },
+                    "knn_embed": {
+                        **config.get("knn_embed", {}),
+                        "clusters": self.clusters.n_clusters,
+                    },
                 },
                 "data_schema": schema,
                 "metrics": metrics,
@@ -124,7 +154,9 @@ class ModelBundle:
         manifest = read_manifest(folder, root if root is not None else path)
         features = FeatureSpace.load(folder)
         two_tower_config = TwoTowerConfig(**manifest["models"]["two_tower"])
-        two_tower = TwoTower(two_tower_config, features.users.size, features.items.size, features.attribute_size)
+        two_tower = TwoTower(
+            two_tower_config, features.users.size, features.items.size, features.attribute_size
+        )
         two_tower.load_state_dict(load_tensors(folder / "two_tower.safetensors"))
         ranker, variant = load_ranker(folder, manifest, ranker_variant)
         index_file, index_version = newest_index_file(folder)

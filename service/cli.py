@@ -7,13 +7,15 @@ import tempfile
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from service.data.schema import DataError, Dataset
 
-app = typer.Typer(help="Recommendation serving: train artifacts, evaluate them, serve them.", no_args_is_help=True)
+app = typer.Typer(
+    help="Recommendation serving: train artifacts, evaluate them, serve them.", no_args_is_help=True
+)
 table_app = typer.Typer(
     help="The embedding table an artifact's models read (RECSYS_REDIS_* settings pick the store).",
     no_args_is_help=True,
@@ -21,13 +23,15 @@ table_app = typer.Typer(
 app.add_typer(table_app, name="table")
 
 DatasetOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(help="synthetic[:users=N,items=N,categories=N,seed=N] or movielens-100k:PATH"),
 ]
 InteractionsOption = Annotated[
-    Optional[Path], typer.Option(help="CSV/Parquet with user_id,item_id,timestamp[,weight]")
+    Path | None, typer.Option(help="CSV/Parquet with user_id,item_id,timestamp[,weight]")
 ]
-ItemsOption = Annotated[Optional[Path], typer.Option(help="CSV/Parquet with item_id and attribute columns")]
+ItemsOption = Annotated[
+    Path | None, typer.Option(help="CSV/Parquet with item_id and attribute columns")
+]
 
 
 def _settings(**overrides):
@@ -73,14 +77,22 @@ def _train_config(
     from service.training.artifact import TrainConfig
 
     config = TrainConfig(index_factory=index_factory)
-    two_tower = replace(config.two_tower, seed=seed, **({"epochs": two_tower_epochs} if two_tower_epochs else {}))
+    two_tower = replace(
+        config.two_tower, seed=seed, **({"epochs": two_tower_epochs} if two_tower_epochs else {})
+    )
     compression = replace(config.ranker.compression, explained_variance=explained_variance)
     ranker = replace(
-        config.ranker, seed=seed, model=ranker_model, rank=ranker_rank, compression=compression,
+        config.ranker,
+        seed=seed,
+        model=ranker_model,
+        rank=ranker_rank,
+        compression=compression,
         **({"epochs": ranker_epochs} if ranker_epochs else {}),
     )
     knn = {"clusters": knn_clusters, "neighbours": knn_neighbours}
-    knn_embed = replace(config.knn_embed, seed=seed, **{k: v for k, v in knn.items() if v is not None})
+    knn_embed = replace(
+        config.knn_embed, seed=seed, **{k: v for k, v in knn.items() if v is not None}
+    )
     return replace(config, two_tower=two_tower, ranker=ranker, knn_embed=knn_embed)
 
 
@@ -89,8 +101,13 @@ class RankerModel(str, Enum):
     dcn_v2 = "dcn_v2"
 
 
-KnnClustersOption = Annotated[Optional[int], typer.Option(min=1, max=65536, help="kNN-Embed: item clusters (interests).")]
-KnnNeighboursOption = Annotated[Optional[int], typer.Option(min=0, max=1000, help="kNN-Embed: nearest users that smooth a user's interests.")]
+KnnClustersOption = Annotated[
+    int | None, typer.Option(min=1, max=65536, help="kNN-Embed: item clusters (interests).")
+]
+KnnNeighboursOption = Annotated[
+    int | None,
+    typer.Option(min=0, max=1000, help="kNN-Embed: nearest users that smooth a user's interests."),
+]
 
 
 @app.command()
@@ -98,22 +115,35 @@ def train(
     dataset: DatasetOption = None,
     interactions: InteractionsOption = None,
     items: ItemsOption = None,
-    out: Annotated[Path, typer.Option(help="Artifact root; each run adds a version.")] = Path("artifacts"),
-    two_tower_epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
-    ranker_epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
+    out: Annotated[Path, typer.Option(help="Artifact root; each run adds a version.")] = Path(
+        "artifacts"
+    ),
+    two_tower_epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    ranker_epochs: Annotated[int | None, typer.Option(min=1)] = None,
     index_factory: Annotated[str, typer.Option(help="FAISS factory string, or auto.")] = "auto",
     knn_clusters: KnnClustersOption = None,
     knn_neighbours: KnnNeighboursOption = None,
     ranker: Annotated[RankerModel, typer.Option(help="The ranking model.")] = RankerModel.deepfm,
     ranker_rank: Annotated[
-        Optional[int], typer.Option(min=1, help="Train the ranker's tables factorised: rank-r codes per row (no compressed copies then).")
+        int | None,
+        typer.Option(
+            min=1,
+            help="Train the ranker's tables factorised: rank-r codes per row (no compressed copies then).",
+        ),
     ] = None,
     compression_variance: Annotated[
-        Optional[float],
-        typer.Option(min=0.5, max=0.9999, help="Compressed ranker copies keep this share of each layer's variance; unset: a size budget (rank 4, 30% of dense weights)."),
+        float | None,
+        typer.Option(
+            min=0.5,
+            max=0.9999,
+            help="Compressed ranker copies keep this share of each layer's variance; "
+            "unset: a size budget (rank 4, 30% of dense weights).",
+        ),
     ] = None,
     seed: int = 0,
-    if_missing: Annotated[bool, typer.Option(help="Do nothing when --out already holds a version.")] = False,
+    if_missing: Annotated[
+        bool, typer.Option(help="Do nothing when --out already holds a version.")
+    ] = False,
 ) -> None:
     """Train two-tower retrieval, the item index and the ranker (DeepFM or DCN-v2) into a new artifact version."""
     _setup_logging()
@@ -129,7 +159,15 @@ def train(
 
     data = _load(dataset, interactions, items)
     config = _train_config(
-        two_tower_epochs, ranker_epochs, seed, index_factory, knn_clusters, knn_neighbours, ranker.value, ranker_rank, compression_variance
+        two_tower_epochs,
+        ranker_epochs,
+        seed,
+        index_factory,
+        knn_clusters,
+        knn_neighbours,
+        ranker.value,
+        ranker_rank,
+        compression_variance,
     )
     folder = train_and_save(data, str(out), config)
     typer.echo(f"artifact written: {folder}")
@@ -147,13 +185,15 @@ class Tier(str, Enum):
 def serve(
     tier: Annotated[
         Tier,
-        typer.Argument(help="all: every tier in one process (embedded); gateway: HTTP and gRPC front calling the tiers at "
-                            "RECSYS_RETRIEVAL_ADDRESS and RECSYS_RANKING_ADDRESS; retrieval, ranking, online-train: one tier."),
+        typer.Argument(
+            help="all: every tier in one process (embedded); gateway: HTTP and gRPC front calling the tiers at "
+            "RECSYS_RETRIEVAL_ADDRESS and RECSYS_RANKING_ADDRESS; retrieval, ranking, online-train: one tier."
+        ),
     ] = Tier.all,
-    artifacts: Annotated[Optional[Path], typer.Option(help="Artifact root or version folder.")] = None,
-    host: Annotated[Optional[str], typer.Option()] = None,
-    port: Annotated[Optional[int], typer.Option(help="HTTP port.")] = None,
-    grpc_port: Annotated[Optional[int], typer.Option(help="gRPC port; 0 turns gRPC off.")] = None,
+    artifacts: Annotated[Path | None, typer.Option(help="Artifact root or version folder.")] = None,
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port.")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port; 0 turns gRPC off.")] = None,
 ) -> None:
     """Serve every tier in one process (embedded, the default) or one tier of the distributed
     topology. Flags override RECSYS_* settings; a tier's --port serves its /metrics."""
@@ -169,7 +209,8 @@ def serve(
             raise typer.BadParameter(str(exc), param_hint="TIER") from None
     if (tier == Tier.gateway) != settings.remote_tiers:
         raise typer.BadParameter(
-            "`serve gateway` needs RECSYS_RETRIEVAL_ADDRESS and RECSYS_RANKING_ADDRESS; `serve all` (embedded) needs neither",
+            "`serve gateway` needs RECSYS_RETRIEVAL_ADDRESS and RECSYS_RANKING_ADDRESS; `serve all` (embedded) "
+            "needs neither",
             param_hint="TIER",
         )
     import uvicorn
@@ -178,11 +219,18 @@ def serve(
         from service.api.gateway import build_app
     else:
         from service.api.embedded import build_app
-    uvicorn.run(build_app(settings), host=settings.host, port=settings.http_port, log_level=settings.log_level.lower())
+    uvicorn.run(
+        build_app(settings),
+        host=settings.host,
+        port=settings.http_port,
+        log_level=settings.log_level.lower(),
+    )
 
 
 @app.command("online-train")
-def online_train(artifacts: Annotated[Optional[Path], typer.Option(help="Artifact root or version folder.")] = None) -> None:
+def online_train(
+    artifacts: Annotated[Path | None, typer.Option(help="Artifact root or version folder.")] = None,
+) -> None:
     """Learn from the event stream until SIGTERM: read it in a consumer group, update user
     and item vectors in the Redis table, announce new item vectors to the serving processes
     (the same as `recsys serve online-train`)."""
@@ -194,11 +242,16 @@ def evaluate(
     dataset: DatasetOption = None,
     interactions: InteractionsOption = None,
     items: ItemsOption = None,
-    holdout: Annotated[float, typer.Option(min=0.01, max=0.9, help="Share of each user's latest interactions held out.")] = 0.2,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
-    artifacts_out: Annotated[Optional[Path], typer.Option(help="Keep the trained artifact here.")] = None,
-    two_tower_epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
-    ranker_epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
+    holdout: Annotated[
+        float,
+        typer.Option(min=0.01, max=0.9, help="Share of each user's latest interactions held out."),
+    ] = 0.2,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+    artifacts_out: Annotated[
+        Path | None, typer.Option(help="Keep the trained artifact here.")
+    ] = None,
+    two_tower_epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    ranker_epochs: Annotated[int | None, typer.Option(min=1)] = None,
     seed: int = 0,
 ) -> None:
     """Train on each user's past, then measure Recall@{10,50,100} on their later interactions."""
@@ -222,7 +275,9 @@ def evaluate(
         typer.echo(f"results written: {json_out}")
 
 
-ArtifactsOption = Annotated[Optional[Path], typer.Option(help="Artifact root or version; default RECSYS_ARTIFACTS.")]
+ArtifactsOption = Annotated[
+    Path | None, typer.Option(help="Artifact root or version; default RECSYS_ARTIFACTS.")
+]
 TableArgument = Annotated[str, typer.Option("--table", help="Table name: user or item.")]
 
 
@@ -290,7 +345,12 @@ app.add_typer(index_app, name="index")
 
 @index_app.command("build")
 def index_build(
-    factory: Annotated[str, typer.Option(help="FAISS factory string (Flat, IVF4096,Flat, IVF4096,SQ8, HNSW32) or auto.")] = "auto",
+    factory: Annotated[
+        str,
+        typer.Option(
+            help="FAISS factory string (Flat, IVF4096,Flat, IVF4096,SQ8, HNSW32) or auto."
+        ),
+    ] = "auto",
     artifacts: ArtifactsOption = None,
     seed: int = 0,
 ) -> None:
@@ -308,13 +368,18 @@ def index_build(
     typer.echo(f"index version written: {folder} ({len(ids)} items)")
 
 
-knn_embed_app = typer.Typer(help="kNN-Embed's per-user interests in the embedding table.", no_args_is_help=True)
+knn_embed_app = typer.Typer(
+    help="kNN-Embed's per-user interests in the embedding table.", no_args_is_help=True
+)
 app.add_typer(knn_embed_app, name="knn-embed")
 
 
 @knn_embed_app.command("refresh")
 def knn_embed_refresh(
-    neighbours: Annotated[Optional[int], typer.Option(min=1, max=1000, help="Nearest users per user; default: the artifact's.")] = None,
+    neighbours: Annotated[
+        int | None,
+        typer.Option(min=1, max=1000, help="Nearest users per user; default: the artifact's."),
+    ] = None,
     artifacts: ArtifactsOption = None,
 ) -> None:
     """Recompute every user's smoothing neighbours from the live tables (user and item rows,
@@ -330,7 +395,12 @@ def knn_embed_refresh(
             param_hint="RECSYS_REDIS_URL",
         )
     with _table_store(artifacts) as (bundle, store):
-        recent = RedisRecentItems(store.client, store.config.namespace, settings.history_length, settings.embedding_ttl_seconds)
+        recent = RedisRecentItems(
+            store.client,
+            store.config.namespace,
+            settings.history_length,
+            settings.embedding_ttl_seconds,
+        )
         rows = refresh_smoothing(
             bundle.two_tower,
             bundle.histories,
@@ -342,7 +412,10 @@ def knn_embed_refresh(
     typer.echo(f"interest_smoothing rewritten for {rows} users")
 
 
-ctr_app = typer.Typer(help="Standalone CTR models (DeepFM, DCN-v2) on click tables, compressed or not.", no_args_is_help=True)
+ctr_app = typer.Typer(
+    help="Standalone CTR models (DeepFM, DCN-v2) on click tables, compressed or not.",
+    no_args_is_help=True,
+)
 app.add_typer(ctr_app, name="ctr")
 
 
@@ -353,16 +426,37 @@ class CompressionMethod(str, Enum):
 
 @ctr_app.command("train")
 def ctr_train(
-    dataset: Annotated[str, typer.Option(help="criteo:PATH (a criteo-kaggle-8k folder), movielens-100k:PATH or synthetic[:opts].")],
-    out: Annotated[Path, typer.Option(help="Model root; each run adds a version.")] = Path("ctr-models"),
+    dataset: Annotated[
+        str,
+        typer.Option(
+            help="criteo:PATH (a criteo-kaggle-8k folder), movielens-100k:PATH or synthetic[:opts]."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Model root; each run adds a version.")] = Path(
+        "ctr-models"
+    ),
     model: Annotated[RankerModel, typer.Option(help="The CTR model.")] = RankerModel.deepfm,
     dim: Annotated[int, typer.Option(min=2, max=256, help="Field vector size.")] = 16,
-    rank: Annotated[Optional[int], typer.Option(min=1, help="Train factorised tables: rank-r codes per row.")] = None,
-    compress: Annotated[Optional[CompressionMethod], typer.Option(help="Compress the trained model after training.")] = None,
+    rank: Annotated[
+        int | None, typer.Option(min=1, help="Train factorised tables: rank-r codes per row.")
+    ] = None,
+    compress: Annotated[
+        CompressionMethod | None, typer.Option(help="Compress the trained model after training.")
+    ] = None,
     embedding_rank: Annotated[int, typer.Option(min=1, help="--compress: embedding rank.")] = 4,
-    dense_keep: Annotated[float, typer.Option(min=0.01, max=1.0, help="--compress: share of each dense layer's weights kept.")] = 0.3,
+    dense_keep: Annotated[
+        float,
+        typer.Option(
+            min=0.01, max=1.0, help="--compress: share of each dense layer's weights kept."
+        ),
+    ] = 0.3,
     explained_variance: Annotated[
-        Optional[float], typer.Option(min=0.5, max=0.9999, help="--compress: ranks keep this share of variance instead of the size budget.")
+        float | None,
+        typer.Option(
+            min=0.5,
+            max=0.9999,
+            help="--compress: ranks keep this share of variance instead of the size budget.",
+        ),
     ] = None,
     epochs: Annotated[int, typer.Option(min=1, help="At most; early stopping on dev AUC.")] = 20,
     seed: int = 0,
@@ -376,7 +470,10 @@ def ctr_train(
     from service.ranking.compression import CompressionConfig
 
     if rank is not None and compress is not None:
-        raise typer.BadParameter("a factorised model (--rank) is low-rank already; --compress applies to full-table models", param_hint="--compress")
+        raise typer.BadParameter(
+            "a factorised model (--rank) is low-rank already; --compress applies to full-table models",
+            param_hint="--compress",
+        )
     config = CtrModelConfig(
         model=model.value,
         dim=dim,
@@ -394,5 +491,10 @@ def ctr_train(
         f"CTR model written: {saved.folder}\n"
         f"test AUC {metrics['test']['auc']:.4f}, logloss {metrics['test']['logloss']:.4f}; "
         f"{size['total'] / 1024:.0f} KiB ({size['embeddings'] / 1024:.0f} KiB embeddings)"
-        + (f"; as trained: test AUC {metrics['trained']['test']['auc']:.4f}, {metrics['trained']['bytes']['total'] / 1024:.0f} KiB" if "trained" in metrics else "")
+        + (
+            f"; as trained: test AUC {metrics['trained']['test']['auc']:.4f}, "
+            f"{metrics['trained']['bytes']['total'] / 1024:.0f} KiB"
+            if "trained" in metrics
+            else ""
+        )
     )

@@ -22,28 +22,50 @@ CUTOFFS = (10, 50, 100)
 def recall_at(ranked: list[int], relevant: set[int], cutoffs=CUTOFFS) -> dict[int, float]:
     """Share of the relevant items found in the first K of `ranked`, for each K."""
     hits = np.cumsum([item in relevant for item in ranked]) if ranked else np.zeros(0)
-    return {k: (float(hits[min(k, len(hits)) - 1]) if len(hits) else 0.0) / len(relevant) for k in cutoffs}
+    return {
+        k: (float(hits[min(k, len(hits)) - 1]) if len(hits) else 0.0) / len(relevant)
+        for k in cutoffs
+    }
 
 
-def evaluate_pipeline(pipeline: RecommendPipeline, test: pd.DataFrame, candidates: int = 200, cutoffs=CUTOFFS) -> dict:
+def evaluate_pipeline(
+    pipeline: RecommendPipeline, test: pd.DataFrame, candidates: int = 200, cutoffs=CUTOFFS
+) -> dict:
     depth = max(cutoffs)
-    relevant = test.groupby("user_id")["item_id"].agg(lambda s: set(int(i) for i in s))
+    relevant = test.groupby("user_id")["item_id"].agg(lambda s: {int(i) for i in s})
     popular = [int(i) for i in pipeline.bundle.popular.items]
-    sums = {name: dict.fromkeys(cutoffs, 0.0) for name in ("pipeline", "candidate_generation", "most_popular")}
-    for user_id, truth in tqdm(relevant.items(), total=len(relevant), desc="eval", unit="user", mininterval=2):
+    sums = {
+        name: dict.fromkeys(cutoffs, 0.0)
+        for name in ("pipeline", "candidate_generation", "most_popular")
+    }
+    for user_id, truth in tqdm(
+        relevant.items(), total=len(relevant), desc="eval", unit="user", mininterval=2
+    ):
         request = RecommendRequest(user_id=int(user_id), k=depth, candidates=max(candidates, depth))
         ranked = [item.item_id for item in pipeline.recommend(request).items]
-        retrieved = [c.item_id for c in pipeline.candidates(request.model_copy(update={"candidates": depth})).candidates]
+        retrieved = [
+            c.item_id
+            for c in pipeline.candidates(
+                request.model_copy(update={"candidates": depth})
+            ).candidates
+        ]
         seen = set(pipeline.bundle.histories.get(int(user_id)).tolist())
         most_popular = [i for i in popular if i not in seen][:depth]
-        for name, ranking in (("pipeline", ranked), ("candidate_generation", retrieved), ("most_popular", most_popular)):
+        for name, ranking in (
+            ("pipeline", ranked),
+            ("candidate_generation", retrieved),
+            ("most_popular", most_popular),
+        ):
             for k, value in recall_at(ranking, truth, cutoffs).items():
                 sums[name][k] += value
     users = len(relevant)
     return {
         "users": users,
         "candidates": candidates,
-        "recall": {name: {f"@{k}": round(v / users, 4) for k, v in by_k.items()} for name, by_k in sums.items()},
+        "recall": {
+            name: {f"@{k}": round(v / users, 4) for k, v in by_k.items()}
+            for name, by_k in sums.items()
+        },
     }
 
 
@@ -59,7 +81,10 @@ def evaluate_artifact(folder: str | Path, test: pd.DataFrame) -> dict:
 def format_table(results: dict) -> str:
     recall = results["recall"]
     cutoffs = list(next(iter(recall.values())))
-    lines = [f"Recall on {results['users']} users (temporal split)", "| | " + " | ".join(f"Recall{c}" for c in cutoffs) + " |"]
+    lines = [
+        f"Recall on {results['users']} users (temporal split)",
+        "| | " + " | ".join(f"Recall{c}" for c in cutoffs) + " |",
+    ]
     lines.append("|---|" + "---|" * len(cutoffs))
     for name, by_k in recall.items():
         lines.append(f"| {name} | " + " | ".join(f"{by_k[c]:.4f}" for c in cutoffs) + " |")
@@ -87,7 +112,9 @@ class RetrievalEvaluator:
     cutoffs: tuple[int, ...] = RETRIEVAL_CUTOFFS
 
     def __post_init__(self) -> None:
-        self.relevant = self.test.groupby("user_id")["item_id"].agg(lambda s: np.unique(s.to_numpy(np.uint64)))
+        self.relevant = self.test.groupby("user_id")["item_id"].agg(
+            lambda s: np.unique(s.to_numpy(np.uint64))
+        )
         features = self.bundle.features
         self.item_ids = features.items.ids
         self.vectors = item_vectors(self.bundle.two_tower, features)
@@ -106,7 +133,9 @@ class RetrievalEvaluator:
         n = len(rows)
         if n > 1:
             similarity = vectors @ vectors.T
-            distance = float((n * n - similarity.sum()) / (n * (n - 1)))  # off-diagonal mean of 1 - cos
+            distance = float(
+                (n * n - similarity.sum()) / (n * (n - 1))
+            )  # off-diagonal mean of 1 - cos
         else:
             distance = 0.0
         wanted = np.unique(self.clusters[self._rows(truth)])
@@ -120,7 +149,9 @@ class RetrievalEvaluator:
 
     def evaluate(self, strategies: dict[str, Retriever]) -> dict:
         sums = {name: {k: {} for k in self.cutoffs} for name in strategies}
-        for user_id, truth in tqdm(self.relevant.items(), total=len(self.relevant), desc="eval", unit="user", mininterval=2):
+        for user_id, truth in tqdm(
+            self.relevant.items(), total=len(self.relevant), desc="eval", unit="user", mininterval=2
+        ):
             for name, retrieve in strategies.items():
                 for k in self.cutoffs:
                     ranked = np.asarray(retrieve(int(user_id), k), dtype=np.uint64)[:k]
@@ -131,7 +162,10 @@ class RetrievalEvaluator:
             "users": users,
             "clusters": self.bundle.clusters.n_clusters,
             "strategies": {
-                name: {f"@{k}": {m: round(v / users, 4) for m, v in by_metric.items()} for k, by_metric in by_k.items()}
+                name: {
+                    f"@{k}": {m: round(v / users, 4) for m, v in by_metric.items()}
+                    for k, by_metric in by_k.items()
+                }
                 for name, by_k in sums.items()
             },
         }
@@ -147,7 +181,9 @@ def pipeline_retrievers(pipeline: RecommendPipeline, knobs: MixtureKnobs) -> dic
         return generator.popular.top(k, generator.history(user_id)[0]).item_ids.tolist()
 
     def strategy(name: str, strategy_knobs: MixtureKnobs) -> Retriever:
-        return lambda user_id, k: generator.generate(user_id, k, no_exclusions, name, strategy_knobs).item_ids.tolist()
+        return lambda user_id, k: generator.generate(
+            user_id, k, no_exclusions, name, strategy_knobs
+        ).item_ids.tolist()
 
     return {
         "most_popular": most_popular,
@@ -159,12 +195,18 @@ def pipeline_retrievers(pipeline: RecommendPipeline, knobs: MixtureKnobs) -> dic
 
 def format_retrieval_table(results: dict) -> str:
     metrics = ("recall", "clusters", "attribute_values", "cluster_coverage", "intra_list_distance")
-    lines = [f"Candidate generation on {results['users']} users ({results['clusters']} item clusters)"]
+    lines = [
+        f"Candidate generation on {results['users']} users ({results['clusters']} item clusters)"
+    ]
     cutoffs = list(next(iter(results["strategies"].values())))
     middle = cutoffs[len(cutoffs) // 2]  # diversity at the middle cutoff, @100 by default
     header = ["strategy"] + [f"R{c}" for c in cutoffs] + [f"{m}{middle}" for m in metrics[1:]]
     lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name, by_k in results["strategies"].items():
-        row = [name] + [f"{by_k[c]['recall']:.4f}" for c in cutoffs] + [f"{by_k[middle][m]:.4f}" for m in metrics[1:]]
+        row = (
+            [name]
+            + [f"{by_k[c]['recall']:.4f}" for c in cutoffs]
+            + [f"{by_k[middle][m]:.4f}" for m in metrics[1:]]
+        )
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

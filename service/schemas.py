@@ -27,7 +27,9 @@ Strategy = Literal["two_tower", "knn_embed"]
 class Context(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    hour: Annotated[int | None, Field(ge=0, le=23, strict=True, description="Hour of day, 0-23 (UTC).")] = None
+    hour: Annotated[
+        int | None, Field(ge=0, le=23, strict=True, description="Hour of day, 0-23 (UTC).")
+    ] = None
     weekday: Annotated[int | None, Field(ge=0, le=6, strict=True, description="0 = Monday.")] = None
 
 
@@ -37,12 +39,25 @@ class KnnEmbedOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     alpha: Annotated[
-        float | None, Field(ge=0, le=1, allow_inf_nan=False, description="Weight of the neighbours' mixture in the user's.")
+        float | None,
+        Field(
+            ge=0,
+            le=1,
+            allow_inf_nan=False,
+            description="Weight of the neighbours' mixture in the user's.",
+        ),
     ] = None
-    components: Annotated[int | None, Field(ge=1, le=MAX_COMPONENTS, strict=True, description="Interests kept (m).")] = None
+    components: Annotated[
+        int | None, Field(ge=1, le=MAX_COMPONENTS, strict=True, description="Interests kept (m).")
+    ] = None
     reserved_share: Annotated[
         float | None,
-        Field(ge=0, le=1, allow_inf_nan=False, description="Share of the candidates kept for the single-vector search."),
+        Field(
+            ge=0,
+            le=1,
+            allow_inf_nan=False,
+            description="Share of the candidates kept for the single-vector search.",
+        ),
     ] = None
 
 
@@ -58,13 +73,20 @@ class RecommendRequest(BaseModel):
     exclude_item_ids: Annotated[list[Uint64], Field(max_length=MAX_EXCLUDE_IDS)] = []
     strategy: Annotated[
         Strategy | None,
-        Field(description="Candidate generation: two_tower (one user vector) or knn_embed (one search per interest); "
-                          "default: the service's setting."),
+        Field(
+            description="Candidate generation: two_tower (one user vector) or knn_embed (one search per interest); "
+            "default: the service's setting."
+        ),
     ] = None
     knn_embed: KnnEmbedOptions | None = None
     candidates: Annotated[
         int | None,
-        Field(ge=1, le=MAX_CANDIDATES, strict=True, description="Candidates retrieved before ranking; at least k. Default: the service's setting."),
+        Field(
+            ge=1,
+            le=MAX_CANDIDATES,
+            strict=True,
+            description="Candidates retrieved before ranking; at least k. Default: the service's setting.",
+        ),
     ] = None
 
     @model_validator(mode="after")
@@ -82,12 +104,16 @@ class RankRequest(BaseModel):
     user_id: Uint64
     context: Context | None = None
     item_ids: Annotated[list[Uint64], Field(min_length=1, max_length=MAX_CANDIDATES)]
-    retrieval_scores: Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(max_length=MAX_CANDIDATES)]
+    retrieval_scores: Annotated[
+        list[Annotated[float, Field(allow_inf_nan=False)]], Field(max_length=MAX_CANDIDATES)
+    ]
 
     @model_validator(mode="after")
     def _one_score_per_item(self) -> "RankRequest":
         if len(self.retrieval_scores) != len(self.item_ids):
-            raise ValueError(f"{len(self.retrieval_scores)} retrieval scores for {len(self.item_ids)} items")
+            raise ValueError(
+                f"{len(self.retrieval_scores)} retrieval scores for {len(self.item_ids)} items"
+            )
         return self
 
 
@@ -95,7 +121,10 @@ class ItemVector(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     item_id: Uint64
-    vector: Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=1, max_length=MAX_VECTOR_DIM)]
+    vector: Annotated[
+        list[Annotated[float, Field(allow_inf_nan=False)]],
+        Field(min_length=1, max_length=MAX_VECTOR_DIM),
+    ]
 
 
 class UpsertItemVectorsRequest(BaseModel):
@@ -113,7 +142,9 @@ class UpsertItemVectorsRequest(BaseModel):
         dims = {len(item.vector) for item in self.items}
         expected = (info.context or {}).get("dim")
         if len(dims) != 1 or (expected is not None and dims != {expected}):
-            raise ValueError(f"vectors have {sorted(dims)} dimensions; the item table has {expected or 'one'}")
+            raise ValueError(
+                f"vectors have {sorted(dims)} dimensions; the item table has {expected or 'one'}"
+            )
         return self
 
 
@@ -122,8 +153,23 @@ class ImportTableRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    table: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z_]+$", description="An embedding table: user, item, interest, ...")]
-    path: Annotated[str, Field(min_length=1, max_length=1024, description="The snapshot file, relative to the artifact root.")]
+    table: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=64,
+            pattern=r"^[a-z_]+$",
+            description="An embedding table: user, item, interest, ...",
+        ),
+    ]
+    path: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=1024,
+            description="The snapshot file, relative to the artifact root.",
+        ),
+    ]
 
 
 class ScoredItem(BaseModel):
@@ -133,12 +179,16 @@ class ScoredItem(BaseModel):
 
 class Candidate(ScoredItem):
     source: str = Field(description="What produced the candidate: two_tower, knn_embed or popular.")
-    component: int | None = Field(None, description="knn_embed: the item cluster (interest) it was retrieved for.")
+    component: int | None = Field(
+        None, description="knn_embed: the item cluster (interest) it was retrieved for."
+    )
 
 
 class RankerInfo(BaseModel):
     model: str = Field(description="The CTR model: deepfm or dcn_v2.")
-    variant: str = Field(description="full or factorised (as trained), output_features or weight_svd (compressed copies).")
+    variant: str = Field(
+        description="full or factorised (as trained), output_features or weight_svd (compressed copies)."
+    )
 
 
 class RecommendResponse(BaseModel):
@@ -146,7 +196,9 @@ class RecommendResponse(BaseModel):
     items: list[ScoredItem]
     degraded: bool = Field(description="True when a stage failed and its fallback answered.")
     model_version: str
-    ranker: RankerInfo | None = Field(description="What ranked the items; null when they are in retrieval order (fallback).")
+    ranker: RankerInfo | None = Field(
+        description="What ranked the items; null when they are in retrieval order (fallback)."
+    )
 
 
 class CandidatesResponse(BaseModel):
@@ -164,7 +216,9 @@ class Event(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: Uint64
-    item_id: Uint64 = Field(description="Any 64-bit id: an item the catalog does not know yet is welcome.")
+    item_id: Uint64 = Field(
+        description="Any 64-bit id: an item the catalog does not know yet is welcome."
+    )
     type: EventType
     timestamp: Annotated[
         float | None,
@@ -193,11 +247,15 @@ class Event(BaseModel):
 class EventsRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"events": [{"user_id": 42, "item_id": 7, "type": "click"}]}]},
+        json_schema_extra={
+            "examples": [{"events": [{"user_id": 42, "item_id": 7, "type": "click"}]}]
+        },
     )
 
     events: Annotated[list[Event], Field(min_length=1, max_length=MAX_EVENTS)]
 
 
 class EventsResponse(BaseModel):
-    accepted: int = Field(description="Events appended to the event log; all of the request's, or an error.")
+    accepted: int = Field(
+        description="Events appended to the event log; all of the request's, or an error."
+    )

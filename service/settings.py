@@ -14,21 +14,33 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore")
 
     artifacts: Annotated[
-        Path, Field(description="Artifact root (its newest version is served) or one version folder.")
+        Path,
+        Field(description="Artifact root (its newest version is served) or one version folder."),
     ] = Path("artifacts")
     host: str = "0.0.0.0"
     http_port: Annotated[int, Field(ge=1, le=65535)] = 8000
     grpc_port: Annotated[int, Field(ge=0, le=65535, description="0 turns gRPC off.")] = 50051
     grpc_workers: Annotated[int, Field(ge=1, le=256)] = 8
     max_body_bytes: Annotated[
-        int, Field(ge=1024, le=1 << 30, description="Largest HTTP request body; larger ones get 413 (gRPC: 1 MiB messages).")
+        int,
+        Field(
+            ge=1024,
+            le=1 << 30,
+            description="Largest HTTP request body; larger ones get 413 (gRPC: 1 MiB messages).",
+        ),
     ] = 1 << 20
     max_in_flight: Annotated[
         int,
-        Field(ge=1, le=10_000, description="Requests one process serves at once, per transport (HTTP /v1/*, gRPC); "
-                                           "beyond it 429 / RESOURCE_EXHAUSTED at once instead of a queue."),
+        Field(
+            ge=1,
+            le=10_000,
+            description="Requests one process serves at once, per transport (HTTP /v1/*, gRPC); "
+            "beyond it 429 / RESOURCE_EXHAUSTED at once instead of a queue.",
+        ),
     ] = 32
-    torch_threads: Annotated[int, Field(ge=1, le=64, description="Intra-op threads per process.")] = 1
+    torch_threads: Annotated[
+        int, Field(ge=1, le=64, description="Intra-op threads per process.")
+    ] = 1
     default_candidates: Annotated[
         int, Field(ge=1, le=MAX_CANDIDATES, description="Candidates retrieved before ranking.")
     ] = 200
@@ -37,84 +49,158 @@ class Settings(BaseSettings):
     ] = 50
     strategy: Annotated[
         Literal["two_tower", "knn_embed"],
-        Field(description="Candidate generation when a request names none: one user vector, or kNN-Embed."),
+        Field(
+            description="Candidate generation when a request names none: one user vector, or kNN-Embed."
+        ),
     ] = "two_tower"
-    knn_alpha: Annotated[float, Field(ge=0, le=1, description="kNN-Embed: weight of the neighbours' mixture.")] = 0.5
+    knn_alpha: Annotated[
+        float, Field(ge=0, le=1, description="kNN-Embed: weight of the neighbours' mixture.")
+    ] = 0.5
     ranker_variant: Annotated[
         Literal["output_features", "weight_svd"] | None,
-        Field(description="Serve a low-rank compressed copy of the ranker the artifact holds (output_features: the "
-                          "output-feature compression; weight_svd: SVD of the weights); unset: the ranker as trained."),
+        Field(
+            description="Serve a low-rank compressed copy of the ranker the artifact holds (output_features: the "
+            "output-feature compression; weight_svd: SVD of the weights); unset: the ranker as trained."
+        ),
     ] = None
-    knn_components: Annotated[int, Field(ge=1, le=MAX_COMPONENTS, description="kNN-Embed: interests kept (m).")] = 8
+    knn_components: Annotated[
+        int, Field(ge=1, le=MAX_COMPONENTS, description="kNN-Embed: interests kept (m).")
+    ] = 8
     knn_reserved_share: Annotated[
-        float, Field(ge=0, le=1, description="kNN-Embed: share of the candidates kept for the single-vector search.")
+        float,
+        Field(
+            ge=0,
+            le=1,
+            description="kNN-Embed: share of the candidates kept for the single-vector search.",
+        ),
     ] = 0.2
-    index_nprobe: Annotated[int, Field(ge=1, le=65536, description="IVF indexes: lists scanned per query.")] = 32
-    index_ef_search: Annotated[int, Field(ge=1, le=65536, description="HNSW indexes: candidate list length per query.")] = 384
+    index_nprobe: Annotated[
+        int, Field(ge=1, le=65536, description="IVF indexes: lists scanned per query.")
+    ] = 32
+    index_ef_search: Annotated[
+        int, Field(ge=1, le=65536, description="HNSW indexes: candidate list length per query.")
+    ] = 384
     index_device: Annotated[
         Literal["cpu", "gpu", "auto"],
-        Field(description="Where the item index is searched; gpu needs faiss-gpu (the gpu extra); auto: a GPU if faiss sees one."),
+        Field(
+            description="Where the item index is searched; gpu needs faiss-gpu (the gpu extra); "
+            "auto: a GPU if faiss sees one."
+        ),
     ] = "auto"
     index_poll_seconds: Annotated[
-        float, Field(ge=0, description="How often to look for a newer index version (`recsys index build`); 0: never.")
+        float,
+        Field(
+            ge=0,
+            description="How often to look for a newer index version (`recsys index build`); 0: never.",
+        ),
     ] = 10.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     retrieval_address: Annotated[
         str | None,
-        Field(description="The retrieval tier: host:port or a gRPC target naming several replicas (dns:///headless-service:port, "
-                          "ipv4:a:port,b:port), balanced round robin over the SERVING ones; with ranking_address, "
-                          "`recsys serve gateway` calls the tiers over gRPC."),
+        Field(
+            description="The retrieval tier: host:port or a gRPC target naming several replicas "
+            "(dns:///headless-service:port, "
+            "ipv4:a:port,b:port), balanced round robin over the SERVING ones; with ranking_address, "
+            "`recsys serve gateway` calls the tiers over gRPC."
+        ),
     ] = None
-    ranking_address: Annotated[str | None, Field(description="The ranking tier, as retrieval_address.")] = None
+    ranking_address: Annotated[
+        str | None, Field(description="The ranking tier, as retrieval_address.")
+    ] = None
     default_deadline_seconds: Annotated[
-        float, Field(gt=0, le=60, description="Gateway: a request's deadline when the client sets none.")
+        float,
+        Field(gt=0, le=60, description="Gateway: a request's deadline when the client sets none."),
     ] = 0.5
     max_deadline_seconds: Annotated[
-        float, Field(gt=0, le=60, description="Gateway: longest deadline a client may set; longer ones are cut to it.")
+        float,
+        Field(
+            gt=0,
+            le=60,
+            description="Gateway: longest deadline a client may set; longer ones are cut to it.",
+        ),
     ] = 2.0
     retrieval_deadline_share: Annotated[
-        float, Field(gt=0, lt=1, description="Gateway: share of the remaining time retrieval may use; ranking gets the rest.")
+        float,
+        Field(
+            gt=0,
+            lt=1,
+            description="Gateway: share of the remaining time retrieval may use; ranking gets the rest.",
+        ),
     ] = 0.6
 
     admin_token: Annotated[
         SecretStr | None,
-        Field(min_length=16, description="Bearer token of the Admin calls, gRPC and HTTP (index reload, item-vector "
-                                         "upsert, table-snapshot import); unset: they are off."),
+        Field(
+            min_length=16,
+            description="Bearer token of the Admin calls, gRPC and HTTP (index reload, item-vector "
+            "upsert, table-snapshot import); unset: they are off.",
+        ),
     ] = None
 
     redis_url: Annotated[
         str | None,
-        Field(description="Embedding table on Redis (redis://, rediss:// for TLS, password in the URL); "
-                          "unset: in-process table.", repr=False),  # the URL may hold a password
+        Field(
+            description="Embedding table on Redis (redis://, rediss:// for TLS, password in the URL); "
+            "unset: in-process table.",
+            repr=False,
+        ),  # the URL may hold a password
     ] = None
-    redis_cluster: Annotated[bool, Field(description="The URL names a node of a Redis Cluster.")] = False
+    redis_cluster: Annotated[
+        bool, Field(description="The URL names a node of a Redis Cluster.")
+    ] = False
     redis_namespace: Annotated[
-        str | None, Field(description="Prefix of the table names in Redis; default: the artifact's version token.")
+        str | None,
+        Field(
+            description="Prefix of the table names in Redis; default: the artifact's version token."
+        ),
     ] = None
-    redis_socket_timeout: Annotated[float, Field(gt=0, le=5, description="Seconds, request path.")] = 0.1
+    redis_socket_timeout: Annotated[
+        float, Field(gt=0, le=5, description="Seconds, request path.")
+    ] = 0.1
     embedding_ttl_seconds: Annotated[
-        float | None, Field(gt=0, description="Rows not written for this long expire; unset: never.")
+        float | None,
+        Field(gt=0, description="Rows not written for this long expire; unset: never."),
     ] = None
-    embedding_cache_entries: Annotated[int, Field(ge=0, description="Local cache in front of Redis; 0: off.")] = 100_000
+    embedding_cache_entries: Annotated[
+        int, Field(ge=0, description="Local cache in front of Redis; 0: off.")
+    ] = 100_000
     embedding_cache_ttl_seconds: Annotated[float, Field(gt=0)] = 1.0
 
-    events_stream: Annotated[str, Field(min_length=1, description="Redis Stream key of the event log.")] = "recsys:events"
+    events_stream: Annotated[
+        str, Field(min_length=1, description="Redis Stream key of the event log.")
+    ] = "recsys:events"
     events_max_length: Annotated[
-        int, Field(ge=1000, description="Cap of the event stream; keep it above the trainer's worst backlog.")
+        int,
+        Field(
+            ge=1000,
+            description="Cap of the event stream; keep it above the trainer's worst backlog.",
+        ),
     ] = 10_000_000
     online_trainer: Annotated[
         Literal["in_process", "off"],
-        Field(description="in_process: this process also trains on events (the embedded default; with Redis, "
-                          "let one process do it, or run `recsys online-train`)."),
+        Field(
+            description="in_process: this process also trains on events (the embedded default; with Redis, "
+            "let one process do it, or run `recsys online-train`)."
+        ),
     ] = "in_process"
-    index_sync: Annotated[bool, Field(description="Re-embed items the online trainer rewrote into this process's index.")] = True
+    index_sync: Annotated[
+        bool,
+        Field(description="Re-embed items the online trainer rewrote into this process's index."),
+    ] = True
     online_learning_rate: Annotated[float, Field(gt=0, le=10)] = 0.05
-    online_steps: Annotated[int, Field(ge=1, le=100, description="SGD steps per batch of events.")] = 5
+    online_steps: Annotated[
+        int, Field(ge=1, le=100, description="SGD steps per batch of events.")
+    ] = 5
     online_batch_events: Annotated[int, Field(ge=1, le=10_000)] = 512
     trainer_consumer: Annotated[
-        str, Field(min_length=1, description="Consumer name in the event group; keep it across restarts.")
+        str,
+        Field(
+            min_length=1, description="Consumer name in the event group; keep it across restarts."
+        ),
     ] = socket.gethostname()
-    trainer_metrics_port: Annotated[int, Field(ge=0, le=65535, description="`recsys online-train` /metrics; 0: off.")] = 9102
+    trainer_metrics_port: Annotated[
+        int, Field(ge=0, le=65535, description="`recsys online-train` /metrics; 0: off.")
+    ] = 9102
 
     @field_validator("redis_url")
     @classmethod
@@ -126,18 +212,26 @@ class Settings(BaseSettings):
     @field_validator("retrieval_address", "ranking_address")
     @classmethod
     def _host_port(cls, address: str | None) -> str | None:
-        if address is not None and not all(part.rpartition(":")[2].isdigit() for part in address.split(",")):
+        if address is not None and not all(
+            part.rpartition(":")[2].isdigit() for part in address.split(",")
+        ):
             raise ValueError(f"{address!r} is not host:port or a gRPC target ending in :port")
         return address
 
     @model_validator(mode="after")
     def _gateway_needs_both_tiers_and_the_event_log(self) -> "Settings":
         if (self.retrieval_address is None) != (self.ranking_address is None):
-            raise ValueError("set both RECSYS_RETRIEVAL_ADDRESS and RECSYS_RANKING_ADDRESS (a gateway calls both tiers), or neither")
+            raise ValueError(
+                "set both RECSYS_RETRIEVAL_ADDRESS and RECSYS_RANKING_ADDRESS (a gateway calls both tiers), or neither"
+            )
         if self.retrieval_address is not None and self.redis_url is None:
-            raise ValueError("a gateway calling remote tiers needs RECSYS_REDIS_URL: its events go to the shared stream")
+            raise ValueError(
+                "a gateway calling remote tiers needs RECSYS_REDIS_URL: its events go to the shared stream"
+            )
         if self.default_deadline_seconds > self.max_deadline_seconds:
-            raise ValueError("RECSYS_DEFAULT_DEADLINE_SECONDS must not exceed RECSYS_MAX_DEADLINE_SECONDS")
+            raise ValueError(
+                "RECSYS_DEFAULT_DEADLINE_SECONDS must not exceed RECSYS_MAX_DEADLINE_SECONDS"
+            )
         return self
 
     @property

@@ -12,7 +12,9 @@ from service.training.artifact import TrainConfig, train_and_save
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 MOVIELENS = SHARED_DATA / "movielens-100k"
 
-TINY_DATA = SyntheticConfig(users=200, items=300, categories=8, interactions_per_user=(10, 30), seed=7)
+TINY_DATA = SyntheticConfig(
+    users=200, items=300, categories=8, interactions_per_user=(10, 30), seed=7
+)
 
 
 def tiny_train_config() -> TrainConfig:

@@ -30,7 +30,14 @@ BEARER = (("authorization", f"Bearer {TOKEN}"),)
 
 
 def serve(artifacts, **settings):
-    settings = Settings(artifacts=artifacts, host="127.0.0.1", grpc_port=free_port(), grpc_workers=4, index_poll_seconds=0, **settings)
+    settings = Settings(
+        artifacts=artifacts,
+        host="127.0.0.1",
+        grpc_port=free_port(),
+        grpc_workers=4,
+        index_poll_seconds=0,
+        **settings,
+    )
     return TestClient(build_app(settings)), f"127.0.0.1:{settings.grpc_port}"
 
 
@@ -52,22 +59,40 @@ def test_admin_is_off_without_a_token(artifact_root):
     client, address = serve(artifact_root)
     with client, grpc.insecure_channel(address) as channel:
         with pytest.raises(grpc.RpcError) as refused:
-            pb_grpc.AdminStub(channel).ReloadIndex(pb.ReloadIndexRequest(), metadata=BEARER, timeout=5)
+            pb_grpc.AdminStub(channel).ReloadIndex(
+                pb.ReloadIndexRequest(), metadata=BEARER, timeout=5
+            )
         assert client.post("/admin/v1/index/reload", headers=dict(BEARER)).status_code == 404
-        assert not any(path.startswith("/admin") for path in client.get("/openapi.json").json()["paths"])
+        assert not any(
+            path.startswith("/admin") for path in client.get("/openapi.json").json()["paths"]
+        )
     assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-@pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer wrong-token-of-same-size!"),), (("authorization", TOKEN),)])
+@pytest.mark.parametrize(
+    "metadata",
+    [(), (("authorization", "Bearer wrong-token-of-same-size!"),), (("authorization", TOKEN),)],
+)
 def test_admin_refuses_a_missing_or_wrong_token(admin, metadata):
     http, stub = admin
-    for call, request in ((stub.ReloadIndex, pb.ReloadIndexRequest()), (stub.UpsertItemVectors, pb.UpsertItemVectorsRequest())):
+    for call, request in (
+        (stub.ReloadIndex, pb.ReloadIndexRequest()),
+        (stub.UpsertItemVectors, pb.UpsertItemVectorsRequest()),
+    ):
         with pytest.raises(grpc.RpcError) as refused:
             call(request, metadata=metadata, timeout=5)
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in refused.value.details()
-    for path, body in (("/admin/v1/index/reload", None), ("/admin/v1/items/vectors", {"items": [{"item_id": 1, "vector": [0.5]}]})):
+        assert (
+            refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            and "Bearer" in refused.value.details()
+        )
+    for path, body in (
+        ("/admin/v1/index/reload", None),
+        ("/admin/v1/items/vectors", {"items": [{"item_id": 1, "vector": [0.5]}]}),
+    ):
         refused = http.post(path, json=body, headers=dict(metadata))
-        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer", refused.text
+        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer", (
+            refused.text
+        )
 
 
 def test_reload_swaps_to_a_new_index_version_now(admin, own_artifact):
@@ -82,7 +107,10 @@ def test_reload_swaps_to_a_new_index_version_now(admin, own_artifact):
     assert after.swapped and after.index_version == version.name
     assert "IVF" in bundle.index.description
     version = build_index_version(own_artifact, ids, vectors, "Flat")  # the same call over HTTP
-    assert http.post("/admin/v1/index/reload", headers=dict(BEARER)).json() == {"swapped": True, "index_version": version.name}
+    assert http.post("/admin/v1/index/reload", headers=dict(BEARER)).json() == {
+        "swapped": True,
+        "index_version": version.name,
+    }
     assert "Flat" in bundle.index.description and "IVF" not in bundle.index.description
 
 
@@ -94,7 +122,9 @@ def test_upserted_item_vectors_reach_the_index(admin):
     new_items = [2**64 - 11, 2**64 - 12]
     vectors = store.get_many("item", bundle.features.items.ids[:2]).vectors
     before = len(bundle.index)
-    request = pb.UpsertItemVectorsRequest(items=[pb.ItemVector(item_id=i, vector=v.tolist()) for i, v in zip(new_items, vectors)])
+    request = pb.UpsertItemVectorsRequest(
+        items=[pb.ItemVector(item_id=i, vector=v.tolist()) for i, v in zip(new_items, vectors)]
+    )
     assert stub.UpsertItemVectors(request, metadata=BEARER, timeout=10).upserted == 2
     np.testing.assert_allclose(store.get_many("item", new_items).vectors, vectors)
     deadline = time.monotonic() + 10
@@ -102,7 +132,9 @@ def test_upserted_item_vectors_reach_the_index(admin):
         time.sleep(0.05)
     assert len(bundle.index) == before + 2  # index sync re-embedded both new items
     over_http = {"items": [{"item_id": 2**64 - 13, "vector": vectors[0].tolist()}]}
-    assert http.post("/admin/v1/items/vectors", json=over_http, headers=dict(BEARER)).json() == {"upserted": 1}
+    assert http.post("/admin/v1/items/vectors", json=over_http, headers=dict(BEARER)).json() == {
+        "upserted": 1
+    }
     assert store.get_many("item", [2**64 - 13]).found[0]
 
 
@@ -128,10 +160,15 @@ def test_bad_vectors_are_refused_and_nothing_is_written(admin, items, message):
             return [float(spec)] + [0.1] * (dim - 1)
         return spec
 
-    request = pb.UpsertItemVectorsRequest(items=[pb.ItemVector(item_id=i, vector=vector(v)) for i, v in items])
+    request = pb.UpsertItemVectorsRequest(
+        items=[pb.ItemVector(item_id=i, vector=vector(v)) for i, v in items]
+    )
     with pytest.raises(grpc.RpcError) as refused:
         stub.UpsertItemVectors(request, metadata=BEARER, timeout=5)
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in refused.value.details()
+    assert (
+        refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and message in refused.value.details()
+    )
     if not any(isinstance(v, str) for _, v in items):  # JSON has no NaN or Infinity to send
         body = {"items": [{"item_id": i, "vector": vector(v)} for i, v in items]}
         over_http = http.post("/admin/v1/items/vectors", json=body, headers=dict(BEARER))
@@ -154,7 +191,10 @@ def snapshot(folder, name: str, ids, vectors) -> str:
     else:  # no store holds such rows: written by hand in the same format
         dim = vectors.shape[1]
         column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim)
-        pq.write_table(pa.table({"id": pa.array(ids, pa.uint64()), "vector": column}), folder / "snapshots" / name)
+        pq.write_table(
+            pa.table({"id": pa.array(ids, pa.uint64()), "vector": column}),
+            folder / "snapshots" / name,
+        )
     return f"snapshots/{name}"
 
 
@@ -165,7 +205,12 @@ def test_a_table_snapshot_is_imported_and_its_items_reach_the_index(admin, own_a
     vectors = store.get_many("item", bundle.features.items.ids[:3]).vectors
     before = len(bundle.index)
     path = snapshot(own_artifact, "new-items.parquet", new_items, vectors)
-    assert stub.ImportTable(pb.ImportTableRequest(table="item", path=path), metadata=BEARER, timeout=30).rows == 3
+    assert (
+        stub.ImportTable(
+            pb.ImportTableRequest(table="item", path=path), metadata=BEARER, timeout=30
+        ).rows
+        == 3
+    )
     np.testing.assert_allclose(store.get_many("item", new_items).vectors, vectors)
     deadline = time.monotonic() + 10
     while len(bundle.index) < before + 3 and time.monotonic() < deadline:
@@ -173,13 +218,17 @@ def test_a_table_snapshot_is_imported_and_its_items_reach_the_index(admin, own_a
     assert len(bundle.index) == before + 3  # announced: index sync re-embedded them
     again = snapshot(own_artifact, "one-more.parquet", [2**64 - 24], vectors[:1])
     body = {"table": "item", "path": again}
-    assert http.post("/admin/v1/tables/import", json=body, headers=dict(BEARER)).json() == {"rows": 1}
+    assert http.post("/admin/v1/tables/import", json=body, headers=dict(BEARER)).json() == {
+        "rows": 1
+    }
     assert store.get_many("item", [2**64 - 24]).found[0]
     refused = http.post("/admin/v1/tables/import", json=body)
     assert refused.status_code == 401
 
 
-def test_a_snapshot_outside_the_artifact_root_or_unusable_is_refused_and_nothing_is_written(admin, own_artifact, tmp_path):
+def test_a_snapshot_outside_the_artifact_root_or_unusable_is_refused_and_nothing_is_written(
+    admin, own_artifact, tmp_path
+):
     http, stub = admin
     store = http.app.state.pipeline.store
     dim = store.table("item").dim
@@ -197,12 +246,23 @@ def test_a_snapshot_outside_the_artifact_root_or_unusable_is_refused_and_nothing
         ("item", "manifest.json", "not a table snapshot"),
         ("nope", "snapshots/escape.parquet", "no embedding table"),
         ("item", snapshot(own_artifact, "nan.parquet", [2**64 - 31], bad), "NaN"),
-        ("user", snapshot(own_artifact, "wide.parquet", [2**64 - 32], np.ones((1, dim + 1), np.float32)), "dims"),
+        (
+            "user",
+            snapshot(own_artifact, "wide.parquet", [2**64 - 32], np.ones((1, dim + 1), np.float32)),
+            "dims",
+        ),
     ]
     for table, path, message in cases:
         with pytest.raises(grpc.RpcError) as refused:
-            stub.ImportTable(pb.ImportTableRequest(table=table, path=path), metadata=BEARER, timeout=10)
-        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in refused.value.details(), (path, refused.value.details())
-        over_http = http.post("/admin/v1/tables/import", json={"table": table, "path": path}, headers=dict(BEARER))
+            stub.ImportTable(
+                pb.ImportTableRequest(table=table, path=path), metadata=BEARER, timeout=10
+            )
+        assert (
+            refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            and message in refused.value.details()
+        ), (path, refused.value.details())
+        over_http = http.post(
+            "/admin/v1/tables/import", json={"table": table, "path": path}, headers=dict(BEARER)
+        )
         assert over_http.status_code == 422 and message in over_http.text, over_http.text
     assert not store.get_many("item", [2**64 - 31]).found[0]

@@ -18,7 +18,9 @@ from service.testing.redis_servers import free_port
 
 @pytest.fixture(scope="module")
 def service(artifact_root):
-    settings = Settings(artifacts=artifact_root, host="127.0.0.1", grpc_port=free_port(), grpc_workers=4)
+    settings = Settings(
+        artifacts=artifact_root, host="127.0.0.1", grpc_port=free_port(), grpc_workers=4
+    )
     with TestClient(build_app(settings)) as client:
         channel = grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}")
         yield client, channel
@@ -56,7 +58,14 @@ def test_recommend_returns_k_distinct_unseen_items_sorted(http, bundle, known_us
 def test_exclusions_context_and_candidates_are_honoured(http, known_user):
     first = recommend(http, user_id=known_user, k=5)
     excluded = [item["item_id"] for item in first["items"][:3]]
-    second = recommend(http, user_id=known_user, k=5, exclude_item_ids=excluded, context={"hour": 20, "weekday": 4}, candidates=50)
+    second = recommend(
+        http,
+        user_id=known_user,
+        k=5,
+        exclude_item_ids=excluded,
+        context={"hour": 20, "weekday": 4},
+        candidates=50,
+    )
     assert not {item["item_id"] for item in second["items"]} & set(excluded)
     assert len(second["items"]) == 5
 
@@ -80,16 +89,20 @@ def test_candidates_endpoint_reports_sources_in_retrieval_order(http, bundle, kn
 def test_unknown_user_gets_popular_items(http, bundle):
     body = recommend(http, user_id=2**64 - 1, k=5)
     assert len(body["items"]) == 5
-    popular_top = set(int(i) for i in bundle.popular.items[:200])
+    popular_top = {int(i) for i in bundle.popular.items[:200]}
     assert {item["item_id"] for item in body["items"]} <= popular_top
-    candidates = http.post("/v1/candidates", json={"user_id": 2**64 - 1, "k": 5}).json()["candidates"]
+    candidates = http.post("/v1/candidates", json={"user_id": 2**64 - 1, "k": 5}).json()[
+        "candidates"
+    ]
     assert {c["source"] for c in candidates} == {"popular"}
     assert [c["item_id"] for c in candidates[:5]] == [int(i) for i in bundle.popular.items[:5]]
 
 
 def test_small_catalog_fills_up_with_popular_items(http, bundle, known_user):
     n = len(bundle.index) - len(bundle.histories.get(known_user))
-    candidates = http.post("/v1/candidates", json={"user_id": known_user, "k": 1, "candidates": 2000}).json()["candidates"]
+    candidates = http.post(
+        "/v1/candidates", json={"user_id": known_user, "k": 1, "candidates": 2000}
+    ).json()["candidates"]
     assert len(candidates) == n  # every unseen item, once
 
 
@@ -118,7 +131,9 @@ def test_bad_requests_get_422_naming_the_field(http, body, field):
 
 
 def test_malformed_json_gets_422(http):
-    response = http.post("/v1/recommend", content=b'{"user_id": 4', headers={"content-type": "application/json"})
+    response = http.post(
+        "/v1/recommend", content=b'{"user_id": 4', headers={"content-type": "application/json"}
+    )
     assert response.status_code == 422
     assert "JSON decode error" in response.text
 
@@ -158,8 +173,12 @@ def test_grpc_and_http_answer_identically(http, stub, known_user, fields):
     over_grpc = stub.Recommend(as_request(user_id=known_user, **fields), timeout=10)
     assert over_grpc.model_version == over_http["model_version"]
     assert over_grpc.degraded == over_http["degraded"]
-    assert {"model": over_grpc.ranker.model, "variant": over_grpc.ranker.variant} == over_http["ranker"]
-    assert [(i.item_id, i.score) for i in over_grpc.items] == [(i["item_id"], i["score"]) for i in over_http["items"]]
+    assert {"model": over_grpc.ranker.model, "variant": over_grpc.ranker.variant} == over_http[
+        "ranker"
+    ]
+    assert [(i.item_id, i.score) for i in over_grpc.items] == [
+        (i["item_id"], i["score"]) for i in over_http["items"]
+    ]
 
 
 def test_grpc_candidates_match_http(http, stub, known_user):
@@ -201,18 +220,38 @@ def test_grpc_health_and_reflection(service):
         status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.SERVING
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-    replies = list(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+    replies = list(
+        reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+    )
     services = {s.name for s in replies[0].list_services_response.service}
     assert {"recsys.v1.Recommender", "grpc.health.v1.Health"} <= services
-    replies = list(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="recsys.v1.Recommender")]), timeout=5))
-    proto = descriptor_pb2.FileDescriptorProto.FromString(replies[0].file_descriptor_response.file_descriptor_proto[0])
+    replies = list(
+        reflection.ServerReflectionInfo(
+            iter(
+                [
+                    reflection_pb2.ServerReflectionRequest(
+                        file_containing_symbol="recsys.v1.Recommender"
+                    )
+                ]
+            ),
+            timeout=5,
+        )
+    )
+    proto = descriptor_pb2.FileDescriptorProto.FromString(
+        replies[0].file_descriptor_response.file_descriptor_proto[0]
+    )
     assert proto.package == "recsys.v1"
-
 
 
 def test_popular_candidates_score_on_the_two_tower_scale(http, bundle):
     """The ranker reads retrieval scores as two-tower cosines, popular candidates included."""
-    candidates = http.post("/v1/candidates", json={"user_id": 2**64 - 1, "k": 5}).json()["candidates"]
+    candidates = http.post("/v1/candidates", json={"user_id": 2**64 - 1, "k": 5}).json()[
+        "candidates"
+    ]
     ids = np.array([c["item_id"] for c in candidates[:20]], dtype=np.uint64)
     expected = bundle.index.reconstruct(ids) @ cold_user_vector(bundle.two_tower)
-    np.testing.assert_allclose([c["score"] for c in candidates[:20]], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        [c["score"] for c in candidates[:20]], expected, rtol=1e-5, atol=1e-6
+    )

@@ -13,9 +13,17 @@ def test_manifest_records_config_schema_metrics_and_hashes(artifact_root):
     folder = resolve_version(artifact_root)
     manifest = read_manifest(folder)
     assert set(manifest["files"]) == {
-        "features.safetensors", "features.json", "two_tower.safetensors", "ranker.safetensors",
-        "items.faiss", "histories.safetensors", "popular.safetensors", "clusters.faiss",
-        "interests.safetensors", "ranker.output_features.safetensors", "ranker.weight_svd.safetensors",
+        "features.safetensors",
+        "features.json",
+        "two_tower.safetensors",
+        "ranker.safetensors",
+        "items.faiss",
+        "histories.safetensors",
+        "popular.safetensors",
+        "clusters.faiss",
+        "interests.safetensors",
+        "ranker.output_features.safetensors",
+        "ranker.weight_svd.safetensors",
     }
     assert manifest["data_schema"]["users"] == 200
     assert manifest["config"]["two_tower"]["temperature"] == 0.05

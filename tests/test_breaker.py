@@ -25,7 +25,9 @@ def fail():
 
 def test_failures_in_a_row_open_it_and_an_open_breaker_does_not_call():
     clock, changes = Clock(), []
-    breaker = CircuitBreaker("tier", failures=3, reset_seconds=2.0, on_change=changes.append, counts=(Down,), clock=clock)
+    breaker = CircuitBreaker(
+        "tier", failures=3, reset_seconds=2.0, on_change=changes.append, counts=(Down,), clock=clock
+    )
     for _ in range(2):
         with pytest.raises(Down):
             breaker.call(fail)
@@ -43,7 +45,14 @@ def test_failures_in_a_row_open_it_and_an_open_breaker_does_not_call():
 
 def test_after_the_reset_time_one_trial_call_decides():
     clock, changes = Clock(), []
-    breaker = CircuitBreaker("redis", failures=1, reset_seconds=2.0, on_change=changes.append, counts=(Down,), clock=clock)
+    breaker = CircuitBreaker(
+        "redis",
+        failures=1,
+        reset_seconds=2.0,
+        on_change=changes.append,
+        counts=(Down,),
+        clock=clock,
+    )
     with pytest.raises(Down):
         breaker.call(fail)
     clock.now = 2.0
@@ -75,7 +84,9 @@ def test_errors_it_does_not_count_pass_through_without_opening_it():
 
 def test_concurrent_calls_run_concurrently():
     breaker = CircuitBreaker("redis")
-    both_inside = threading.Barrier(2, timeout=5)  # breaks (and the calls raise) unless both are in at once
+    both_inside = threading.Barrier(
+        2, timeout=5
+    )  # breaks (and the calls raise) unless both are in at once
     results = []
 
     def call():

@@ -54,7 +54,7 @@ class LocalTopology:
         for volume in service.get("volumes", []):
             source, target = volume.split(":")[:2]
             if source in self.volumes and (value == target or value.startswith(target + "/")):
-                value = str(self.volumes[source]) + value[len(target):]
+                value = str(self.volumes[source]) + value[len(target) :]
         return value
 
     def environment(self, name: str) -> dict[str, str]:
@@ -72,7 +72,15 @@ class LocalTopology:
         if name == "redis":
             data = self.volumes[service["volumes"][0].split(":")[0]]
             port = self.local_port("redis", REDIS_PORT)
-            return [*service["command"], "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data)]
+            return [
+                *service["command"],
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(data),
+            ]
         return [str(BIN / "recsys"), *(self.rewrite(service, arg) for arg in service["command"])]
 
     def healthcheck(self, name: str) -> list[str]:
@@ -84,7 +92,11 @@ class LocalTopology:
 
     def start(self, name: str) -> None:
         self.processes[name] = subprocess.Popen(
-            self.command(name), env=self.environment(name), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            self.command(name),
+            env=self.environment(name),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
 
     def wait_done(self, name: str) -> None:
@@ -96,8 +108,15 @@ class LocalTopology:
         while time.monotonic() < deadline:
             process = self.processes[name]
             if process.poll() is not None:
-                raise AssertionError(f"{name} exited with {process.returncode}: {process.stdout.read()}")
-            if subprocess.run(self.healthcheck(name), env=self.environment(name), capture_output=True).returncode == 0:
+                raise AssertionError(
+                    f"{name} exited with {process.returncode}: {process.stdout.read()}"
+                )
+            if (
+                subprocess.run(
+                    self.healthcheck(name), env=self.environment(name), capture_output=True
+                ).returncode
+                == 0
+            ):
                 return
             time.sleep(0.5)
         raise AssertionError(f"{name}: healthcheck still failing after {HEALTHY_WITHIN_SECONDS}s")
@@ -114,7 +133,12 @@ class LocalTopology:
             for name in wave:
                 self.start(name)
             for name in wave:
-                condition = {r["condition"] for s in self.services.values() for d, r in s.get("depends_on", {}).items() if d == name}
+                condition = {
+                    r["condition"]
+                    for s in self.services.values()
+                    for d, r in s.get("depends_on", {}).items()
+                    if d == name
+                }
                 if condition == {"service_completed_successfully"}:
                     self.wait_done(name)
                 else:
@@ -150,7 +174,9 @@ def topology(tmp_path_factory, artifact_root):
 def test_compose_services_start_in_dependency_order_and_pass_their_healthchecks(topology):
     local, waves = topology
     assert [set(wave) for wave in waves] == [
-        {"redis", "demo-artifacts"}, {"retrieval", "ranking", "online-trainer"}, {"gateway"}
+        {"redis", "demo-artifacts"},
+        {"retrieval", "ranking", "online-trainer"},
+        {"gateway"},
     ]
     not_run = set(local.services) - set(local.runnable())
     assert not_run == {"prometheus", "grafana"}  # other projects' images
@@ -159,7 +185,9 @@ def test_compose_services_start_in_dependency_order_and_pass_their_healthchecks(
 def test_the_gateway_answers_through_the_compose_topology(topology, known_user, bundle):
     local, _ = topology
     gateway = local.environment("gateway")
-    with httpx2.Client(base_url=f"http://127.0.0.1:{gateway['RECSYS_HTTP_PORT']}", timeout=10) as http:
+    with httpx2.Client(
+        base_url=f"http://127.0.0.1:{gateway['RECSYS_HTTP_PORT']}", timeout=10
+    ) as http:
         answer = http.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
         assert answer["degraded"] is False and answer["model_version"] == bundle.version
         assert answer["ranker"]["variant"] == "full"  # ranked by the ranking tier, not its fallback
@@ -183,10 +211,17 @@ def test_redis_keeps_an_append_only_file_in_its_volume(topology):
     assert any(local.volumes["redis-data"].glob("appendonlydir/*.aof"))
 
 
-def locust_against(local: LocalTopology, tmp_path: Path, **settings: str) -> tuple[subprocess.CompletedProcess, dict]:
+def locust_against(
+    local: LocalTopology, tmp_path: Path, **settings: str
+) -> tuple[subprocess.CompletedProcess, dict]:
     gateway = local.environment("gateway")
-    return run_locust(f"http://127.0.0.1:{gateway['RECSYS_HTTP_PORT']}", f"127.0.0.1:{gateway['RECSYS_GRPC_PORT']}",
-                      gateway["RECSYS_ARTIFACTS"], tmp_path, **settings)
+    return run_locust(
+        f"http://127.0.0.1:{gateway['RECSYS_HTTP_PORT']}",
+        f"127.0.0.1:{gateway['RECSYS_GRPC_PORT']}",
+        gateway["RECSYS_ARTIFACTS"],
+        tmp_path,
+        **settings,
+    )
 
 
 def test_a_short_load_run_over_http_and_grpc_has_no_failures(topology, tmp_path):
@@ -194,7 +229,10 @@ def test_a_short_load_run_over_http_and_grpc_has_no_failures(topology, tmp_path)
     result, rows = locust_against(local, tmp_path, p95_ms="10000", p99_ms="10000")
     assert result.returncode == 0, result.stderr[-3000:]
     for key in LOAD_REQUESTS:
-        assert int(rows[key]["Request Count"]) > 0 and int(rows[key]["Failure Count"]) == 0, (key, rows.get(key))
+        assert int(rows[key]["Request Count"]) > 0 and int(rows[key]["Failure Count"]) == 0, (
+            key,
+            rows.get(key),
+        )
     assert "SLO kept" in result.stderr
 
 
@@ -210,4 +248,6 @@ def test_tiers_drain_and_exit_cleanly_on_sigterm(topology):
     for name in ("gateway", "online-trainer", "ranking", "retrieval"):
         code, output = local.stop(name)
         # uvicorn re-raises SIGTERM after its own clean shutdown, so the gateway ends by the signal.
-        assert code in ((0, -signal.SIGTERM) if name == "gateway" else (0,)), f"{name}: {code}\n{output}"
+        assert code in ((0, -signal.SIGTERM) if name == "gateway" else (0,)), (
+            f"{name}: {code}\n{output}"
+        )

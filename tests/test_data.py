@@ -21,7 +21,11 @@ def test_synthetic_is_reproducible_and_seed_dependent():
 def test_synthetic_users_have_planted_interests():
     data = generate(SyntheticConfig(users=100, items=400, categories=20, interests_per_user=(1, 2)))
     category = dict(zip(data.items["item_id"], data.items["category"]))
-    per_user = data.interactions.assign(c=data.interactions["item_id"].map(category)).groupby("user_id")["c"].nunique()
+    per_user = (
+        data.interactions.assign(c=data.interactions["item_id"].map(category))
+        .groupby("user_id")["c"]
+        .nunique()
+    )
     assert per_user.max() <= 2  # only their interests, never all 20 categories
 
 
@@ -36,7 +40,10 @@ def test_temporal_split_holds_out_each_users_latest_fifth():
     train, test = temporal_split(Dataset("t", frame), 0.2)
     user1_test = test[test.user_id == 1]
     assert sorted(user1_test["timestamp"]) == [9, 10]  # the two latest of ten
-    assert train.interactions[train.interactions.user_id == 1]["timestamp"].max() < user1_test["timestamp"].min()
+    assert (
+        train.interactions[train.interactions.user_id == 1]["timestamp"].max()
+        < user1_test["timestamp"].min()
+    )
     assert len(test[test.user_id == 2]) == 1
     assert len(test[test.user_id == 3]) == 0  # a single interaction stays in training
     assert len(train.interactions) + len(test) == len(frame)
@@ -44,11 +51,17 @@ def test_temporal_split_holds_out_each_users_latest_fifth():
 
 def test_files_in_csv_and_parquet(tmp_path):
     frame = pd.DataFrame(
-        {"user_id": [2**64 - 1, 5], "item_id": [3, 2**63], "timestamp": ["2024-01-01T00:00:00Z", "2024-01-02T00:00:00Z"]}
+        {
+            "user_id": [2**64 - 1, 5],
+            "item_id": [3, 2**63],
+            "timestamp": ["2024-01-01T00:00:00Z", "2024-01-02T00:00:00Z"],
+        }
     )
     frame.astype({"user_id": "uint64", "item_id": "uint64"}).to_parquet(tmp_path / "i.parquet")
     frame.to_csv(tmp_path / "i.csv", index=False)
-    pd.DataFrame({"item_id": [3, 2**63], "category": ["a|b", "c"]}).astype({"item_id": "uint64"}).to_parquet(tmp_path / "items.parquet")
+    pd.DataFrame({"item_id": [3, 2**63], "category": ["a|b", "c"]}).astype(
+        {"item_id": "uint64"}
+    ).to_parquet(tmp_path / "items.parquet")
     for name in ("i.parquet", "i.csv"):
         data = load_files(tmp_path / name, tmp_path / "items.parquet")
         assert set(data.interactions["user_id"].tolist()) == {2**64 - 1, 5}
@@ -74,14 +87,23 @@ def test_bad_interactions_are_refused_with_a_reason(frame, message):
 
 
 def test_dataset_specs():
-    assert len(load_dataset("synthetic:users=20,items=30,categories=3").interactions["user_id"].unique()) == 20
+    assert (
+        len(
+            load_dataset("synthetic:users=20,items=30,categories=3")
+            .interactions["user_id"]
+            .unique()
+        )
+        == 20
+    )
     with pytest.raises(DataError, match="unknown synthetic option"):
         load_dataset("synthetic:colour=3")
     with pytest.raises(DataError, match="unknown dataset"):
         load_dataset("netflix")
 
 
-@pytest.mark.skipif(not (MOVIELENS / "u.data").is_file(), reason="MovieLens-100K not present in ../shared/data")
+@pytest.mark.skipif(
+    not (MOVIELENS / "u.data").is_file(), reason="MovieLens-100K not present in ../shared/data"
+)
 def test_movielens_loader():
     data = load_movielens_100k(MOVIELENS)
     assert len(data.interactions) == 100_000
@@ -89,4 +111,9 @@ def test_movielens_loader():
     assert len(data.items) == 1682
     toy_story = data.items.loc[data.items.item_id == 1, "genres"].item()
     assert toy_story == "Animation|Children|Comedy"
-    assert np.all(np.diff(data.interactions.groupby("user_id").head(1000)["user_id"].to_numpy().astype(np.int64)) >= 0)
+    assert np.all(
+        np.diff(
+            data.interactions.groupby("user_id").head(1000)["user_id"].to_numpy().astype(np.int64)
+        )
+        >= 0
+    )

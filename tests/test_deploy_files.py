@@ -61,7 +61,9 @@ def load_compose(env: dict[str, str] | None = None) -> dict:
 
 
 def recsys_services(compose: dict) -> dict[str, dict]:
-    return {name: s for name, s in compose["services"].items() if RECSYS_IMAGE.match(s.get("image", ""))}
+    return {
+        name: s for name, s in compose["services"].items() if RECSYS_IMAGE.match(s.get("image", ""))
+    }
 
 
 def settings_from(environment: dict[str, str]) -> Settings:
@@ -81,12 +83,18 @@ def settings_from(environment: dict[str, str]) -> Settings:
 
 def metric_ports(environment: dict[str, str], command: list[str]) -> set[int]:
     settings = settings_from(environment)
-    return {settings.trainer_metrics_port} if command[-1] == "online-train" else {settings.http_port}
+    return (
+        {settings.trainer_metrics_port} if command[-1] == "online-train" else {settings.http_port}
+    )
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    lines = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
 
 
@@ -94,17 +102,26 @@ def test_dockerfile_builds_cpu_and_gpu_variants_and_runs_recsys_as_non_root():
     instructions = dockerfile_instructions()
     variant = next(arg for op, arg in instructions if op == "ARG" and arg.startswith("VARIANT="))
     assert variant == "VARIANT=cpu"
-    stages = {arg.split(" AS ")[1]: (i, arg.split(" AS ")[0]) for i, (op, arg) in enumerate(instructions) if op == "FROM"}
+    stages = {
+        arg.split(" AS ")[1]: (i, arg.split(" AS ")[0])
+        for i, (op, arg) in enumerate(instructions)
+        if op == "FROM"
+    }
     assert set(stages) == {"python-cpu", "python-gpu", "build", "runtime"}
     assert stages["build"][1] == stages["runtime"][1] == "python-${VARIANT}"
-    assert stages["python-gpu"][1].startswith("nvidia/cuda:") and "cudnn-runtime" in stages["python-gpu"][1]
+    assert (
+        stages["python-gpu"][1].startswith("nvidia/cuda:")
+        and "cudnn-runtime" in stages["python-gpu"][1]
+    )
 
     def stage_env(name: str) -> str:
         start = stages[name][0]
         end = min((i for i, _ in stages.values() if i > start), default=len(instructions))
         return " ".join(arg for op, arg in instructions[start:end] if op == "ENV")
 
-    gpu_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    gpu_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]["gpu"]
     faiss_gpu = re.search(r"FAISS_PACKAGE=(\S+)", stage_env("python-gpu"))[1]
     assert any(requirement.startswith(faiss_gpu) for requirement in gpu_extra)
     assert "whl/cpu" in stage_env("python-cpu") and re.search(r"whl/cu\d+", stage_env("python-gpu"))
@@ -125,7 +142,8 @@ def test_dockerfile_builds_cpu_and_gpu_variants_and_runs_recsys_as_non_root():
 def check_compose_schema(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
 
 
@@ -133,7 +151,9 @@ def test_compose_file_follows_the_compose_specification(tmp_path):
     result = check_compose_schema(ROOT / "docker-compose.yml")
     assert result.returncode == 0, result.stdout + result.stderr
     broken = tmp_path / "docker-compose.yml"
-    broken.write_text((ROOT / "docker-compose.yml").read_text().replace("service_healthy", "service_healty", 1))
+    broken.write_text(
+        (ROOT / "docker-compose.yml").read_text().replace("service_healthy", "service_healty", 1)
+    )
     assert check_compose_schema(broken).returncode != 0  # the validator does catch a bad condition
 
 
@@ -147,7 +167,9 @@ def test_compose_services_use_real_commands_settings_ports_and_probes():
         parse_cli(service["command"])
         environment = service["environment"]
         assert set(environment) <= SETTINGS_ENV, name
-        settings_from(environment)  # the combination validates (the gateway needs both tiers and Redis)
+        settings_from(
+            environment
+        )  # the combination validates (the gateway needs both tiers and Redis)
         if service["command"][0] == "serve":
             tiers[service["command"][1]] = name
             probe = service["healthcheck"]["test"]
@@ -156,27 +178,49 @@ def test_compose_services_use_real_commands_settings_ports_and_probes():
     assert set(tiers) == {"retrieval", "ranking", "online-train", "gateway"}
 
     gateway = settings_from(services["gateway"]["environment"])
-    for address, tier in ((gateway.retrieval_address, "retrieval"), (gateway.ranking_address, "ranking")):
+    for address, tier in (
+        (gateway.retrieval_address, "retrieval"),
+        (gateway.ranking_address, "ranking"),
+    ):
         host, port = address.rsplit(":", 1)
-        assert host == tiers[tier] and int(port) == settings_from(services[host]["environment"]).grpc_port
+        assert (
+            host == tiers[tier]
+            and int(port) == settings_from(services[host]["environment"]).grpc_port
+        )
     published = {int(p.split(":")[1]) for p in services["gateway"]["ports"]}
     assert published == {gateway.http_port, gateway.grpc_port}
 
-    redis_host = {re.match(r"redis://([^:/]+)", s["environment"]["RECSYS_REDIS_URL"])[1]
-                  for s in recsys.values() if "RECSYS_REDIS_URL" in s["environment"]}
+    redis_host = {
+        re.match(r"redis://([^:/]+)", s["environment"]["RECSYS_REDIS_URL"])[1]
+        for s in recsys.values()
+        if "RECSYS_REDIS_URL" in s["environment"]
+    }
     assert redis_host == {"redis"} and "--appendonly" in services["redis"]["command"]
-    assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] == "yes"
+    assert (
+        services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1]
+        == "yes"
+    )
 
     for name, service in services.items():
         for dependency, rule in service.get("depends_on", {}).items():
             if rule["condition"] == "service_healthy":
                 assert "healthcheck" in services[dependency], (name, dependency)
             else:
-                assert rule["condition"] == "service_completed_successfully" and services[dependency]["restart"] == "no"
+                assert (
+                    rule["condition"] == "service_completed_successfully"
+                    and services[dependency]["restart"] == "no"
+                )
     for tier in ("retrieval", "ranking", "online-trainer"):
-        assert services[tier]["depends_on"]["demo-artifacts"]["condition"] == "service_completed_successfully"
+        assert (
+            services[tier]["depends_on"]["demo-artifacts"]["condition"]
+            == "service_completed_successfully"
+        )
         assert services[tier]["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert {d for d, r in services["gateway"]["depends_on"].items() if r["condition"] == "service_healthy"} >= {"retrieval", "ranking"}
+    assert {
+        d
+        for d, r in services["gateway"]["depends_on"].items()
+        if r["condition"] == "service_healthy"
+    } >= {"retrieval", "ranking"}
 
     for name, service in services.items():
         for volume in service.get("volumes", []):
@@ -198,14 +242,18 @@ def bind_mount(service: dict, target: str) -> Path:
 def test_prometheus_scrapes_every_tier_on_its_metrics_port():
     compose = load_compose()
     services = compose["services"]
-    config = yaml.safe_load(bind_mount(services["prometheus"], "/etc/prometheus/prometheus.yml").read_text())
+    config = yaml.safe_load(
+        bind_mount(services["prometheus"], "/etc/prometheus/prometheus.yml").read_text()
+    )
     scraped = {}
     for job in config["scrape_configs"]:
         for target in (t for group in job["static_configs"] for t in group["targets"]):
             host, port = target.rsplit(":", 1)
             scraped[host] = int(port)
             assert job["job_name"] == host
-    serving = {name: s for name, s in recsys_services(compose).items() if s["command"][0] == "serve"}
+    serving = {
+        name: s for name, s in recsys_services(compose).items() if s["command"][0] == "serve"
+    }
     assert set(scraped) == set(serving)
     for name, service in serving.items():
         assert scraped[name] in metric_ports(service["environment"], service["command"]), name
@@ -219,12 +267,19 @@ def dashboard_expressions() -> list[str]:
 def exported_series() -> dict[str, set[str]]:
     """Series name -> label names, for every metric the service declares (whether or not it
     has been observed yet), named as Prometheus will see them."""
-    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""], "info": ["_info"]}
+    suffixes = {
+        "counter": ["_total"],
+        "histogram": ["_bucket", "_count", "_sum"],
+        "gauge": [""],
+        "info": ["_info"],
+    }
     series = {}
     for metric in vars(service_metrics).values():
         if isinstance(metric, MetricWrapperBase):
             for suffix in suffixes[metric._type]:
-                series[metric._name + suffix] = set(metric._labelnames) | ({"le"} if suffix == "_bucket" else set())
+                series[metric._name + suffix] = set(metric._labelnames) | (
+                    {"le"} if suffix == "_bucket" else set()
+                )
     return series
 
 
@@ -232,13 +287,23 @@ def test_grafana_is_provisioned_with_prometheus_and_a_dashboard_of_real_metrics(
     compose = load_compose()
     grafana = compose["services"]["grafana"]
     provisioning = bind_mount(grafana, "/etc/grafana/provisioning")
-    datasource = yaml.safe_load((provisioning / "datasources/prometheus.yml").read_text())["datasources"][0]
-    assert re.match(r"http://prometheus:9090$", datasource["url"]) and "prometheus" in compose["services"]
+    datasource = yaml.safe_load((provisioning / "datasources/prometheus.yml").read_text())[
+        "datasources"
+    ][0]
+    assert (
+        re.match(r"http://prometheus:9090$", datasource["url"])
+        and "prometheus" in compose["services"]
+    )
     provider = yaml.safe_load((provisioning / "dashboards/recsys.yml").read_text())["providers"][0]
     assert bind_mount(grafana, provider["options"]["path"]) == ROOT / "deploy/grafana/dashboards"
 
     exported = exported_series()
-    jobs = {job["job_name"] for job in yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())["scrape_configs"]}
+    jobs = {
+        job["job_name"]
+        for job in yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())[
+            "scrape_configs"
+        ]
+    }
     queried = set()
     for expression in dashboard_expressions():
         for name in re.findall(r"\b(recsys_\w+)", expression):
@@ -249,5 +314,9 @@ def test_grafana_is_provisioned_with_prometheus_and_a_dashboard_of_real_metrics(
             names = re.findall(r"\b(recsys_\w+)", expression)
             assert any(labels <= exported[n] for n in names), expression
         assert set(re.findall(r'job="([^"]+)"', expression)) <= jobs
-    assert {"recsys_degraded_responses_total", "recsys_stage_duration_seconds_bucket", "recsys_events_backlog",
-            "recsys_embedding_lookups_total"} <= queried
+    assert {
+        "recsys_degraded_responses_total",
+        "recsys_stage_duration_seconds_bucket",
+        "recsys_events_backlog",
+        "recsys_embedding_lookups_total",
+    } <= queried

@@ -20,8 +20,8 @@ from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.retrieval.candidates import Candidates
 from service.schemas import RankRequest
-from service.testing.stack import wait_serving
 from service.testing.redis_servers import free_port
+from service.testing.stack import wait_serving
 from tests.test_end_to_end import BIN, wait_ready
 from tests.test_online import assert_new_item_reaches_similar_users
 
@@ -38,19 +38,35 @@ def stop(process: subprocess.Popen, signum=signal.SIGTERM) -> str:
 def stack(artifact_root, redis_server):
     namespace = uuid.uuid4().hex[:8]
     env = dict(
-        os.environ, RECSYS_ARTIFACTS=str(artifact_root), RECSYS_REDIS_URL=redis_server.url, RECSYS_REDIS_NAMESPACE=namespace,
-        RECSYS_EVENTS_STREAM=f"events-{namespace}", RECSYS_HOST="127.0.0.1", RECSYS_TRAINER_METRICS_PORT="0",
-        RECSYS_TRAINER_CONSUMER="t1", RECSYS_INDEX_POLL_SECONDS="0", RECSYS_ADMIN_TOKEN=ADMIN_TOKEN,
+        os.environ,
+        RECSYS_ARTIFACTS=str(artifact_root),
+        RECSYS_REDIS_URL=redis_server.url,
+        RECSYS_REDIS_NAMESPACE=namespace,
+        RECSYS_EVENTS_STREAM=f"events-{namespace}",
+        RECSYS_HOST="127.0.0.1",
+        RECSYS_TRAINER_METRICS_PORT="0",
+        RECSYS_TRAINER_CONSUMER="t1",
+        RECSYS_INDEX_POLL_SECONDS="0",
+        RECSYS_ADMIN_TOKEN=ADMIN_TOKEN,
     )
-    ports = {tier: (free_port(), free_port()) for tier in ("retrieval", "ranking", "online-train", "gateway")}
+    ports = {
+        tier: (free_port(), free_port())
+        for tier in ("retrieval", "ranking", "online-train", "gateway")
+    }
     processes = {}
 
     def start(tier: str, **extra) -> subprocess.Popen:
         tier_env = {**env, **extra}
         if tier in ports:
-            tier_env.update(RECSYS_HTTP_PORT=str(ports[tier][0]), RECSYS_GRPC_PORT=str(ports[tier][1]))
+            tier_env.update(
+                RECSYS_HTTP_PORT=str(ports[tier][0]), RECSYS_GRPC_PORT=str(ports[tier][1])
+            )
         processes[tier] = subprocess.Popen(
-            [str(BIN / "recsys"), "serve", tier], env=tier_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [str(BIN / "recsys"), "serve", tier],
+            env=tier_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         return processes[tier]
 
@@ -59,7 +75,9 @@ def stack(artifact_root, redis_server):
             start(tier)
         for tier in ("retrieval", "ranking"):
             wait_serving(f"127.0.0.1:{ports[tier][1]}", processes[tier])
-        wait_serving(f"127.0.0.1:{ports['online-train'][1]}", start("online-train"))  # in its event group
+        wait_serving(
+            f"127.0.0.1:{ports['online-train'][1]}", start("online-train")
+        )  # in its event group
         gateway = start(
             "gateway",
             RECSYS_RETRIEVAL_ADDRESS=f"127.0.0.1:{ports['retrieval'][1]}",
@@ -75,42 +93,60 @@ def stack(artifact_root, redis_server):
 
 def test_gateway_answers_through_the_tiers_over_http_and_grpc(stack, bundle, known_user):
     http, ports, _ = stack
-    body = http.post("/v1/recommend", json={"user_id": known_user, "k": 8, "context": {"hour": 9}}).json()
+    body = http.post(
+        "/v1/recommend", json={"user_id": known_user, "k": 8, "context": {"hour": 9}}
+    ).json()
     assert body["degraded"] is False and body["model_version"] == bundle.version
     assert body["ranker"] == {"model": "deepfm", "variant": "full"}
     assert len({i["item_id"] for i in body["items"]}) == 8
     scores = [i["score"] for i in body["items"]]
-    assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)  # ranker probabilities
+    assert scores == sorted(scores, reverse=True) and all(
+        0 < s < 1 for s in scores
+    )  # ranker probabilities
     with grpc.insecure_channel(f"127.0.0.1:{ports['gateway'][1]}") as channel:
         answer = pb_grpc.RecommenderStub(channel).Recommend(
             pb.RecommendRequest(user_id=known_user, k=8, context=pb.Context(hour=9)), timeout=5
         )
-    assert [(i.item_id, i.score) for i in answer.items] == [(i["item_id"], i["score"]) for i in body["items"]]
+    assert [(i.item_id, i.score) for i in answer.items] == [
+        (i["item_id"], i["score"]) for i in body["items"]
+    ]
     assert answer.ranker.variant == "full" and not answer.degraded
     refused = http.post("/v1/recommend", json={"user_id": known_user, "k": 0})
     assert refused.status_code == 422
     for tier in ("retrieval", "ranking"):
         metrics = httpx2.get(f"http://127.0.0.1:{ports[tier][0]}/metrics").text
-        assert f'recsys_requests_total{{code="OK",endpoint="{"Retrieve" if tier == "retrieval" else "Rank"}",transport="grpc"}}' in metrics
+        endpoint = "Retrieve" if tier == "retrieval" else "Rank"
+        assert (
+            f'recsys_requests_total{{code="OK",endpoint="{endpoint}",transport="grpc"}}' in metrics
+        )
 
 
 def test_the_retrieval_tier_serves_admin_and_the_others_do_not(stack, bundle):
     _, ports, _ = stack
     bearer = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
     with grpc.insecure_channel(f"127.0.0.1:{ports['retrieval'][1]}") as channel:
-        answer = pb_grpc.AdminStub(channel).ReloadIndex(pb.ReloadIndexRequest(), metadata=bearer, timeout=10)
+        answer = pb_grpc.AdminStub(channel).ReloadIndex(
+            pb.ReloadIndexRequest(), metadata=bearer, timeout=10
+        )
     assert not answer.swapped and answer.index_version == bundle.index_version
     for tier in ("ranking", "gateway"):  # no index there
-        with grpc.insecure_channel(f"127.0.0.1:{ports[tier][1]}") as channel:
-            with pytest.raises(grpc.RpcError) as refused:
-                pb_grpc.AdminStub(channel).ReloadIndex(pb.ReloadIndexRequest(), metadata=bearer, timeout=5)
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{ports[tier][1]}") as channel,
+            pytest.raises(grpc.RpcError) as refused,
+        ):
+            pb_grpc.AdminStub(channel).ReloadIndex(
+                pb.ReloadIndexRequest(), metadata=bearer, timeout=5
+            )
         assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, tier
 
 
 def test_an_http_client_deadline_reaches_the_tiers(stack, known_user):
     http, _, _ = stack
     body = {"user_id": known_user, "k": 5}
-    assert http.post("/v1/recommend", json=body, headers={"X-Deadline-Ms": "2000"}).json()["degraded"] is False
+    assert (
+        http.post("/v1/recommend", json=body, headers={"X-Deadline-Ms": "2000"}).json()["degraded"]
+        is False
+    )
     # Far less than a gRPC round trip: retrieval cannot answer in time, so its fallback does.
     late = http.post("/v1/candidates", json=body, headers={"X-Deadline-Ms": "0.001"}).json()
     assert late["degraded"] is True and {c["source"] for c in late["candidates"]} == {"popular"}
@@ -131,15 +167,21 @@ def test_a_tier_that_goes_away_is_replaced_by_its_fallback(stack, known_user):
     assert processes["ranking"].returncode == 0, output
     unranked = http.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
     assert unranked["degraded"] is True and unranked["ranker"] is None
-    retrieval = http.post("/v1/candidates", json={"user_id": known_user, "k": 5, "candidates": 5}).json()
-    assert [i["item_id"] for i in unranked["items"]] == [c["item_id"] for c in retrieval["candidates"]]  # retrieval order
+    retrieval = http.post(
+        "/v1/candidates", json={"user_id": known_user, "k": 5, "candidates": 5}
+    ).json()
+    assert [i["item_id"] for i in unranked["items"]] == [
+        c["item_id"] for c in retrieval["candidates"]
+    ]  # retrieval order
     assert ranked["items"] != unranked["items"]
 
     stop(processes["retrieval"], signal.SIGKILL)
     started = time.monotonic()
     popular = http.post("/v1/candidates", json={"user_id": known_user, "k": 5}).json()
     assert time.monotonic() - started < 1.0  # within the default deadline, not a hang
-    assert popular["degraded"] is True and {c["source"] for c in popular["candidates"]} == {"popular"}
+    assert popular["degraded"] is True and {c["source"] for c in popular["candidates"]} == {
+        "popular"
+    }
     answer = http.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
     assert answer["degraded"] is True and len(answer["items"]) == 5
     metrics = http.get("/metrics").text
@@ -170,7 +212,9 @@ def test_a_slow_tier_fails_at_its_deadline_and_then_opens_its_breaker():
             started = time.monotonic()
             with pytest.raises(StageFailed, match="DEADLINE_EXCEEDED"):
                 tier.read(rank, pb.RankRequest(user_id=1), time.monotonic() + 0.05)
-            assert time.monotonic() - started < 0.25  # gave up at the deadline, not after the slow answer
+            assert (
+                time.monotonic() - started < 0.25
+            )  # gave up at the deadline, not after the slow answer
         assert tier.breaker.state == "open"  # the failure that reached the limit opened it
         calls = servicer.calls
         with pytest.raises(StageFailed, match="breaker open"):
@@ -178,7 +222,9 @@ def test_a_slow_tier_fails_at_its_deadline_and_then_opens_its_breaker():
         assert servicer.calls == calls  # an open breaker fails without calling
         fresh = Tier("ranking", f"127.0.0.1:{server.port}")
         with pytest.raises(StageFailed, match="no time left"):
-            fresh.read(pb_grpc.RankingStub(fresh.channel).Rank, pb.RankRequest(user_id=1), time.monotonic())
+            fresh.read(
+                pb_grpc.RankingStub(fresh.channel).Rank, pb.RankRequest(user_id=1), time.monotonic()
+            )
         fresh.close()
     finally:
         tier.close()
@@ -186,7 +232,11 @@ def test_a_slow_tier_fails_at_its_deadline_and_then_opens_its_breaker():
 
 
 def test_rank_requests_are_validated_like_every_other():
-    assert "2 retrieval scores for 1 items" in str(pytest.raises(ValueError, RankRequest, user_id=1, item_ids=[5], retrieval_scores=[0.1, 0.2]).value)
+    assert "2 retrieval scores for 1 items" in str(
+        pytest.raises(
+            ValueError, RankRequest, user_id=1, item_ids=[5], retrieval_scores=[0.1, 0.2]
+        ).value
+    )
     with pytest.raises(ValueError, match="finite"):
         RankRequest(user_id=1, item_ids=[5], retrieval_scores=[float("nan")])
 
@@ -203,13 +253,30 @@ def test_retrieval_columns_carry_every_candidate_field_across_the_wire():
     back = candidates_from_columns(wire)
     assert back.item_ids.dtype == np.uint64 and back.item_ids.tolist() == found.item_ids.tolist()
     assert back.scores.tolist() == found.scores.tolist()
-    assert back.sources.tolist() == found.sources.tolist() and back.components.tolist() == [3, None, 0, None]
+    assert back.sources.tolist() == found.sources.tolist() and back.components.tolist() == [
+        3,
+        None,
+        0,
+        None,
+    ]
     assert back.degraded and wire.model_version == "v7"
     assert len(candidates_from_columns(candidates_to_columns(Candidates.empty(), "v7"))) == 0
     with pytest.raises(StageFailed, match="columns"):
-        candidates_from_columns(pb.RetrieveResponse(item_ids=[1, 2], scores=[0.5], sources=[0, 0], source_names=["two_tower"], components=[-1, -1]))
+        candidates_from_columns(
+            pb.RetrieveResponse(
+                item_ids=[1, 2],
+                scores=[0.5],
+                sources=[0, 0],
+                source_names=["two_tower"],
+                components=[-1, -1],
+            )
+        )
     with pytest.raises(StageFailed, match="unnamed source"):
-        candidates_from_columns(pb.RetrieveResponse(item_ids=[1], scores=[0.5], sources=[1], source_names=["two_tower"], components=[-1]))
+        candidates_from_columns(
+            pb.RetrieveResponse(
+                item_ids=[1], scores=[0.5], sources=[1], source_names=["two_tower"], components=[-1]
+            )
+        )
 
 
 class NamedRanking(pb_grpc.RankingServicer):
@@ -231,7 +298,10 @@ def test_a_tier_target_with_several_replicas_balances_over_the_running_ones():
     rank = pb_grpc.RankingStub(tier.channel).Rank
 
     def answered_by(calls: int) -> list[float]:
-        return [tier.read(rank, pb.RankRequest(user_id=1), time.monotonic() + 2).scores[0] for _ in range(calls)]
+        return [
+            tier.read(rank, pb.RankRequest(user_id=1), time.monotonic() + 2).scores[0]
+            for _ in range(calls)
+        ]
 
     try:
         deadline = time.monotonic() + 5
@@ -240,7 +310,9 @@ def test_a_tier_target_with_several_replicas_balances_over_the_running_ones():
         servers[0].stop(grace=1)  # GOAWAY: new calls go to the other replica, none fails
         assert set(answered_by(32)) == {2.0}
         servers[1].stop(grace=0)
-        with pytest.raises(StageFailed, match="UNAVAILABLE"):  # none left: fails at once, to the fallback
+        with pytest.raises(
+            StageFailed, match="UNAVAILABLE"
+        ):  # none left: fails at once, to the fallback
             tier.read(rank, pb.RankRequest(user_id=1), time.monotonic() + 2)
     finally:
         tier.close()
@@ -259,7 +331,10 @@ class RefusesFirst(pb_grpc.RankingServicer):
     def Rank(self, request, context):
         self.calls += 1
         if self.calls <= self.refusals:
-            context.abort(grpc.StatusCode.UNAVAILABLE if self.calls % 2 else grpc.StatusCode.CANCELLED, "stopping")
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE if self.calls % 2 else grpc.StatusCode.CANCELLED,
+                "stopping",
+            )
         return pb.RankResponse(scores=[1.0])
 
 
@@ -270,7 +345,11 @@ def test_calls_refused_unrun_are_tried_again_up_to_the_attempt_limit(refusals, a
     server.start()
     tier = Tier("ranking", f"127.0.0.1:{server.port}")
     try:
-        read = lambda: tier.read(pb_grpc.RankingStub(tier.channel).Rank, pb.RankRequest(user_id=1), time.monotonic() + 2)  # noqa: E731
+
+        def read():
+            rank = pb_grpc.RankingStub(tier.channel).Rank
+            return tier.read(rank, pb.RankRequest(user_id=1), time.monotonic() + 2)
+
         if answered:
             assert read().scores == [1.0]
         else:

@@ -34,11 +34,18 @@ def make_store(request):
         if backend == "memory":
             store = InMemoryEmbeddingStore(table_configs, seed=0)
         else:
-            server = request.getfixturevalue("redis_server" if backend == "redis" else "redis_cluster")
+            server = request.getfixturevalue(
+                "redis_server" if backend == "redis" else "redis_cluster"
+            )
             store = RedisEmbeddingStore(
                 table_configs,
-                RedisStoreConfig(server.url, cluster=backend == "cluster", namespace=uuid.uuid4().hex[:8],
-                                 cache_entries=cache_entries, **config),
+                RedisStoreConfig(
+                    server.url,
+                    cluster=backend == "cluster",
+                    namespace=uuid.uuid4().hex[:8],
+                    cache_entries=cache_entries,
+                    **config,
+                ),
             )
         made.append(store)
         return store
@@ -148,7 +155,9 @@ def test_fp16_tables_store_half_precision(make_store):
     store = make_store(tables(dtype="float16"))
     vectors = np.random.default_rng(1).normal(size=(4, DIM)).astype(np.float32)
     store.put_many("user", [1, 2, 3, 4], vectors)
-    np.testing.assert_array_equal(store.get_many("user", [1, 2, 3, 4]).vectors, vectors.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(
+        store.get_many("user", [1, 2, 3, 4]).vectors, vectors.astype(np.float16).astype(np.float32)
+    )
 
 
 @backends

@@ -12,7 +12,12 @@ from tests.conftest import MOVIELENS
 
 def test_recall_at_cutoffs():
     ranked = [1, 2, 3, 4, 5]
-    assert recall_at(ranked, {2, 5, 9}, cutoffs=(1, 2, 5, 10)) == {1: 0.0, 2: 1 / 3, 5: 2 / 3, 10: 2 / 3}
+    assert recall_at(ranked, {2, 5, 9}, cutoffs=(1, 2, 5, 10)) == {
+        1: 0.0,
+        2: 1 / 3,
+        5: 2 / 3,
+        10: 2 / 3,
+    }
     assert recall_at([], {1}, cutoffs=(10,)) == {10: 0.0}
 
 
@@ -20,8 +25,19 @@ def test_eval_command_writes_recall_for_pipeline_retrieval_and_baseline(tmp_path
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(
         app,
-        ["eval", "--dataset", "synthetic:users=150,items=200,categories=6", "--two-tower-epochs", "2",
-         "--ranker-epochs", "1", "--json", str(out), "--artifacts-out", str(tmp_path / "art")],
+        [
+            "eval",
+            "--dataset",
+            "synthetic:users=150,items=200,categories=6",
+            "--two-tower-epochs",
+            "2",
+            "--ranker-epochs",
+            "1",
+            "--json",
+            str(out),
+            "--artifacts-out",
+            str(tmp_path / "art"),
+        ],
     )
     assert result.exit_code == 0, result.output
     results = json.loads(out.read_text())
@@ -35,10 +51,14 @@ def test_eval_command_writes_recall_for_pipeline_retrieval_and_baseline(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (MOVIELENS / "u.data").is_file(), reason="MovieLens-100K not present in ../shared/data")
+@pytest.mark.skipif(
+    not (MOVIELENS / "u.data").is_file(), reason="MovieLens-100K not present in ../shared/data"
+)
 def test_movielens_pipeline_beats_most_popular_by_a_fifth(tmp_path):
     out = tmp_path / "ml.json"
-    result = CliRunner().invoke(app, ["eval", "--dataset", f"movielens-100k:{MOVIELENS}", "--json", str(out)])
+    result = CliRunner().invoke(
+        app, ["eval", "--dataset", f"movielens-100k:{MOVIELENS}", "--json", str(out)]
+    )
     assert result.exit_code == 0, result.output
     recall = json.loads(out.read_text())["recall"]
     assert recall["pipeline"]["@50"] >= 1.2 * recall["most_popular"]["@50"]

@@ -27,7 +27,9 @@ def client_of(request):
 
     def client(backend: str):
         server = request.getfixturevalue("redis_server" if backend == "redis" else "redis_cluster")
-        made.append(connect(RedisStoreConfig(server.url, cluster=backend == "cluster", socket_timeout=5.0)))
+        made.append(
+            connect(RedisStoreConfig(server.url, cluster=backend == "cluster", socket_timeout=5.0))
+        )
         return made[-1]
 
     yield client
@@ -40,7 +42,13 @@ def make_log(client_of):
     def make(backend: str, claim_idle_seconds: float = 30.0):
         if backend == "memory":
             return InMemoryEventLog(claim_idle_seconds)
-        log = RedisEventLog(client_of(backend), f"events-{uuid.uuid4().hex[:8]}", "trainer", 10_000, claim_idle_seconds)
+        log = RedisEventLog(
+            client_of(backend),
+            f"events-{uuid.uuid4().hex[:8]}",
+            "trainer",
+            10_000,
+            claim_idle_seconds,
+        )
         log.ensure_group()
         return log
 
@@ -48,7 +56,9 @@ def make_log(client_of):
 
 
 def clicks(n: int, user: int = 1) -> list[Event]:
-    return [Event(user_id=user, item_id=i, type="click", timestamp=1_700_000_000 + i) for i in range(n)]
+    return [
+        Event(user_id=user, item_id=i, type="click", timestamp=1_700_000_000 + i) for i in range(n)
+    ]
 
 
 @backends
@@ -64,7 +74,9 @@ def test_events_arrive_once_in_order_with_every_field(backend, make_log):
     assert len(entry_ids) == len(sent) and log.backlog() == len(sent)
     got = log.read("a", 100, 0)
     assert [e.entry_id for e in got] == entry_ids
-    assert [(e.user_id, e.item_id, e.type) for e in got] == [(e.user_id, e.item_id, e.type) for e in sent]
+    assert [(e.user_id, e.item_id, e.type) for e in got] == [
+        (e.user_id, e.item_id, e.type) for e in sent
+    ]
     assert got[0].timestamp == 1_700_000_000.25
     assert before - 1 <= got[1].timestamp <= time.time() + 1  # no timestamp: when it arrived
     assert all(before - 1 <= e.appended_at <= time.time() + 1 for e in got)
@@ -111,14 +123,23 @@ def test_a_read_waits_for_new_events_and_no_longer(backend, make_log):
 
 @backends
 def test_every_reader_of_the_update_feed_sees_every_update(backend, client_of):
-    feed = InMemoryItemUpdateFeed() if backend == "memory" else RedisItemUpdateFeed(client_of(backend), uuid.uuid4().hex[:8])
+    feed = (
+        InMemoryItemUpdateFeed()
+        if backend == "memory"
+        else RedisItemUpdateFeed(client_of(backend), uuid.uuid4().hex[:8])
+    )
     assert len(feed.read(ItemUpdateFeed.START, 0).item_ids) == 0
     feed.publish(np.array([5, 3, MAX_ID, 3], dtype=np.uint64))
     first = feed.read(ItemUpdateFeed.START, 0)
     assert first.item_ids.tolist() == [3, 5, MAX_ID] and first.published_at > time.time() - 5
     feed.publish(np.array([7], dtype=np.uint64))
     assert feed.read(first.cursor, 0).item_ids.tolist() == [7]
-    assert feed.read(ItemUpdateFeed.START, 0).item_ids.tolist() == [3, 5, 7, MAX_ID]  # another reader
+    assert feed.read(ItemUpdateFeed.START, 0).item_ids.tolist() == [
+        3,
+        5,
+        7,
+        MAX_ID,
+    ]  # another reader
     started = time.monotonic()
     latest = feed.read(ItemUpdateFeed.START, 0)
     assert len(feed.read(latest.cursor, 0.3).item_ids) == 0 and time.monotonic() - started >= 0.25
@@ -133,20 +154,33 @@ def test_recent_items_keep_the_newest_in_order(backend, client_of):
     recent.push(np.array([1, 2, 1, 1, 1], np.uint64), np.array([10, 20, 11, 12, MAX_ID], np.uint64))
     items, degraded = recent.get(1)
     assert items.tolist() == [11, 12, MAX_ID] and degraded is False
-    assert [r.tolist() for r in recent.get_many(np.array([2, 1, 3], np.uint64))] == [[20], [11, 12, MAX_ID], []]
+    assert [r.tolist() for r in recent.get_many(np.array([2, 1, 3], np.uint64))] == [
+        [20],
+        [11, 12, MAX_ID],
+        [],
+    ]
 
 
 def test_redis_layout_of_events_recent_items_and_updates(redis_server):
     client = redis.Redis.from_url(redis_server.url)
     log = RedisEventLog(client, "layout-events", "trainer.ns1")
     log.ensure_group()
-    [entry_id] = log.append([Event(user_id=MAX_ID, item_id=42, type="click", timestamp=1_700_000_000.5)])
+    [entry_id] = log.append(
+        [Event(user_id=MAX_ID, item_id=42, type="click", timestamp=1_700_000_000.5)]
+    )
     [(raw_id, fields)] = client.xrange("layout-events")
     assert raw_id.decode() == entry_id
-    assert fields == {b"user": b"18446744073709551615", b"item": b"42", b"type": b"click", b"ts": b"1700000000.5"}
+    assert fields == {
+        b"user": b"18446744073709551615",
+        b"item": b"42",
+        b"type": b"click",
+        b"ts": b"1700000000.5",
+    }
     assert client.xinfo_groups("layout-events")[0]["name"] == b"trainer.ns1"
 
-    RedisRecentItems(client, "ns1", length=50, ttl_seconds=60).push(np.array([130], np.uint64), np.array([7], np.uint64))
+    RedisRecentItems(client, "ns1", length=50, ttl_seconds=60).push(
+        np.array([130], np.uint64), np.array([7], np.uint64)
+    )
     key = recent_key("ns1", 130)
     assert key == b"rec:{ns1.recent:2}:130"
     assert client.lrange(key, 0, -1) == [(7).to_bytes(8, "little")]

@@ -41,14 +41,18 @@ def stack(artifact_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def load_ids(bundle) -> tuple[np.ndarray, np.ndarray]:
-    users = np.concatenate([bundle.features.users.ids[:150], np.arange(10**9, 10**9 + 15, dtype=np.uint64)])  # 10% cold
+    users = np.concatenate(
+        [bundle.features.users.ids[:150], np.arange(10**9, 10**9 + 15, dtype=np.uint64)]
+    )  # 10% cold
     return users, bundle.features.items.ids
 
 
 @pytest.fixture(scope="module")
 def retrained_model(tmp_path_factory, tiny_dataset):
     """A second model version, in its own root: what a rollout of a new model serves."""
-    folder = train_and_save(tiny_dataset, str(tmp_path_factory.mktemp("retrained")), tiny_train_config())
+    folder = train_and_save(
+        tiny_dataset, str(tmp_path_factory.mktemp("retrained")), tiny_train_config()
+    )
     return folder
 
 
@@ -60,7 +64,9 @@ def run(stack, load_ids, name, scenario, **load) -> ScenarioResult:
     # Every acknowledged event is in the log and was processed by the trainer.
     assert result.events_acked > 0
     assert result.events_logged == result.events_processed == result.events_acked, result.row()
-    assert result.slowest_over_deadline_ms < HTTP_SLACK_SECONDS * 1000, "an answer far past its deadline: a hang"
+    assert result.slowest_over_deadline_ms < HTTP_SLACK_SECONDS * 1000, (
+        "an answer far past its deadline: a hang"
+    )
     return result
 
 
@@ -72,22 +78,30 @@ def test_redis_killed_and_restarted(stack, load_ids):
 
 
 @pytest.mark.parametrize("tier", ["ranking", "retrieval"])
-def test_a_tier_killed_is_served_by_its_fallback_and_its_breaker_opens_then_closes(stack, load_ids, tier):
+def test_a_tier_killed_is_served_by_its_fallback_and_its_breaker_opens_then_closes(
+    stack, load_ids, tier
+):
     result = run(stack, load_ids, f"{tier}_killed", tier_killed(tier))
     assert result.degraded > 0
-    assert result.observed["breaker_opened"] and result.observed["breaker_closed_again"], result.observed
+    assert result.observed["breaker_opened"] and result.observed["breaker_closed_again"], (
+        result.observed
+    )
 
 
 def test_a_slow_tier_meets_its_deadlines_with_the_fallback(stack, load_ids):
     result = run(stack, load_ids, "ranking_slow", slow_tier("ranking", 0.5))
     assert result.degraded > 0
-    assert result.observed["breaker_opened"] and result.observed["breaker_closed_again"], result.observed
+    assert result.observed["breaker_opened"] and result.observed["breaker_closed_again"], (
+        result.observed
+    )
 
 
 def test_index_and_model_hot_swap_under_load(stack, load_ids, retrained_model):
     result = run(stack, load_ids, "hot_swap", hot_swap(retrained_model))
     assert result.degraded == 0
-    assert result.observed["index_swapped"] and result.observed["old_exit_code"] == 0, result.observed
+    assert result.observed["index_swapped"] and result.observed["old_exit_code"] == 0, (
+        result.observed
+    )
 
 
 @pytest.mark.parametrize("tier", ["retrieval", "ranking"])

@@ -84,7 +84,9 @@ def test_the_index_swaps_under_load_with_no_failed_request(own_artifact):
     sync = IndexSync(bundle.two_tower, bundle.features, store, bundle.index, feed, block_seconds=0)
     # An item the online trainer added before the new version was built.
     new_item = np.uint64(2**64 - 3)
-    store.put_many("item", [new_item], store.get_many("item", bundle.features.items.ids[:1]).vectors)
+    store.put_many(
+        "item", [new_item], store.get_many("item", bundle.features.items.ids[:1]).vectors
+    )
     feed.publish(np.array([new_item], np.uint64))
     sync.step()
     assert len(bundle.index) == len(bundle.features.items) + 1
@@ -96,7 +98,9 @@ def test_the_index_swaps_under_load_with_no_failed_request(own_artifact):
         i = 0
         while not stop.is_set():
             try:
-                got = pipeline.candidates(RecommendRequest(user_id=users[i % len(users)], candidates=100, k=10))
+                got = pipeline.candidates(
+                    RecommendRequest(user_id=users[i % len(users)], candidates=100, k=10)
+                )
                 assert len(got.candidates) == 100
                 answered[0] += 1
             except Exception as exc:  # any failure is what this test is about
@@ -107,9 +111,13 @@ def test_the_index_swaps_under_load_with_no_failed_request(own_artifact):
     for t in threads:
         t.start()
     try:
-        ids, vectors = table_item_vectors(bundle, in_memory_store(bundle))  # the artifact's items only
+        ids, vectors = table_item_vectors(
+            bundle, in_memory_store(bundle)
+        )  # the artifact's items only
         build_index_version(own_artifact, ids, vectors, "IVF8,Flat")
-        reloader = IndexReloader(own_artifact, bundle.index, "artifact", SearchParams(nprobe=8), "cpu", sync.swap_in)
+        reloader = IndexReloader(
+            own_artifact, bundle.index, "artifact", SearchParams(nprobe=8), "cpu", sync.swap_in
+        )
         before = answered[0]
         swapped = INDEX_SWAPS.labels("swapped")._value.get()
         assert reloader.check() and not reloader.check()
@@ -126,7 +134,9 @@ def test_the_index_swaps_under_load_with_no_failed_request(own_artifact):
     assert len(bundle.index) == len(bundle.features.items) + 1
     row = torch.from_numpy(store.get_many("item", [new_item]).vectors)
     with torch.inference_mode():
-        embedded = bundle.two_tower.item_tower_from_vectors(row, torch.zeros((1, 1), dtype=torch.int64)).numpy()
+        embedded = bundle.two_tower.item_tower_from_vectors(
+            row, torch.zeros((1, 1), dtype=torch.int64)
+        ).numpy()
     assert bundle.index.search(embedded, 1)[1][0, 0] == new_item
 
 
@@ -143,7 +153,9 @@ def test_a_broken_index_version_is_not_swapped_in(own_artifact):
     assert [v.name for v in index_versions(own_artifact)] == [version.name]
 
 
-@pytest.mark.skipif(not gpus_available(), reason="no GPU visible to faiss (needs faiss-gpu and an NVIDIA GPU)")
+@pytest.mark.skipif(
+    not gpus_available(), reason="no GPU visible to faiss (needs faiss-gpu and an NVIDIA GPU)"
+)
 def test_the_gpu_index_answers_like_the_cpu_one_and_takes_upserts():
     ids, vectors = np.arange(1, 20_001, dtype=np.uint64), unit_vectors(20_000, 64)
     cpu = ItemIndex.build(ids, vectors, "IVF64,Flat", SearchParams(nprobe=64))

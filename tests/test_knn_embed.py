@@ -25,8 +25,8 @@ from service.retrieval.knn_embed import (
 )
 from service.retrieval.two_tower import user_vectors
 from service.settings import Settings
-from service.training.artifact import train
 from service.testing.redis_servers import free_port
+from service.training.artifact import train
 from tests.conftest import tiny_train_config
 
 NONE = np.empty(0, np.uint64)
@@ -48,7 +48,9 @@ def test_budget_is_split_by_largest_remainder(total, weights, expected):
 
 
 def test_interest_counts_weigh_recent_items_more():
-    counts = interest_counts(np.array([1, 2]), np.array([0, 3, 4]), np.array([0, 1, 0, 2]), 3, half_life=1.0)
+    counts = interest_counts(
+        np.array([1, 2]), np.array([0, 3, 4]), np.array([0, 1, 0, 2]), 3, half_life=1.0
+    )
     np.testing.assert_allclose(counts, [[0.25 + 1.0, 0.5, 0.0], [0.0, 0.0, 1.0]])
 
 
@@ -68,7 +70,9 @@ def test_neighbour_mixtures_come_from_users_with_similar_vectors(bundle):
     own = mixtures.counts / mixtures.counts.sum(1, keepdims=True)
     # A user's neighbours share their interests more than random users do.
     agreement = (own * mixtures.smoothing).sum(1).mean()
-    shuffled = (own * mixtures.smoothing[np.random.default_rng(0).permutation(len(own))]).sum(1).mean()
+    shuffled = (
+        (own * mixtures.smoothing[np.random.default_rng(0).permutation(len(own))]).sum(1).mean()
+    )
     assert agreement > 1.5 * shuffled
     assert len(vectors) == len(bundle.histories)
 
@@ -81,10 +85,14 @@ def test_each_interest_gets_its_share_from_inside_its_cluster(pipeline, bundle, 
     assert not set(found.item_ids.tolist()) & set(bundle.histories.get(known_user).tolist())
     assert list(found.scores) == sorted(found.scores, reverse=True)
     from_interests = [i for i, s in enumerate(found.sources) if s == SOURCE_KNN_EMBED]
-    assert from_interests and all(found.sources[i] == SOURCE_TWO_TOWER for i in range(n) if i not in from_interests)
+    assert from_interests and all(
+        found.sources[i] == SOURCE_TWO_TOWER for i in range(n) if i not in from_interests
+    )
     # Every interest candidate lies in the cluster it is reported for.
     reported = np.array([found.components[i] for i in from_interests])
-    np.testing.assert_array_equal(bundle.mixtures.cluster_of(found.item_ids[from_interests]), reported)
+    np.testing.assert_array_equal(
+        bundle.mixtures.cluster_of(found.item_ids[from_interests]), reported
+    )
     # And no interest got more than its share of the 18 candidates outside the reserve.
     clusters, weights, _ = pipeline.generator.mixture(known_user, knobs)
     budgets = dict(zip(clusters.tolist(), split_budget(n - 6, weights).tolist()))
@@ -100,9 +108,14 @@ def test_a_full_reserve_is_the_single_vector_and_no_interests_fall_back_to_it(bu
     store = in_memory_store(bundle)
     pipeline = RecommendPipeline(bundle, store)
     single = pipeline.generator.generate(known_user, 30, NONE, "two_tower")
-    everything_reserved = pipeline.generator.generate(known_user, 30, NONE, "knn_embed", MixtureKnobs(reserved_share=1.0))
+    everything_reserved = pipeline.generator.generate(
+        known_user, 30, NONE, "knn_embed", MixtureKnobs(reserved_share=1.0)
+    )
     np.testing.assert_array_equal(everything_reserved.item_ids, single.item_ids)
-    assert set(pipeline.generator.generate(known_user, 30, NONE, "knn_embed").sources) == {SOURCE_KNN_EMBED, SOURCE_TWO_TOWER}
+    assert set(pipeline.generator.generate(known_user, 30, NONE, "knn_embed").sources) == {
+        SOURCE_KNN_EMBED,
+        SOURCE_TWO_TOWER,
+    }
     store.delete(INTEREST_TABLE, [known_user])  # a user whose interests expired
     fallback = pipeline.generator.generate(known_user, 30, NONE, "knn_embed")
     np.testing.assert_array_equal(fallback.item_ids, single.item_ids)
@@ -116,47 +129,82 @@ def test_interests_are_in_the_table_and_drive_the_split(bundle, known_user):
     counts[5] = 1.0
     store.put_many(INTEREST_TABLE, [known_user], counts[None, :])
     store.delete(SMOOTHING_TABLE, [known_user])
-    found = pipeline.generator.generate(known_user, 20, NONE, "knn_embed", MixtureKnobs(reserved_share=0.0))
+    found = pipeline.generator.generate(
+        known_user, 20, NONE, "knn_embed", MixtureKnobs(reserved_share=0.0)
+    )
     size = bundle.clusters.cluster_sizes()[5]
     seen_there = int((bundle.mixtures.cluster_of(bundle.histories.get(known_user)) == 5).sum())
     assert [c for c in found.components if c is not None] == [5] * min(20, size - seen_there)
 
 
 def test_http_reports_components_and_refuses_bad_knobs(artifact_root, known_user):
-    settings = Settings(artifacts=artifact_root, host="127.0.0.1", grpc_port=free_port(), grpc_workers=2, strategy="knn_embed")
+    settings = Settings(
+        artifacts=artifact_root,
+        host="127.0.0.1",
+        grpc_port=free_port(),
+        grpc_workers=2,
+        strategy="knn_embed",
+    )
     with TestClient(build_app(settings)) as http:
         body = http.post("/v1/candidates", json={"user_id": known_user, "candidates": 40}).json()
         components = [c["component"] for c in body["candidates"] if c["source"] == "knn_embed"]
         assert components and all(isinstance(c, int) for c in components)
         assert all(c["component"] is None for c in body["candidates"] if c["source"] != "knn_embed")
-        single = http.post("/v1/candidates", json={"user_id": known_user, "candidates": 40, "strategy": "two_tower"}).json()
+        single = http.post(
+            "/v1/candidates",
+            json={"user_id": known_user, "candidates": 40, "strategy": "two_tower"},
+        ).json()
         assert {c["source"] for c in single["candidates"]} == {"two_tower"}
         reserved = http.post(
-            "/v1/candidates", json={"user_id": known_user, "candidates": 40, "knn_embed": {"reserved_share": 1.0}}
+            "/v1/candidates",
+            json={"user_id": known_user, "candidates": 40, "knn_embed": {"reserved_share": 1.0}},
         ).json()
-        assert [c["item_id"] for c in reserved["candidates"]] == [c["item_id"] for c in single["candidates"]]
-        for knobs in ({"alpha": 1.5}, {"components": 0}, {"reserved_share": -0.1}, {"m": 3}, {"components": 2.5}):
+        assert [c["item_id"] for c in reserved["candidates"]] == [
+            c["item_id"] for c in single["candidates"]
+        ]
+        for knobs in (
+            {"alpha": 1.5},
+            {"components": 0},
+            {"reserved_share": -0.1},
+            {"m": 3},
+            {"components": 2.5},
+        ):
             response = http.post("/v1/candidates", json={"user_id": known_user, "knn_embed": knobs})
             assert response.status_code == 422, knobs
             assert "knn_embed" in response.text
 
         with grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:
             stub = pb_grpc.RecommenderStub(channel)
-            reply = stub.Candidates(pb.RecommendRequest(user_id=known_user, candidates=40, knn_embed=pb.KnnEmbedOptions(components=2)))
+            reply = stub.Candidates(
+                pb.RecommendRequest(
+                    user_id=known_user, candidates=40, knn_embed=pb.KnnEmbedOptions(components=2)
+                )
+            )
             from_interests = [c for c in reply.candidates if c.source == "knn_embed"]
             assert from_interests and all(c.HasField("component") for c in from_interests)
             assert len({c.component for c in from_interests}) <= 2
-            assert not any(c.HasField("component") for c in reply.candidates if c.source != "knn_embed")
+            assert not any(
+                c.HasField("component") for c in reply.candidates if c.source != "knn_embed"
+            )
             with pytest.raises(grpc.RpcError) as refused:
-                stub.Candidates(pb.RecommendRequest(user_id=known_user, knn_embed=pb.KnnEmbedOptions(alpha=2.0)))
-            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "alpha" in refused.value.details()
+                stub.Candidates(
+                    pb.RecommendRequest(user_id=known_user, knn_embed=pb.KnnEmbedOptions(alpha=2.0))
+                )
+            assert (
+                refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                and "alpha" in refused.value.details()
+            )
 
 
 def test_a_click_moves_the_users_interests_toward_the_items_cluster(bundle, known_user):
     store = in_memory_store(bundle)
-    updater = InterestUpdater(bundle.two_tower, bundle.features, store, bundle.clusters, bundle.mixtures, half_life=2.0)
+    updater = InterestUpdater(
+        bundle.two_tower, bundle.features, store, bundle.clusters, bundle.mixtures, half_life=2.0
+    )
     before = store.get_many(INTEREST_TABLE, [known_user]).vectors[0]
-    item = bundle.features.items.ids[bundle.mixtures.cluster_of(bundle.features.items.ids) != np.argmax(before)][0]
+    item = bundle.features.items.ids[
+        bundle.mixtures.cluster_of(bundle.features.items.ids) != np.argmax(before)
+    ][0]
     cluster = int(bundle.mixtures.cluster_of([item])[0])
     updater.update(np.array([known_user, known_user], np.uint64), np.array([item, item], np.uint64))
     after = store.get_many(INTEREST_TABLE, [known_user]).vectors[0]
@@ -183,7 +231,9 @@ def test_refresh_recomputes_smoothing_from_the_live_tables(bundle, known_user):
     generator = RecommendPipeline(bundle, store).generator
     generator.recent = recent
     # The batch job's vectors are the ones serving computes.
-    live, known = live_user_vectors(bundle.two_tower, bundle.histories, store, recent, np.array([known_user], np.uint64), length)
+    live, known = live_user_vectors(
+        bundle.two_tower, bundle.histories, store, recent, np.array([known_user], np.uint64), length
+    )
     served, _ = generator.user_vector(known_user, generator.history(known_user)[0])
     assert known.all()
     np.testing.assert_allclose(live, served, atol=1e-6)
@@ -193,7 +243,9 @@ def test_refresh_recomputes_smoothing_from_the_live_tables(bundle, known_user):
     twin = int(bundle.histories.user_ids[7])
     newcomer = np.uint64(2**64 - 3)
     store.put_many(USER_TABLE, [newcomer], store.get_many(USER_TABLE, [twin]).vectors)
-    recent.push(np.full(len(bundle.histories.get(twin)), newcomer, np.uint64), bundle.histories.get(twin))
+    recent.push(
+        np.full(len(bundle.histories.get(twin)), newcomer, np.uint64), bundle.histories.get(twin)
+    )
     store.put_many(INTEREST_TABLE, [newcomer], store.get_many(INTEREST_TABLE, [twin]).vectors)
     assert not store.get_many(SMOOTHING_TABLE, [newcomer]).found[0]
     store.delete(SMOOTHING_TABLE, bundle.mixtures.user_ids[:20])
@@ -205,16 +257,25 @@ def test_refresh_recomputes_smoothing_from_the_live_tables(bundle, known_user):
     same = np.isclose(after.vectors, bundle.mixtures.smoothing, atol=1e-5).all(1)
     assert same.mean() > 0.9
     twin_row, newcomer_row = store.get_many(SMOOTHING_TABLE, [twin, newcomer]).vectors
-    assert (twin_row * newcomer_row).sum() > 0.8 * np.sqrt((twin_row**2).sum() * (newcomer_row**2).sum())
+    assert (twin_row * newcomer_row).sum() > 0.8 * np.sqrt(
+        (twin_row**2).sum() * (newcomer_row**2).sum()
+    )
 
 
 def test_catalog_items_without_interactions_are_retrievable_by_their_attributes(tiny_dataset):
     category = "c3"
-    fans = tiny_dataset.interactions.merge(tiny_dataset.items, on="item_id").query("category == @category")
+    fans = tiny_dataset.interactions.merge(tiny_dataset.items, on="item_id").query(
+        "category == @category"
+    )
     fans = fans.groupby("user_id").size().loc[lambda s: s >= 8].index.to_numpy(np.uint64)
     cold = np.uint64(2**63 + 12345)
-    items = pd.concat([tiny_dataset.items, pd.DataFrame({"item_id": [cold], "category": [category]})], ignore_index=True)
-    bundle, _ = train(Dataset(tiny_dataset.name, tiny_dataset.interactions, items), tiny_train_config())
+    items = pd.concat(
+        [tiny_dataset.items, pd.DataFrame({"item_id": [cold], "category": [category]})],
+        ignore_index=True,
+    )
+    bundle, _ = train(
+        Dataset(tiny_dataset.name, tiny_dataset.interactions, items), tiny_train_config()
+    )
     bundle.manifest = {"models": {"knn_embed": {}}}
     row = bundle.features.items.rows([cold])[0]
     assert row > 0 and bundle.features.item_counts[row] == 0

@@ -13,13 +13,28 @@ PACKAGE = Path(__file__).resolve().parents[1] / "service"
 
 # Lowest first: the units (folders and top-level modules of service/) of each layer.
 LAYERS = [
-    {"proto_gen", "schemas", "settings", "metrics", "breaker", "artifacts"},  # the contract and the plumbing
+    {
+        "proto_gen",
+        "schemas",
+        "settings",
+        "metrics",
+        "breaker",
+        "artifacts",
+    },  # the contract and the plumbing
     {"data"},  # datasets and what is derived from them without a model
     {"embeddings"},  # the embedding tables and the recent items beside them
     {"retrieval", "ranking"},  # the models, the index, candidate generation, the served ranker
     {"bundle"},  # one artifact version's models, written and loaded
-    {"artifact_tables", "training", "online"},  # an artifact's rows in a store; offline training; online learning
-    {"pipeline", "ctr", "evaluation"},  # the in-process pipeline; the offline CTR tools; offline evaluation
+    {
+        "artifact_tables",
+        "training",
+        "online",
+    },  # an artifact's rows in a store; offline training; online learning
+    {
+        "pipeline",
+        "ctr",
+        "evaluation",
+    },  # the in-process pipeline; the offline CTR tools; offline evaluation
     {"api"},  # transports, the gateway, the tiers, the process runner
     {"cli", "probe", "testing"},  # entry points and test tooling
 ]
@@ -36,7 +51,9 @@ def imports_of(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("service"):
             found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names if node.module == "service")
+            found.update(
+                f"{node.module}.{alias.name}" for alias in node.names if node.module == "service"
+            )
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.startswith("service"))
     return {m for m in found if m.count(".") >= 1}
@@ -58,19 +75,29 @@ def unit_edges() -> dict[tuple[str, str], list[str]]:
 
 
 def test_every_unit_of_the_package_has_a_layer():
-    units = {p.name.removesuffix(".py") for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
-    assert units - {"__init__"} == set(LAYER), "place a new folder or module in LAYERS (and docs/architecture.md)"
+    units = {
+        p.name.removesuffix(".py")
+        for p in PACKAGE.iterdir()
+        if p.suffix == ".py" or (p / "__init__.py").exists()
+    }
+    assert units - {"__init__"} == set(LAYER), (
+        "place a new folder or module in LAYERS (and docs/architecture.md)"
+    )
 
 
 def test_units_import_only_their_own_layer_or_below():
-    upward = {edge: files for edge, files in unit_edges().items() if LAYER[edge[1]] > LAYER[edge[0]]}
+    upward = {
+        edge: files for edge, files in unit_edges().items() if LAYER[edge[1]] > LAYER[edge[0]]
+    }
     assert not upward, f"imports that point up a layer: {upward}"
 
 
 def test_no_two_units_import_each_other():
     edges = unit_edges()
     both_ways = {(a, b) for a, b in edges if (b, a) in edges and a < b}
-    assert not both_ways, f"two-way ties: {[(pair, edges[pair], edges[pair[::-1]]) for pair in both_ways]}"
+    assert not both_ways, (
+        f"two-way ties: {[(pair, edges[pair], edges[pair[::-1]]) for pair in both_ways]}"
+    )
 
 
 @pytest.mark.parametrize("entry", ["service.api.gateway", "service.api.remote", "service.cli"])
@@ -85,5 +112,7 @@ def test_the_gateway_process_imports_no_model_library(entry, tmp_path):
         f" artifacts={str(tmp_path)!r}))\n"
         "print(sorted(m for m in ('torch', 'faiss', 'sklearn', 'scipy') if m in sys.modules))\n"
     )
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert loaded == "[]"

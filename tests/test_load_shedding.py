@@ -33,7 +33,13 @@ class BlockedPipeline:
     def recommend(self, request, deadline=None) -> RecommendResponse:
         self.inside.release()
         assert self.release.wait(10)
-        return RecommendResponse(user_id=request.user_id, items=[], degraded=False, model_version=self.model_version, ranker=None)
+        return RecommendResponse(
+            user_id=request.user_id,
+            items=[],
+            degraded=False,
+            model_version=self.model_version,
+            ranker=None,
+        )
 
 
 def test_http_refuses_past_the_limit_at_once_while_admitted_requests_run():
@@ -44,10 +50,15 @@ def test_http_refuses_past_the_limit_at_once_while_admitted_requests_run():
     async def scenario():
         transport = httpx2.ASGITransport(app=app)
         async with httpx2.AsyncClient(transport=transport, base_url="http://recsys") as client:
-            admitted = [asyncio.create_task(client.post("/v1/recommend", json={"user_id": i})) for i in range(LIMIT)]
+            admitted = [
+                asyncio.create_task(client.post("/v1/recommend", json={"user_id": i}))
+                for i in range(LIMIT)
+            ]
             for _ in range(LIMIT):  # both admitted requests are inside the pipeline, blocked
                 await asyncio.to_thread(pipeline.inside.acquire)
-            refused = await asyncio.gather(*(client.post("/v1/recommend", json={"user_id": 9}) for _ in range(4)))
+            refused = await asyncio.gather(
+                *(client.post("/v1/recommend", json={"user_id": 9}) for _ in range(4))
+            )
             healthy = await client.get("/healthz")  # not limited
             pipeline.release.set()
             return await asyncio.gather(*admitted), refused, healthy
@@ -99,15 +110,22 @@ def test_http_bodies_over_the_limit_get_413_whether_declared_or_streamed():
     app = create_app(max_body_bytes=2048)
     app.state.pipeline = pipeline = BlockedPipeline()
     pipeline.release.set()
-    big = b'{"user_id": 1, "exclude_item_ids": [' + b"1," * 2000 + b'1]}'
+    big = b'{"user_id": 1, "exclude_item_ids": [' + b"1," * 2000 + b"1]}"
     with TestClient(app) as client:
-        declared = client.post("/v1/recommend", content=big, headers={"content-type": "application/json"})
-        streamed = client.post("/v1/recommend", content=iter([big[:1500], big[1500:3000], big[3000:]]),
-                               headers={"content-type": "application/json"})
+        declared = client.post(
+            "/v1/recommend", content=big, headers={"content-type": "application/json"}
+        )
+        streamed = client.post(
+            "/v1/recommend",
+            content=iter([big[:1500], big[1500:3000], big[3000:]]),
+            headers={"content-type": "application/json"},
+        )
         small = client.post("/v1/recommend", json={"user_id": 1})
     for response in (declared, streamed):
         assert response.status_code == 413 and "over 2048 bytes" in response.json()["detail"]
-    assert "content-length" not in {k.lower() for k in streamed.request.headers}  # really sent chunked
+    assert "content-length" not in {
+        k.lower() for k in streamed.request.headers
+    }  # really sent chunked
     assert small.status_code == 200
 
 
@@ -116,7 +134,9 @@ def test_grpc_messages_over_the_limit_are_refused():
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            oversize = pb.RankRequest(user_id=1, item_ids=list(range(200_000)), retrieval_scores=[0.5] * 200_000)
+            oversize = pb.RankRequest(
+                user_id=1, item_ids=list(range(200_000)), retrieval_scores=[0.5] * 200_000
+            )
             assert oversize.ByteSize() > MAX_MESSAGE_BYTES
             with pytest.raises(grpc.RpcError) as refused:
                 pb_grpc.RankingStub(channel).Rank(oversize, timeout=10)
@@ -131,7 +151,9 @@ def test_grpc_bytes_that_are_no_request_get_invalid_argument(payload):
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            raw = channel.unary_unary("/recsys.v1.Ranking/Rank", request_serializer=bytes, response_deserializer=bytes)
+            raw = channel.unary_unary(
+                "/recsys.v1.Ranking/Rank", request_serializer=bytes, response_deserializer=bytes
+            )
             with pytest.raises(grpc.RpcError) as refused:
                 raw(payload, timeout=10)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

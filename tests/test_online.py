@@ -36,7 +36,9 @@ NEW_ITEM = 2**63 + 12345  # no catalog attributes, no vector: only clicks will p
 DEADLINE_SECONDS = 15.0
 
 
-def category_fans(dataset, clickers: int = 3, minimum: int = 10) -> tuple[list[int], list[int], list[int]]:
+def category_fans(
+    dataset, clickers: int = 3, minimum: int = 10
+) -> tuple[list[int], list[int], list[int]]:
     """(users who will click, other fans of the same category, users with none of it):
     fans are users with over half their interactions in one category."""
     frame = dataset.interactions.merge(dataset.items, on="item_id")
@@ -51,7 +53,9 @@ def category_fans(dataset, clickers: int = 3, minimum: int = 10) -> tuple[list[i
 
 
 def rank_of(http, user: int, item: int, candidates: int = 50) -> int:
-    body = http.post("/v1/candidates", json={"user_id": int(user), "k": 10, "candidates": candidates}).json()
+    body = http.post(
+        "/v1/candidates", json={"user_id": int(user), "k": 10, "candidates": candidates}
+    ).json()
     ids = [c["item_id"] for c in body["candidates"]]
     return ids.index(item) if item in ids else candidates
 
@@ -85,7 +89,9 @@ def assert_new_item_reaches_similar_users(http, dataset) -> None:
 
 @pytest.fixture(scope="module")
 def embedded(artifact_root):
-    settings = Settings(artifacts=artifact_root, host="127.0.0.1", grpc_port=free_port(), grpc_workers=4)
+    settings = Settings(
+        artifacts=artifact_root, host="127.0.0.1", grpc_port=free_port(), grpc_workers=4
+    )
     with TestClient(build_app(settings)) as client:
         channel = grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}")
         yield client, pb_grpc.RecommenderStub(channel)
@@ -99,7 +105,10 @@ def embedded(artifact_root):
         ([{"user_id": -1, "item_id": 1, "type": "click"}], "greater than or equal to 0"),
         ([{"user_id": 1, "item_id": 2**64, "type": "click"}], "less than or equal to"),
         ([{"user_id": 1, "item_id": 1, "type": "like"}], "'impression', 'click' or 'purchase'"),
-        ([{"user_id": 1, "item_id": 1, "type": "click", "timestamp": time.time() + 86_400}], "between 1970 and now"),
+        (
+            [{"user_id": 1, "item_id": 1, "type": "click", "timestamp": time.time() + 86_400}],
+            "between 1970 and now",
+        ),
         ([{"user_id": 1, "item_id": 1, "type": "click", "timestamp": "yesterday"}], "timestamp"),
         ([{"user_id": 1, "item_id": 1, "type": "click", "extra": 1}], "extra"),
         ([{"user_id": 1, "item_id": 1, "type": "click"}] * 1001, "at most 1000"),
@@ -117,10 +126,14 @@ def test_bad_events_are_refused_with_a_message_and_none_is_appended(embedded, ev
 def test_grpc_send_events_appends_and_refuses_bad_input(embedded):
     http, stub = embedded
     stamp = Timestamp(seconds=1_700_000_000, nanos=500_000_000)
-    reply = stub.SendEvents(pb.SendEventsRequest(events=[
-        pb.Event(user_id=2**64 - 1, item_id=7, type="impression", timestamp=stamp),
-        pb.Event(user_id=3, item_id=8, type="purchase"),
-    ]))
+    reply = stub.SendEvents(
+        pb.SendEventsRequest(
+            events=[
+                pb.Event(user_id=2**64 - 1, item_id=7, type="impression", timestamp=stamp),
+                pb.Event(user_id=3, item_id=8, type="purchase"),
+            ]
+        )
+    )
     assert reply.accepted == 2
     with pytest.raises(grpc.RpcError) as error:
         stub.SendEvents(pb.SendEventsRequest(events=[pb.Event(user_id=1, item_id=1, type="like")]))
@@ -141,20 +154,39 @@ def test_embedded_service_learns_a_new_item_from_clicks(embedded, tiny_dataset):
     assert "recsys_index_upserts_total" in metrics and "recsys_online_freshness_seconds" in metrics
 
 
-def trainer_process(artifact_root, redis_url: str, namespace: str, consumer: str) -> subprocess.Popen:
+def trainer_process(
+    artifact_root, redis_url: str, namespace: str, consumer: str
+) -> subprocess.Popen:
     env = dict(
-        os.environ, RECSYS_ARTIFACTS=str(artifact_root), RECSYS_REDIS_URL=redis_url, RECSYS_REDIS_NAMESPACE=namespace,
-        RECSYS_TRAINER_CONSUMER=consumer, RECSYS_TRAINER_METRICS_PORT="0", RECSYS_EVENTS_STREAM=f"events-{namespace}",
+        os.environ,
+        RECSYS_ARTIFACTS=str(artifact_root),
+        RECSYS_REDIS_URL=redis_url,
+        RECSYS_REDIS_NAMESPACE=namespace,
+        RECSYS_TRAINER_CONSUMER=consumer,
+        RECSYS_TRAINER_METRICS_PORT="0",
+        RECSYS_EVENTS_STREAM=f"events-{namespace}",
         RECSYS_GRPC_PORT="0",  # no health server: several trainers run at once here
     )
-    return subprocess.Popen([str(BIN / "recsys"), "online-train"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [str(BIN / "recsys"), "online-train"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
-def test_separate_trainer_on_redis_teaches_the_serving_process(artifact_root, tiny_dataset, redis_server):
+def test_separate_trainer_on_redis_teaches_the_serving_process(
+    artifact_root, tiny_dataset, redis_server
+):
     namespace = uuid.uuid4().hex[:8]
     settings = Settings(
-        artifacts=artifact_root, grpc_port=0, redis_url=redis_server.url, redis_namespace=namespace,
-        events_stream=f"events-{namespace}", online_trainer="off",
+        artifacts=artifact_root,
+        grpc_port=0,
+        redis_url=redis_server.url,
+        redis_namespace=namespace,
+        events_stream=f"events-{namespace}",
+        online_trainer="off",
     )
     with TestClient(build_app(settings)) as http:  # opens the namespace and the trainers' group
         trainer = trainer_process(artifact_root, redis_server.url, namespace, "t1")
@@ -173,7 +205,9 @@ def redis_parts(url: str, namespace: str, stream: str):
     return client, log, RedisRecentItems(client, namespace, length=1000)
 
 
-def test_a_killed_trainer_restarts_where_it_left_off_and_loses_no_event(artifact_root, bundle, redis_server):
+def test_a_killed_trainer_restarts_where_it_left_off_and_loses_no_event(
+    artifact_root, bundle, redis_server
+):
     namespace = uuid.uuid4().hex[:8]
     stream = f"events-{namespace}"
     client, log, recent = redis_parts(redis_server.url, namespace, stream)
@@ -184,7 +218,9 @@ def test_a_killed_trainer_restarts_where_it_left_off_and_loses_no_event(artifact
     def send(n: int) -> list[tuple[int, int]]:
         pairs = [(int(rng.choice(users)), int(rng.choice(items))) for _ in range(n)]
         for start in range(0, n, 100):
-            log.append([Event(user_id=u, item_id=i, type="click") for u, i in pairs[start : start + 100]])
+            log.append(
+                [Event(user_id=u, item_id=i, type="click") for u, i in pairs[start : start + 100]]
+            )
         return pairs
 
     def drained(timeout: float = 60.0) -> None:
@@ -232,7 +268,9 @@ class FailingWrites:
         return getattr(self._store, name)
 
 
-def test_a_batch_whose_writes_fail_is_not_acked_and_is_trained_on_next_time(artifact_root, redis_server):
+def test_a_batch_whose_writes_fail_is_not_acked_and_is_trained_on_next_time(
+    artifact_root, redis_server
+):
     bundle = ModelBundle.load(artifact_root)
     namespace = uuid.uuid4().hex[:8]
     client, log, recent = redis_parts(redis_server.url, namespace, f"events-{namespace}")
@@ -241,8 +279,15 @@ def test_a_batch_whose_writes_fail_is_not_acked_and_is_trained_on_next_time(arti
     store = FailingWrites(in_memory_store(bundle), failures=1)
     before = store.get_many(ITEM_TABLE, [NEW_ITEM]).found[0]
     trainer = OnlineTrainer(
-        bundle.two_tower, bundle.features, bundle.histories, store, log, recent,
-        RedisItemUpdateFeed(client, namespace), OnlineTrainerConfig(block_seconds=0), consumer="t1",
+        bundle.two_tower,
+        bundle.features,
+        bundle.histories,
+        store,
+        log,
+        recent,
+        RedisItemUpdateFeed(client, namespace),
+        OnlineTrainerConfig(block_seconds=0),
+        consumer="t1",
     )
     log.append([Event(user_id=user, item_id=NEW_ITEM, type="click")])
     with pytest.raises(redis.ConnectionError):
@@ -259,22 +304,36 @@ def test_online_train_refuses_to_start_without_redis(artifact_root):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
     result = subprocess.run(
         [str(BIN / "recsys"), "online-train", "--artifacts", str(artifact_root)],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode != 0 and "needs RECSYS_REDIS_URL" in result.stderr
 
 
-def test_a_row_another_process_rewrote_is_read_past_the_local_cache_once_invalidated(artifact_root, redis_server):
+def test_a_row_another_process_rewrote_is_read_past_the_local_cache_once_invalidated(
+    artifact_root, redis_server
+):
     """The trainer writes from its own process; the serving process's cache still holds the
     miss until the index sync invalidates those ids."""
     bundle = ModelBundle.load(artifact_root)
-    settings = Settings(artifacts=artifact_root, redis_url=redis_server.url, redis_namespace=uuid.uuid4().hex[:8],
-                        embedding_cache_ttl_seconds=60)
+    settings = Settings(
+        artifacts=artifact_root,
+        redis_url=redis_server.url,
+        redis_namespace=uuid.uuid4().hex[:8],
+        embedding_cache_ttl_seconds=60,
+    )
     writer, reader = open_store(settings, bundle), open_store(settings, bundle)
     assert not reader.get_many(ITEM_TABLE, [NEW_ITEM]).found[0]  # the miss is cached now
-    writer.put_many(ITEM_TABLE, [NEW_ITEM], np.ones((1, bundle.two_tower.config.id_dim), np.float32))
+    writer.put_many(
+        ITEM_TABLE, [NEW_ITEM], np.ones((1, bundle.two_tower.config.id_dim), np.float32)
+    )
     reader.invalidate(ITEM_TABLE, [NEW_ITEM])
-    assert reader.get_many(ITEM_TABLE, [NEW_ITEM]).vectors[0].tolist() == [1.0] * bundle.two_tower.config.id_dim
+    assert (
+        reader.get_many(ITEM_TABLE, [NEW_ITEM]).vectors[0].tolist()
+        == [1.0] * bundle.two_tower.config.id_dim
+    )
     writer.close()
     reader.close()
 
@@ -306,8 +365,14 @@ def test_the_trainer_never_writes_back_vectors_it_could_not_read(artifact_root):
     bundle = ModelBundle.load(artifact_root)
     store, log = DegradedReads(in_memory_store(bundle)), InMemoryEventLog()
     trainer = OnlineTrainer(
-        bundle.two_tower, bundle.features, bundle.histories, store, log, InMemoryRecentItems(50),
-        InMemoryItemUpdateFeed(), OnlineTrainerConfig(block_seconds=0),
+        bundle.two_tower,
+        bundle.features,
+        bundle.histories,
+        store,
+        log,
+        InMemoryRecentItems(50),
+        InMemoryItemUpdateFeed(),
+        OnlineTrainerConfig(block_seconds=0),
     )
     log.append([Event(user_id=int(bundle.features.users.ids[0]), item_id=NEW_ITEM, type="click")])
     with pytest.raises(ConnectionError):

@@ -36,15 +36,29 @@ def operations(schema) -> dict[str, object]:
 
 
 def test_the_schema_names_every_public_operation(api_schema):
-    assert {"POST /v1/recommend", "POST /v1/candidates", "POST /v1/events", "GET /healthz", "GET /readyz"} <= set(operations(api_schema))
+    assert {
+        "POST /v1/recommend",
+        "POST /v1/candidates",
+        "POST /v1/events",
+        "GET /healthz",
+        "GET /readyz",
+    } <= set(operations(api_schema))
 
 
-@pytest.mark.parametrize("name", ["POST /v1/recommend", "POST /v1/candidates", "POST /v1/events", "GET /healthz", "GET /readyz"])
+@pytest.mark.parametrize(
+    "name",
+    ["POST /v1/recommend", "POST /v1/candidates", "POST /v1/events", "GET /healthz", "GET /readyz"],
+)
 def test_no_server_errors_and_answers_match_the_schema(api_schema, name):
     operation = operations(api_schema)[name]
 
     @given(case=operation.as_strategy())
-    @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(
+        max_examples=EXAMPLES_PER_OPERATION,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
     def check(case):
         case.call_and_validate(excluded_checks=[positive_data_acceptance])
 

@@ -15,9 +15,17 @@ from service.schemas import Context
 from service.settings import Settings
 
 MODELS = {
-    "deepfm": lambda: DeepFM(DeepFMConfig(field_sizes=(5, 5), attribute_size=3, numeric_fields=1, dim=8, hidden=(16,))),
-    "deepfm-factorised": lambda: DeepFM(DeepFMConfig(field_sizes=(5, 5), attribute_size=3, numeric_fields=1, dim=8, hidden=(16,), rank=3)),
-    "dcn-v2": lambda: DCNv2(DCNv2Config(field_sizes=(5, 5), attribute_size=3, numeric_fields=1, dim=8, hidden=(16,))),
+    "deepfm": lambda: DeepFM(
+        DeepFMConfig(field_sizes=(5, 5), attribute_size=3, numeric_fields=1, dim=8, hidden=(16,))
+    ),
+    "deepfm-factorised": lambda: DeepFM(
+        DeepFMConfig(
+            field_sizes=(5, 5), attribute_size=3, numeric_fields=1, dim=8, hidden=(16,), rank=3
+        )
+    ),
+    "dcn-v2": lambda: DCNv2(
+        DCNv2Config(field_sizes=(5, 5), attribute_size=3, numeric_fields=1, dim=8, hidden=(16,))
+    ),
 }
 
 
@@ -34,7 +42,9 @@ def test_ctr_models_learn_an_interaction(name):
     numeric = torch.zeros(4096, 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(300):
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(categorical, attributes, numeric), labels)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            model(categorical, attributes, numeric), labels
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -45,10 +55,14 @@ def test_ctr_models_learn_an_interaction(name):
 
 def test_factorised_tables_hold_rank_r_codes():
     full = DeepFM(DeepFMConfig(field_sizes=(1000, 500), attribute_size=3, numeric_fields=1, dim=16))
-    factorised = DeepFM(DeepFMConfig(field_sizes=(1000, 500), attribute_size=3, numeric_fields=1, dim=16, rank=4))
+    factorised = DeepFM(
+        DeepFMConfig(field_sizes=(1000, 500), attribute_size=3, numeric_fields=1, dim=16, rank=4)
+    )
     assert factorised.fields.codes.weight.shape == (1500, 4)
     assert factorised.fields.up.shape == (2, 4, 16)
-    table = sum(p.numel() for n, p in factorised.fields.named_parameters() if n in ("codes.weight", "up"))
+    table = sum(
+        p.numel() for n, p in factorised.fields.named_parameters() if n in ("codes.weight", "up")
+    )
     assert table == 1500 * 4 + 2 * 4 * 16 < full.fields.embedding.weight.numel() / 3
 
 
@@ -75,7 +89,9 @@ def test_ranker_beats_chance_and_is_calibrated_on_validation(bundle):
 
 
 @pytest.mark.parametrize("variant", ["output_features", "weight_svd"])
-def test_compressed_ranker_variants_are_saved_measured_and_served_by_setting(artifact_root, bundle, known_user, variant):
+def test_compressed_ranker_variants_are_saved_measured_and_served_by_setting(
+    artifact_root, bundle, known_user, variant
+):
     stored = bundle.manifest["models"]["ranker"]["variants"][variant]
     assert stored["file"] in bundle.manifest["files"]  # hashed and verified like every file
     measured = bundle.manifest["metrics"]["ranker"]["variants"][variant]
@@ -89,8 +105,12 @@ def test_compressed_ranker_variants_are_saved_measured_and_served_by_setting(art
     scale = 1.0 / bundle.two_tower.config.temperature
     items = bundle.features.items.ids[:100]
     retrieval = np.random.default_rng(0).normal(0.3, 0.1, 100).astype(np.float32)
-    full_scores = Ranker(bundle.ranker, bundle.features, scale).score(known_user, items, retrieval, 3, 2)
-    compact_scores = Ranker(compact.ranker, bundle.features, scale).score(known_user, items, retrieval, 3, 2)
+    full_scores = Ranker(bundle.ranker, bundle.features, scale).score(
+        known_user, items, retrieval, 3, 2
+    )
+    compact_scores = Ranker(compact.ranker, bundle.features, scale).score(
+        known_user, items, retrieval, 3, 2
+    )
     assert not np.array_equal(full_scores, compact_scores)
     assert np.corrcoef(full_scores, compact_scores)[0, 1] > 0.9
 
@@ -107,7 +127,9 @@ def test_an_unknown_ranker_variant_is_refused_at_startup(artifact_root):
 
 
 @pytest.mark.parametrize("variant", [None, "output_features"])
-def test_the_ranking_tier_loads_only_the_ranking_parts_and_scores_alike(artifact_root, known_user, variant):
+def test_the_ranking_tier_loads_only_the_ranking_parts_and_scores_alike(
+    artifact_root, known_user, variant
+):
     bundle = ModelBundle.load(artifact_root, ranker_variant=variant)
     parts = RankingParts.load(artifact_root, variant)
     assert parts.version == bundle.version and parts.ranker_variant == bundle.ranker_variant
@@ -116,6 +138,7 @@ def test_the_ranking_tier_loads_only_the_ranking_parts_and_scores_alike(artifact
     context = Context(hour=20, weekday=5)
     alone, in_bundle = RankingStage(parts), RankingStage(bundle.ranking_parts)
     np.testing.assert_array_equal(
-        alone.rank(known_user, items, retrieval_scores, context), in_bundle.rank(known_user, items, retrieval_scores, context)
+        alone.rank(known_user, items, retrieval_scores, context),
+        in_bundle.rank(known_user, items, retrieval_scores, context),
     )
     assert alone.ranker_info == in_bundle.ranker_info

@@ -22,13 +22,23 @@ def protected_redis():
     server.stop()
 
 
-def test_the_service_works_through_a_password_and_never_shows_it(protected_redis, artifact_root, known_user, caplog):
-    settings = Settings(artifacts=artifact_root, redis_url=protected_redis.url, grpc_port=0, index_poll_seconds=0)
+def test_the_service_works_through_a_password_and_never_shows_it(
+    protected_redis, artifact_root, known_user, caplog
+):
+    settings = Settings(
+        artifacts=artifact_root, redis_url=protected_redis.url, grpc_port=0, index_poll_seconds=0
+    )
     assert PASSWORD not in repr(settings) and PASSWORD not in str(settings)
     with caplog.at_level(logging.DEBUG), TestClient(build_app(settings)) as http:
         answer = http.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
-        assert len(answer["items"]) == 5 and answer["degraded"] is False  # vectors read from the protected Redis
-        event = {"events": [{"user_id": known_user, "item_id": answer["items"][0]["item_id"], "type": "click"}]}
+        assert (
+            len(answer["items"]) == 5 and answer["degraded"] is False
+        )  # vectors read from the protected Redis
+        event = {
+            "events": [
+                {"user_id": known_user, "item_id": answer["items"][0]["item_id"], "type": "click"}
+            ]
+        }
         assert http.post("/v1/events", json=event).status_code == 202
         metrics = http.get("/metrics").text
     assert PASSWORD not in metrics
@@ -36,12 +46,17 @@ def test_the_service_works_through_a_password_and_never_shows_it(protected_redis
     assert caplog.records  # the check above read real log output
 
 
-def test_a_wrong_password_stops_startup_with_an_error_that_does_not_echo_it(protected_redis, artifact_root):
+def test_a_wrong_password_stops_startup_with_an_error_that_does_not_echo_it(
+    protected_redis, artifact_root
+):
     wrong = "wrong-password-1234567"
-    settings = Settings(artifacts=artifact_root, redis_url=f"redis://:{wrong}@127.0.0.1:{protected_redis.port}/0", grpc_port=0)
-    with pytest.raises(redis.AuthenticationError) as refused:
-        with TestClient(build_app(settings)):
-            pass
+    settings = Settings(
+        artifacts=artifact_root,
+        redis_url=f"redis://:{wrong}@127.0.0.1:{protected_redis.port}/0",
+        grpc_port=0,
+    )
+    with pytest.raises(redis.AuthenticationError) as refused, TestClient(build_app(settings)):
+        pass
     assert wrong not in str(refused.value)
 
 
@@ -53,18 +68,28 @@ def tls_redis(tmp_path_factory):
     server.stop()
 
 
-def test_the_service_works_through_tls_and_refuses_what_it_cannot_verify(tls_redis, artifact_root, known_user):
+def test_the_service_works_through_tls_and_refuses_what_it_cannot_verify(
+    tls_redis, artifact_root, known_user
+):
     assert tls_redis.url.startswith("rediss://")
-    settings = Settings(artifacts=artifact_root, redis_url=tls_redis.url, grpc_port=0, index_poll_seconds=0)
+    settings = Settings(
+        artifacts=artifact_root, redis_url=tls_redis.url, grpc_port=0, index_poll_seconds=0
+    )
     with TestClient(build_app(settings)) as http:
         answer = http.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
         assert len(answer["items"]) == 5 and answer["degraded"] is False  # vectors read over TLS
-        event = {"events": [{"user_id": known_user, "item_id": answer["items"][0]["item_id"], "type": "click"}]}
+        event = {
+            "events": [
+                {"user_id": known_user, "item_id": answer["items"][0]["item_id"], "type": "click"}
+            ]
+        }
         assert http.post("/v1/events", json=event).status_code == 202
     plain = f"redis://:{PASSWORD}@127.0.0.1:{tls_redis.port}/0"  # the TLS port does not speak plain Redis
     untrusted = f"rediss://:{PASSWORD}@127.0.0.1:{tls_redis.port}/0"  # the system CAs did not sign the test CA
     for url, reason in ((plain, None), (untrusted, "CERTIFICATE_VERIFY_FAILED")):
-        with pytest.raises(redis.ConnectionError, match=reason) as refused:
-            with TestClient(build_app(Settings(artifacts=artifact_root, redis_url=url, grpc_port=0))):
-                pass
+        with (
+            pytest.raises(redis.ConnectionError, match=reason) as refused,
+            TestClient(build_app(Settings(artifacts=artifact_root, redis_url=url, grpc_port=0))),
+        ):
+            pass
         assert PASSWORD not in str(refused.value)

@@ -16,24 +16,38 @@ from service.testing.redis_servers import RedisServer
 
 def store_on(server, table_configs, cluster=False, **config) -> RedisEmbeddingStore:
     options = {"namespace": "ns", "cache_entries": 0, **config}
-    return RedisEmbeddingStore(table_configs, RedisStoreConfig(server.url, cluster=cluster, **options))
+    return RedisEmbeddingStore(
+        table_configs, RedisStoreConfig(server.url, cluster=cluster, **options)
+    )
 
 
 def test_key_and_value_bytes_follow_the_spec(redis_server):
     client = redis.Redis.from_url(redis_server.url)
     client.flushdb()
-    store = store_on(redis_server, [TableConfig("user", 3, ttl_seconds=100, ttl_jitter=0.1), TableConfig("half", 3, dtype="float16")])
+    store = store_on(
+        redis_server,
+        [
+            TableConfig("user", 3, ttl_seconds=100, ttl_jitter=0.1),
+            TableConfig("half", 3, dtype="float16"),
+        ],
+    )
     store.put_many("user", [69], np.array([[1.0, -2.0, 0.5]], np.float32))
     store.put_many("half", [2**64 - 1], np.array([[1.0, -2.0, 0.5]], np.float32))
     assert client.get(b"emb:{ns.user:5}:69") == struct.pack("<3f", 1.0, -2.0, 0.5)
-    assert client.get(b"emb:{ns.half:63}:18446744073709551615") == struct.pack("<3e", 1.0, -2.0, 0.5)
+    assert client.get(b"emb:{ns.half:63}:18446744073709551615") == struct.pack(
+        "<3e", 1.0, -2.0, 0.5
+    )
     assert 100_000 - 500 <= client.pttl(b"emb:{ns.user:5}:69") <= 110_000
     assert client.pttl(b"emb:{ns.half:63}:18446744073709551615") == -1  # no TTL configured
     store.record("user", [69])
     store.record("user", [69])
     assert client.get(b"cnt:{ns.user:5}:69") == b"2"
     assert 0 < client.pttl(b"cnt:{ns.user:5}:69") <= 86_400_000
-    assert sorted(client.keys()) == [b"cnt:{ns.user:5}:69", b"emb:{ns.half:63}:18446744073709551615", b"emb:{ns.user:5}:69"]
+    assert sorted(client.keys()) == [
+        b"cnt:{ns.user:5}:69",
+        b"emb:{ns.half:63}:18446744073709551615",
+        b"emb:{ns.user:5}:69",
+    ]
     store.close()
     client.close()
 
@@ -54,7 +68,9 @@ def test_a_table_spreads_over_every_cluster_node_one_slot_per_shard(redis_cluste
     per_node = [redis.Redis(port=n.port).dbsize() for n in redis_cluster.nodes]
     assert all(count > 0 for count in per_node) and sum(per_node) >= len(ids)
     client = redis.Redis(port=redis_cluster.nodes[0].port)
-    slots = {client.cluster("keyslot", key) for key in store.keys("user", [5, 69, 133])}  # one shard
+    slots = {
+        client.cluster("keyslot", key) for key in store.keys("user", [5, 69, 133])
+    }  # one shard
     assert len(slots) == 1
     all_slots = {client.cluster("keyslot", key) for key in store.keys("user", list(range(64)))}
     assert len(all_slots) == 64
@@ -63,7 +79,13 @@ def test_a_table_spreads_over_every_cluster_node_one_slot_per_shard(redis_cluste
 
 
 def test_local_cache_serves_hot_ids_for_its_ttl(redis_server):
-    store = store_on(redis_server, [TableConfig("user", 2)], namespace="cache", cache_entries=1000, cache_ttl_seconds=0.4)
+    store = store_on(
+        redis_server,
+        [TableConfig("user", 2)],
+        namespace="cache",
+        cache_entries=1000,
+        cache_ttl_seconds=0.4,
+    )
     other = store_on(redis_server, [TableConfig("user", 2)], namespace="cache")
     store.put_many("user", [1], np.ones((1, 2), np.float32))
     assert store.get_many("user", [1, 2]).found.tolist() == [True, False]
@@ -79,7 +101,13 @@ def test_local_cache_serves_hot_ids_for_its_ttl(redis_server):
 
 
 def test_concurrent_misses_for_one_id_cost_one_round_trip(redis_server):
-    store = store_on(redis_server, [TableConfig("user", 2)], namespace="flight", cache_entries=1000, cache_ttl_seconds=5)
+    store = store_on(
+        redis_server,
+        [TableConfig("user", 2)],
+        namespace="flight",
+        cache_entries=1000,
+        cache_ttl_seconds=5,
+    )
     store.put_many("user", np.arange(1, 101, dtype=np.uint64), np.ones((100, 2), np.float32))
     calls = []
     real_mget = store._mget
@@ -91,7 +119,14 @@ def test_concurrent_misses_for_one_id_cost_one_round_trip(redis_server):
 
     store._mget = slow_mget
     results = []
-    threads = [threading.Thread(target=lambda: results.append(store.get_many("user", np.arange(1, 101, dtype=np.uint64)))) for _ in range(8)]
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(
+                store.get_many("user", np.arange(1, 101, dtype=np.uint64))
+            )
+        )
+        for _ in range(8)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -104,7 +139,12 @@ def test_concurrent_misses_for_one_id_cost_one_round_trip(redis_server):
 def test_lookups_degrade_while_redis_is_down_and_recover_when_it_returns():
     server = RedisServer()
     try:
-        store = store_on(server, [TableConfig("user", 2, default=np.array([9.0, 9.0]))], breaker_failures=3, breaker_reset_seconds=0.5)
+        store = store_on(
+            server,
+            [TableConfig("user", 2, default=np.array([9.0, 9.0]))],
+            breaker_failures=3,
+            breaker_reset_seconds=0.5,
+        )
         store.put_many("user", [1], np.ones((1, 2), np.float32))
         assert not store.get_many("user", [1]).degraded
         server.kill()

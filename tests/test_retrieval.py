@@ -31,7 +31,9 @@ def test_in_batch_loss_applies_logq_and_masks_accidental_hits():
 
 
 def test_history_holds_only_earlier_items():
-    frame = pd.DataFrame({"user_id": [1, 1, 1, 2], "item_id": [10, 11, 12, 10], "timestamp": [1, 2, 3, 1]})
+    frame = pd.DataFrame(
+        {"user_id": [1, 1, 1, 2], "item_id": [10, 11, 12, 10], "timestamp": [1, 2, 3, 1]}
+    )
     data = Dataset("t", frame)
     space = FeatureSpace.build(data)
     users, items, history = history_before(data.interactions, space, length=2)
@@ -47,7 +49,9 @@ def test_serving_user_tower_matches_the_torch_tower():
     pooled[4] = -users[4]  # and a row whose first layer input sums to little
     with torch.no_grad():
         expected = model.user_tower(users, pooled).numpy()
-    np.testing.assert_allclose(UserTowerKernel(model)(users.numpy(), pooled.numpy()), expected, atol=1e-6)
+    np.testing.assert_allclose(
+        UserTowerKernel(model)(users.numpy(), pooled.numpy()), expected, atol=1e-6
+    )
 
 
 def test_membership_in_a_sorted_set_covers_the_extreme_ids():
@@ -69,7 +73,9 @@ def test_index_returns_real_64_bit_ids_like_exact_search(factory, tmp_path):
     assert found.dtype == np.uint64
     np.testing.assert_array_equal(found, exact)  # nprobe = nlist: IVF is exact too
     index.save(tmp_path / "i.faiss")
-    np.testing.assert_array_equal(ItemIndex.load(tmp_path / "i.faiss", SearchParams(nprobe=16)).search(queries, 10)[1], found)
+    np.testing.assert_array_equal(
+        ItemIndex.load(tmp_path / "i.faiss", SearchParams(nprobe=16)).search(queries, 10)[1], found
+    )
 
 
 def test_search_past_the_catalog_pads_nothing():

@@ -14,11 +14,16 @@ from service.testing.redis_servers import RedisServer
 
 
 @pytest.mark.parametrize("backend", ["redis_server", "redis_cluster"])
-def test_redis_table_answers_like_the_in_process_one(backend, request, artifact_root, pipeline, bundle, known_user):
+def test_redis_table_answers_like_the_in_process_one(
+    backend, request, artifact_root, pipeline, bundle, known_user
+):
     server = request.getfixturevalue(backend)
     settings = Settings(
-        artifacts=artifact_root, grpc_port=0, redis_url=server.url,
-        redis_cluster=backend == "redis_cluster", redis_namespace=uuid.uuid4().hex[:8],
+        artifacts=artifact_root,
+        grpc_port=0,
+        redis_url=server.url,
+        redis_cluster=backend == "redis_cluster",
+        redis_namespace=uuid.uuid4().hex[:8],
     )
     from service.schemas import RecommendRequest
 
@@ -34,7 +39,10 @@ def test_redis_table_answers_like_the_in_process_one(backend, request, artifact_
 def test_degraded_while_redis_is_down_then_recovers(artifact_root, known_user):
     server = RedisServer("--appendonly", "yes", "--appendfsync", "always")
     settings = Settings(
-        artifacts=artifact_root, grpc_port=0, redis_url=server.url, redis_namespace="fault",
+        artifacts=artifact_root,
+        grpc_port=0,
+        redis_url=server.url,
+        redis_namespace="fault",
         embedding_cache_entries=0,
     )
     try:
@@ -46,13 +54,22 @@ def test_degraded_while_redis_is_down_then_recovers(artifact_root, known_user):
                 response = client.post("/v1/recommend", json={"user_id": known_user, "k": 5})
                 assert response.status_code == 200
                 assert response.json()["degraded"] is True and len(response.json()["items"]) == 5
-            assert 'recsys_degraded_responses_total{reason="embedding_store"}' in client.get("/metrics").text
-            refused = client.post("/v1/events", json={"events": [{"user_id": 1, "item_id": 2, "type": "click"}]})
+            assert (
+                'recsys_degraded_responses_total{reason="embedding_store"}'
+                in client.get("/metrics").text
+            )
+            refused = client.post(
+                "/v1/events", json={"events": [{"user_id": 1, "item_id": 2, "type": "click"}]}
+            )
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
             assert "no event of the request was appended, retry" in refused.json()["detail"]
             server.start()  # same port; AOF brings the rows back
-            deadline = time.monotonic() + 10  # the breakers let a call through after their reset time
-            while (after := client.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json())["degraded"]:
+            deadline = (
+                time.monotonic() + 10
+            )  # the breakers let a call through after their reset time
+            while (
+                after := client.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
+            )["degraded"]:
                 assert time.monotonic() < deadline, "still degraded after Redis came back"
                 time.sleep(0.2)
             assert after == before

@@ -30,8 +30,12 @@ def events(bundle: ModelBundle) -> list[Event]:
     users = [*map(int, bundle.features.users.ids[:6]), *NEW_USERS]
     items = [*map(int, bundle.features.items.ids[:20]), *NEW_ITEMS]
     return [
-        Event(user_id=int(rng.choice(users)), item_id=int(rng.choice(items)), type=str(rng.choice(["click", "click", "impression"])),
-              timestamp=1.7e9 + n)
+        Event(
+            user_id=int(rng.choice(users)),
+            item_id=int(rng.choice(items)),
+            type=str(rng.choice(["click", "click", "impression"])),
+            timestamp=1.7e9 + n,
+        )
         for n in range(4 * BATCH)
     ]
 
@@ -41,19 +45,28 @@ class Tables:
 
     def __init__(self, artifact_root, redis_url: str, namespace: str):
         self.settings = Settings(
-            artifacts=artifact_root, redis_url=redis_url, redis_namespace=namespace, events_stream=f"events-{namespace}",
-            embedding_cache_entries=0, online_batch_events=BATCH, trainer_consumer="trainer-0",
+            artifacts=artifact_root,
+            redis_url=redis_url,
+            redis_namespace=namespace,
+            events_stream=f"events-{namespace}",
+            embedding_cache_entries=0,
+            online_batch_events=BATCH,
+            trainer_consumer="trainer-0",
         )
         self.bundle = ModelBundle.load(artifact_root)
         self.store = open_store(self.settings, self.bundle)
         self.online = open_online(self.settings, self.store)
         self.trainer = make_trainer(self.settings, self.bundle, self.store, self.online)
-        self.trainer.config = type(self.trainer.config)(**{**self.trainer.config.__dict__, "block_seconds": 0})
+        self.trainer.config = type(self.trainer.config)(
+            **{**self.trainer.config.__dict__, "block_seconds": 0}
+        )
 
     def append(self, logged: list[Event]) -> None:
         """The same entry ids in every namespace: the trainer seeds its sampling by them."""
         for n, event in enumerate(logged, 1):
-            self.store.client.xadd(self.settings.events_stream, event_fields(event, 0.0), id=f"{n}-0")
+            self.store.client.xadd(
+                self.settings.events_stream, event_fields(event, 0.0), id=f"{n}-0"
+            )
 
     def drain(self) -> None:
         while self.online.trainer_events.backlog():
@@ -94,7 +107,9 @@ CRASH_POINTS = {
     "before the record is saved": lambda t: crash_on_call(t.trainer.journal, "save"),
     "after the record, before any write": lambda t: crash_on_call(t.store, "add_counts"),
     "between the user and item counts": lambda t: crash_on_call(t.store, "add_counts", call=2),
-    "after the user rows, before the item rows": lambda t: crash_on_call(t.store, "put_many", call=2),
+    "after the user rows, before the item rows": lambda t: crash_on_call(
+        t.store, "put_many", call=2
+    ),
     "after the rows, before the recent items": lambda t: crash_on_call(t.online.recent, "push"),
     "after every write, before the ack": lambda t: crash_on_call(t.online.trainer_events, "ack"),
 }
@@ -111,9 +126,13 @@ def reference(artifact_root, redis_server):
 
 
 @pytest.mark.parametrize("point", list(CRASH_POINTS))
-def test_a_batch_replayed_after_a_crash_writes_what_one_pass_writes(artifact_root, redis_server, reference, point):
+def test_a_batch_replayed_after_a_crash_writes_what_one_pass_writes(
+    artifact_root, redis_server, reference, point
+):
     expected, logged = reference
-    assert any(len(r) for r in expected["recent"]) and expected["item_found"].any()  # the batches did write
+    assert (
+        any(len(r) for r in expected["recent"]) and expected["item_found"].any()
+    )  # the batches did write
     namespace = uuid.uuid4().hex[:8]
     crashed = Tables(artifact_root, redis_server.url, namespace)
     crashed.append(logged)
@@ -123,16 +142,24 @@ def test_a_batch_replayed_after_a_crash_writes_what_one_pass_writes(artifact_roo
         crashed.trainer.step()
     crashed.close()
 
-    restarted = Tables(artifact_root, redis_server.url, namespace)  # a new process, the same consumer name
+    restarted = Tables(
+        artifact_root, redis_server.url, namespace
+    )  # a new process, the same consumer name
     assert restarted.online.trainer_events.backlog() == len(logged) - BATCH
     restarted.drain()
     state = restarted.state(logged)
     restarted.close()
     for key, value in expected.items():
-        assert np.array_equal(np.asarray(state[key]), np.asarray(value)) if key != "recent" else state[key] == value, key
+        assert (
+            np.array_equal(np.asarray(state[key]), np.asarray(value))
+            if key != "recent"
+            else state[key] == value
+        ), key
 
 
-def test_a_crash_between_adding_counts_and_marking_them_counts_that_batch_twice(artifact_root, redis_server, reference):
+def test_a_crash_between_adding_counts_and_marking_them_counts_that_batch_twice(
+    artifact_root, redis_server, reference
+):
     """The one step a replay repeats: the counts were added, the process died before the
     record said so. Vectors, interests and recent items still match one pass."""
     expected, logged = reference

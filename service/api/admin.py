@@ -31,7 +31,9 @@ class IndexAdmin:
     """What the Admin calls do, over one serving process's index reloader, embedding table
     and item-update feed."""
 
-    def __init__(self, reloader: IndexReloader, store: EmbeddingStore, updates: ItemUpdateFeed, root: Path):
+    def __init__(
+        self, reloader: IndexReloader, store: EmbeddingStore, updates: ItemUpdateFeed, root: Path
+    ):
         """`root`: the artifact root; snapshots are imported from files under it only."""
         self.reloader = reloader
         self.store = store
@@ -56,7 +58,6 @@ class IndexAdmin:
         self.updates.publish(ids)
         return len(ids)
 
-
     def snapshot_file(self, path: str) -> Path:
         """`path` under the artifact root, or ValueError: nothing outside it is read."""
         resolved = (self.root / path).resolve()  # symlinks and `..` resolved before the check
@@ -70,7 +71,9 @@ class IndexAdmin:
         """Write a snapshot's rows into a table; imported item rows are announced, so every
         serving process's index sync re-embeds them."""
         if request.table not in self.store.tables:
-            raise ValueError(f"no embedding table {request.table!r}; tables: {sorted(self.store.tables)}")
+            raise ValueError(
+                f"no embedding table {request.table!r}; tables: {sorted(self.store.tables)}"
+            )
         announce = self.updates.publish if request.table == ITEM_TABLE else None
         return import_table(self.store, request.table, self.snapshot_file(request.path), announce)
 
@@ -102,10 +105,16 @@ class RequireBearer:
     def __init__(self, token: str):
         self.token = token
 
-    def __call__(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(scheme)]) -> None:
+    def __call__(
+        self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(scheme)]
+    ) -> None:
         given = f"{credentials.scheme} {credentials.credentials}" if credentials else ""
         if not bearer_matches({"authorization": given}, self.token):
-            raise HTTPException(401, "this call needs `Authorization: Bearer <RECSYS_ADMIN_TOKEN>`", {"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "this call needs `Authorization: Bearer <RECSYS_ADMIN_TOKEN>`",
+                {"WWW-Authenticate": "Bearer"},
+            )
 
 
 def loaded_admin(request: Request) -> IndexAdmin:
@@ -127,7 +136,9 @@ def reload_index(admin: AdminDep) -> ReloadIndexAnswer:
 def upsert_item_vectors(body: UpsertItemVectorsRequest, admin: AdminDep) -> UpsertItemVectorsAnswer:
     """Write item id vectors into the embedding table and announce them to every serving process's index."""
     try:
-        checked = UpsertItemVectorsRequest.model_validate(body.model_dump(), context={"dim": admin.item_dim})
+        checked = UpsertItemVectorsRequest.model_validate(
+            body.model_dump(), context={"dim": admin.item_dim}
+        )
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
     return UpsertItemVectorsAnswer(upserted=admin.upsert_item_vectors(checked))
@@ -143,10 +154,21 @@ def import_table_snapshot(body: ImportTableRequest, admin: AdminDep) -> ImportTa
 
 def admin_router(token: str) -> APIRouter:
     """/admin/v1/*: the same calls as gRPC Admin, each needing `Authorization: Bearer <token>`."""
-    router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(RequireBearer(token))])
-    router.add_api_route("/index/reload", reload_index, methods=["POST"], response_model=ReloadIndexAnswer)
-    router.add_api_route("/items/vectors", upsert_item_vectors, methods=["POST"], response_model=UpsertItemVectorsAnswer)
-    router.add_api_route("/tables/import", import_table_snapshot, methods=["POST"], response_model=ImportTableAnswer)
+    router = APIRouter(
+        prefix="/admin/v1", tags=["admin"], dependencies=[Depends(RequireBearer(token))]
+    )
+    router.add_api_route(
+        "/index/reload", reload_index, methods=["POST"], response_model=ReloadIndexAnswer
+    )
+    router.add_api_route(
+        "/items/vectors",
+        upsert_item_vectors,
+        methods=["POST"],
+        response_model=UpsertItemVectorsAnswer,
+    )
+    router.add_api_route(
+        "/tables/import", import_table_snapshot, methods=["POST"], response_model=ImportTableAnswer
+    )
     return router
 
 
@@ -162,21 +184,29 @@ class AdminServicer(pb_grpc.AdminServicer):
     def _admin(self, context: grpc.ServicerContext) -> IndexAdmin:
         """The loaded admin, once the caller is authorized (UNAUTHENTICATED before UNAVAILABLE)."""
         if not bearer_matches(context.invocation_metadata(), self._token):
-            raise Unauthenticated("this call needs `authorization: Bearer <RECSYS_ADMIN_TOKEN>` metadata")
+            raise Unauthenticated(
+                "this call needs `authorization: Bearer <RECSYS_ADMIN_TOKEN>` metadata"
+            )
         return loaded(self.served.admin)
 
-    def ReloadIndex(self, request: pb.ReloadIndexRequest, context: grpc.ServicerContext) -> pb.ReloadIndexResponse:
+    def ReloadIndex(
+        self, request: pb.ReloadIndexRequest, context: grpc.ServicerContext
+    ) -> pb.ReloadIndexResponse:
         with answering("ReloadIndex", context):
             swapped, version = self._admin(context).reload_index()
             return pb.ReloadIndexResponse(swapped=swapped, index_version=version)
 
-    def UpsertItemVectors(self, request: pb.UpsertItemVectorsRequest, context: grpc.ServicerContext) -> pb.UpsertItemVectorsResponse:
+    def UpsertItemVectors(
+        self, request: pb.UpsertItemVectorsRequest, context: grpc.ServicerContext
+    ) -> pb.UpsertItemVectorsResponse:
         with answering("UpsertItemVectors", context):
             admin = self._admin(context)
             parsed = validated(codec.upsert_request_from_proto, request, admin.item_dim)
             return pb.UpsertItemVectorsResponse(upserted=admin.upsert_item_vectors(parsed))
 
-    def ImportTable(self, request: pb.ImportTableRequest, context: grpc.ServicerContext) -> pb.ImportTableResponse:
+    def ImportTable(
+        self, request: pb.ImportTableRequest, context: grpc.ServicerContext
+    ) -> pb.ImportTableResponse:
         with answering("ImportTable", context):
             admin = self._admin(context)
             parsed = validated(ImportTableRequest, table=request.table, path=request.path)

@@ -49,17 +49,23 @@ def context_to_proto(context: Context | None) -> pb.Context | None:
 
 
 def events_from_proto(message: pb.SendEventsRequest) -> EventsRequest:
-    return EventsRequest.model_validate({
-        "events": [
-            {
-                "user_id": e.user_id,
-                "item_id": e.item_id,
-                "type": e.type,
-                **({"timestamp": e.timestamp.seconds + e.timestamp.nanos / 1e9} if e.HasField("timestamp") else {}),
-            }
-            for e in message.events
-        ]
-    })
+    return EventsRequest.model_validate(
+        {
+            "events": [
+                {
+                    "user_id": e.user_id,
+                    "item_id": e.item_id,
+                    "type": e.type,
+                    **(
+                        {"timestamp": e.timestamp.seconds + e.timestamp.nanos / 1e9}
+                        if e.HasField("timestamp")
+                        else {}
+                    ),
+                }
+                for e in message.events
+            ]
+        }
+    )
 
 
 def ranker_to_proto(ranker: RankerInfo | None) -> pb.RankerInfo | None:
@@ -83,7 +89,10 @@ def recommend_response_to_proto(result: RecommendResponse) -> pb.RecommendRespon
 def candidates_to_proto(result: CandidatesResponse) -> pb.CandidatesResponse:
     return pb.CandidatesResponse(
         user_id=result.user_id,
-        candidates=[pb.Candidate(item_id=c.item_id, score=c.score, source=c.source, component=c.component) for c in result.candidates],
+        candidates=[
+            pb.Candidate(item_id=c.item_id, score=c.score, source=c.source, component=c.component)
+            for c in result.candidates
+        ],
         degraded=result.degraded,
         model_version=result.model_version,
     )
@@ -94,8 +103,13 @@ def candidates_to_columns(found: Candidates, model_version: str) -> pb.RetrieveR
     names, codes = np.unique(found.sources.astype(str), return_inverse=True)
     components = np.array([-1 if c is None else c for c in found.components], dtype=np.int32)
     return pb.RetrieveResponse(
-        item_ids=found.item_ids.tolist(), scores=found.scores.tolist(), sources=codes.tolist(),
-        source_names=names.tolist(), components=components.tolist(), degraded=found.degraded, model_version=model_version,
+        item_ids=found.item_ids.tolist(),
+        scores=found.scores.tolist(),
+        sources=codes.tolist(),
+        source_names=names.tolist(),
+        components=components.tolist(),
+        degraded=found.degraded,
+        model_version=model_version,
     )
 
 
@@ -112,7 +126,9 @@ def candidates_from_columns(message: pb.RetrieveResponse) -> Candidates:
     return Candidates(
         np.array(message.item_ids, dtype=np.uint64),
         np.array(message.scores, dtype=np.float32),
-        np.array(message.source_names, dtype=object)[np.array(message.sources, dtype=np.int64)] if n else labels(None, 0),
+        np.array(message.source_names, dtype=object)[np.array(message.sources, dtype=np.int64)]
+        if n
+        else labels(None, 0),
         message.degraded,
         components,
     )
@@ -128,15 +144,21 @@ def rank_request_to_proto(request: RecommendRequest, found: Candidates) -> pb.Ra
 
 
 def rank_request_from_proto(message: pb.RankRequest) -> RankRequest:
-    return RankRequest.model_validate({
-        "user_id": message.user_id,
-        "context": MessageToDict(message.context, preserving_proto_field_name=True) if message.HasField("context") else None,
-        "item_ids": list(message.item_ids),
-        "retrieval_scores": list(message.retrieval_scores),
-    })
+    return RankRequest.model_validate(
+        {
+            "user_id": message.user_id,
+            "context": MessageToDict(message.context, preserving_proto_field_name=True)
+            if message.HasField("context")
+            else None,
+            "item_ids": list(message.item_ids),
+            "retrieval_scores": list(message.retrieval_scores),
+        }
+    )
 
 
-def upsert_request_from_proto(message: pb.UpsertItemVectorsRequest, dim: int) -> UpsertItemVectorsRequest:
+def upsert_request_from_proto(
+    message: pb.UpsertItemVectorsRequest, dim: int
+) -> UpsertItemVectorsRequest:
     """Admin UpsertItemVectors, its vectors checked against the item table's `dim`."""
     items = [{"item_id": item.item_id, "vector": list(item.vector)} for item in message.items]
     return UpsertItemVectorsRequest.model_validate({"items": items}, context={"dim": dim})

@@ -29,34 +29,52 @@ def load_embedded(settings: Settings) -> Served:
     torch.set_num_threads(settings.torch_threads)
     params = SearchParams(nprobe=settings.index_nprobe, ef_search=settings.index_ef_search)
     bundle = ModelBundle.load(
-        settings.artifacts, index_params=params, index_device=settings.index_device, ranker_variant=settings.ranker_variant
+        settings.artifacts,
+        index_params=params,
+        index_device=settings.index_device,
+        ranker_variant=settings.ranker_variant,
     )
     log.info(
         "serving artifact %s (%d items, %d users), index %s (%s on %s), ranker %s",
-        bundle.version, len(bundle.index), len(bundle.histories), bundle.index_version, bundle.index.description, bundle.index.device,
+        bundle.version,
+        len(bundle.index),
+        len(bundle.histories),
+        bundle.index_version,
+        bundle.index.description,
+        bundle.index.device,
         bundle.ranker_variant,
     )
     store = open_store(settings, bundle)
     log.info("embedding table: %s", type(store).__name__)
     online = open_online(settings, store)
-    pipeline = RecommendPipeline(bundle, store, PipelineOptions.from_settings(settings), online.recent)
+    pipeline = RecommendPipeline(
+        bundle, store, PipelineOptions.from_settings(settings), online.recent
+    )
     swap = None
     if settings.index_sync:
         sync = make_index_sync(bundle, store, bundle.index, online)
         online.start("index-sync", sync.run)
         swap = sync.swap_in
-    reloader = IndexReloader(bundle.folder, bundle.index, bundle.index_version, params, settings.index_device, swap)
+    reloader = IndexReloader(
+        bundle.folder, bundle.index, bundle.index_version, params, settings.index_device, swap
+    )
     if settings.index_poll_seconds:
         online.start("index-reload", lambda stop: reloader.run(stop, settings.index_poll_seconds))
     if settings.online_trainer == "in_process":
         online.start("online-trainer", make_trainer(settings, bundle, store, online).run)
-    return Served(pipeline=pipeline, online=online, admin=IndexAdmin(reloader, store, online.updates, settings.artifacts))
+    return Served(
+        pipeline=pipeline,
+        online=online,
+        admin=IndexAdmin(reloader, store, online.updates, settings.artifacts),
+    )
 
 
 def build_app(settings: Settings) -> FastAPI:
     """HTTP on the app, gRPC Recommender (and Admin, with a token) beside it."""
     if settings.remote_tiers:
-        raise ValueError("settings name remote tiers: that is a gateway (`service.api.gateway.build_app`)")
+        raise ValueError(
+            "settings name remote tiers: that is a gateway (`service.api.gateway.build_app`)"
+        )
     token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
 
     def services(served: Served) -> list:

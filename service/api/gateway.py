@@ -22,7 +22,9 @@ def load_gateway(settings: Settings) -> Served:
     popular = PopularItems.load(settings.artifacts)
     log.info(
         "gateway: retrieval at %s, ranking at %s; fallback items from %s",
-        settings.retrieval_address, settings.ranking_address, popular.version,
+        settings.retrieval_address,
+        settings.ranking_address,
+        popular.version,
     )
     events = open_event_log(settings, settings.redis_namespace or popular.namespace)
     return Served(pipeline=RemotePipeline(settings, popular), online=events)

@@ -88,7 +88,10 @@ def validated(parse: Callable[..., T], *args, **kwargs) -> T:
         return parse(*args, **kwargs)
     except ValidationError as exc:
         raise InvalidArgument(
-            "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors())
+            "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}"
+                for e in exc.errors()
+            )
         ) from None
 
 
@@ -106,19 +109,27 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def __init__(self, served: Served):
         self.served = served
 
-    def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RecommendResponse:
+    def Recommend(
+        self, request: pb.RecommendRequest, context: grpc.ServicerContext
+    ) -> pb.RecommendResponse:
         with answering("Recommend", context):
             pipeline = loaded(self.served.pipeline)
             parsed = validated(codec.request_from_proto, request)
-            return codec.recommend_response_to_proto(pipeline.recommend(parsed, deadline_of(context)))
+            return codec.recommend_response_to_proto(
+                pipeline.recommend(parsed, deadline_of(context))
+            )
 
-    def Candidates(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.CandidatesResponse:
+    def Candidates(
+        self, request: pb.RecommendRequest, context: grpc.ServicerContext
+    ) -> pb.CandidatesResponse:
         with answering("Candidates", context):
             pipeline = loaded(self.served.pipeline)
             parsed = validated(codec.request_from_proto, request)
             return codec.candidates_to_proto(pipeline.candidates(parsed, deadline_of(context)))
 
-    def SendEvents(self, request: pb.SendEventsRequest, context: grpc.ServicerContext) -> pb.SendEventsResponse:
+    def SendEvents(
+        self, request: pb.SendEventsRequest, context: grpc.ServicerContext
+    ) -> pb.SendEventsResponse:
         with answering("SendEvents", context):
             online = loaded(self.served.online)
             parsed = validated(codec.events_from_proto, request)
@@ -133,7 +144,9 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
     def __init__(self, served: Served):
         self.served = served
 
-    def Retrieve(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RetrieveResponse:
+    def Retrieve(
+        self, request: pb.RecommendRequest, context: grpc.ServicerContext
+    ) -> pb.RetrieveResponse:
         with answering("Retrieve", context):
             pipeline = loaded(self.served.pipeline)
             parsed = validated(codec.request_from_proto, request)
@@ -153,9 +166,13 @@ class RankingServicer(pb_grpc.RankingServicer):
             ranking = loaded(self.served.ranking)
             parsed = validated(codec.rank_request_from_proto, request)
             ids = np.array(parsed.item_ids, dtype=np.uint64)
-            scores = ranking.rank(parsed.user_id, ids, np.array(parsed.retrieval_scores, np.float32), parsed.context)
+            scores = ranking.rank(
+                parsed.user_id, ids, np.array(parsed.retrieval_scores, np.float32), parsed.context
+            )
             return pb.RankResponse(
-                scores=scores.tolist(), ranker=codec.ranker_to_proto(ranking.ranker_info), model_version=ranking.model_version
+                scores=scores.tolist(),
+                ranker=codec.ranker_to_proto(ranking.ranker_info),
+                model_version=ranking.model_version,
             )
 
 
@@ -167,23 +184,33 @@ class MalformedRequests(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
             return handler  # streams (health Watch) and unknown methods as grpcio serves them
-        parse, behaviour, method = handler.request_deserializer, handler.unary_unary, handler_call_details.method
+        parse, behaviour, method = (
+            handler.request_deserializer,
+            handler.unary_unary,
+            handler_call_details.method,
+        )
 
         def parsed_then_served(raw: bytes, context):
             try:
                 request = parse(raw)
             except DecodeError as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {method} request: {exc}")
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"malformed {method} request: {exc}"
+                )
             return behaviour(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(parsed_then_served, response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            parsed_then_served, response_serializer=handler.response_serializer
+        )
 
 
 class GrpcServer:
     """A gRPC server for the given services, with health (NOT_SERVING until `set_serving`)
     and reflection: the gateway's Recommender, or a tier's Retrieval or Ranking."""
 
-    def __init__(self, services: list, address: str, workers: int = 8, max_in_flight: int | None = None):
+    def __init__(
+        self, services: list, address: str, workers: int = 8, max_in_flight: int | None = None
+    ):
         """`services`: the servicers (RecommenderServicer, RetrievalServicer, RankingServicer);
         `max_in_flight`: calls at once, queued or running, beyond which gRPC answers
         RESOURCE_EXHAUSTED at once (load shedding; gRPC counts these, not /metrics)."""
@@ -207,14 +234,22 @@ class GrpcServer:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (*self.names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                *self.names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             self.server,
         )
         self.port = self.server.add_insecure_port(address)
         self.set_serving(False)
 
     def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", *self.names):
             self.health.set(name, status)
 

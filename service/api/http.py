@@ -41,8 +41,13 @@ def get_deadline(
     # `float`, not `float | None`: a header is a number or absent, never null, and the schema says so.
     timeout_ms: Annotated[
         float,
-        Header(alias="X-Deadline-Ms", gt=0, le=60_000, description="How long the client waits, in milliseconds; the "
-               "gateway answers within it (cut to RECSYS_MAX_DEADLINE_SECONDS). Unset: RECSYS_DEFAULT_DEADLINE_SECONDS."),
+        Header(
+            alias="X-Deadline-Ms",
+            gt=0,
+            le=60_000,
+            description="How long the client waits, in milliseconds; the "
+            "gateway answers within it (cut to RECSYS_MAX_DEADLINE_SECONDS). Unset: RECSYS_DEFAULT_DEADLINE_SECONDS.",
+        ),
     ] = None,
 ) -> float | None:
     """The client's deadline as monotonic seconds (what gRPC clients send as grpc-timeout)."""
@@ -103,10 +108,14 @@ def metrics() -> Response:
 
 
 async def event_log_unavailable(request: Request, exc: EventLogUnavailable) -> JSONResponse:
-    return JSONResponse({"detail": f"{exc}; no event of the request was appended, retry"}, 503, {"Retry-After": "1"})
+    return JSONResponse(
+        {"detail": f"{exc}; no event of the request was appended, retry"}, 503, {"Retry-After": "1"}
+    )
 
 
-def create_app(lifespan: Callable | None = None, max_in_flight: int = 32, max_body_bytes: int = 1 << 20) -> FastAPI:
+def create_app(
+    lifespan: Callable | None = None, max_in_flight: int = 32, max_body_bytes: int = 1 << 20
+) -> FastAPI:
     """The HTTP app; `lifespan` loads what it serves into `app.state`."""
     app = FastAPI(
         title="recsys",

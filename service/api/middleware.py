@@ -2,6 +2,7 @@
 size limit. Plain ASGI rather than Starlette's BaseHTTPMiddleware, which costs a task and a
 stream per request."""
 
+import contextlib
 import time
 
 from fastapi.responses import JSONResponse
@@ -66,10 +67,8 @@ class BodyLimit:
             if not refused:  # the app's own answer to the aborted read is dropped
                 await send(message)
 
-        try:
+        with contextlib.suppress(BodyTooLarge):  # answered 413 already
             await self.app(scope, counting_receive, send_unless_refused)
-        except BodyTooLarge:
-            pass
 
 
 class BodyTooLarge(Exception):
@@ -91,7 +90,11 @@ class InFlightLimit:
             return await self.app(scope, receive, send)
         if self.in_flight >= self.limit:
             SHED.labels("http").inc()
-            refusal = JSONResponse({"detail": f"over {self.limit} requests in flight; retry"}, 429, {"Retry-After": "1"})
+            refusal = JSONResponse(
+                {"detail": f"over {self.limit} requests in flight; retry"},
+                429,
+                {"Retry-After": "1"},
+            )
             return await refusal(scope, receive, send)
         self.in_flight += 1
         try:

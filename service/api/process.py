@@ -45,7 +45,12 @@ class ServingProcess:
         self.grpc: GrpcServer | None = None
         if settings.grpc_port:
             address = f"{settings.host}:{settings.grpc_port}"
-            self.grpc = GrpcServer(services(self.served), address, workers or settings.grpc_workers, settings.max_in_flight)
+            self.grpc = GrpcServer(
+                services(self.served),
+                address,
+                workers or settings.grpc_workers,
+                settings.max_in_flight,
+            )
 
     def start(self) -> None:
         if self.grpc is not None:
@@ -100,7 +105,12 @@ def run_until_stopped(
 HTTP_PROCESS_GRACE_SECONDS = 5.0  # gRPC calls in flight when uvicorn shuts the app down
 
 
-def http_app(settings: Settings, load: Callable[[Settings], Served], services: Services, routers: list[APIRouter] = ()) -> FastAPI:
+def http_app(
+    settings: Settings,
+    load: Callable[[Settings], Served],
+    services: Services,
+    routers: list[APIRouter] = (),
+) -> FastAPI:
     """An HTTP process (the embedded service, the gateway): the HTTP app with `routers`
     added, whose lifespan runs a `ServingProcess` with `services` and puts what `load` gives
     on `app.state` for the routes."""
@@ -115,7 +125,11 @@ def http_app(settings: Settings, load: Callable[[Settings], Served], services: S
         process.start()
         try:
             process.serve(load(settings))
-            app.state.pipeline, app.state.online, app.state.admin = process.served.pipeline, process.served.online, process.served.admin
+            app.state.pipeline, app.state.online, app.state.admin = (
+                process.served.pipeline,
+                process.served.online,
+                process.served.admin,
+            )
             yield
         finally:
             process.stop(HTTP_PROCESS_GRACE_SECONDS)

@@ -54,16 +54,23 @@ CALL_ATTEMPTS = 3  # a call refused unrun is tried again, on a replica picked an
 # immediate retry was not enough: it could pick the stopping replica again. (No client-side
 # health checking: its Watch streams would count against each tier's in-flight limit, and
 # grpcio aborts now and then at exit while one is open.)
-TIER_SERVICE_CONFIG = json.dumps({
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [{
-        "name": [{}],
-        "retryPolicy": {
-            "maxAttempts": CALL_ATTEMPTS, "initialBackoff": "0.01s", "maxBackoff": "0.05s", "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
-        },
-    }],
-})
+TIER_SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [{}],
+                "retryPolicy": {
+                    "maxAttempts": CALL_ATTEMPTS,
+                    "initialBackoff": "0.01s",
+                    "maxBackoff": "0.05s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+                },
+            }
+        ],
+    }
+)
 
 
 class Tier:
@@ -71,16 +78,23 @@ class Tier:
 
     def __init__(self, name: str, address: str):
         self.name = name
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.service_config", TIER_SERVICE_CONFIG),
-            # A replica that was away is tried again within a second, not after minutes of backoff.
-            ("grpc.initial_reconnect_backoff_ms", 250),
-            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
-        ])
+        self.channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.service_config", TIER_SERVICE_CONFIG),
+                # A replica that was away is tried again within a second, not after minutes of backoff.
+                ("grpc.initial_reconnect_backoff_ms", 250),
+                ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+            ],
+        )
         gauge = TIER_BREAKER_OPEN.labels(name)
         gauge.set(0)
         self.breaker = CircuitBreaker(
-            name, BREAKER_FAILURES, BREAKER_RESET_SECONDS, lambda state: gauge.set(state == OPEN), counts=(grpc.RpcError,)
+            name,
+            BREAKER_FAILURES,
+            BREAKER_RESET_SECONDS,
+            lambda state: gauge.set(state == OPEN),
+            counts=(grpc.RpcError,),
         )
 
     def read(self, method, message, until: float):
@@ -121,34 +135,51 @@ class RemotePipeline:
         stage_until = time.monotonic() + (until - time.monotonic()) * share
         with timed(RETRIEVE):
             try:
-                answer = self.retrieval.read(self._retrieve_stub, codec.request_to_proto(request), stage_until)
+                answer = self.retrieval.read(
+                    self._retrieve_stub, codec.request_to_proto(request), stage_until
+                )
                 found = codec.candidates_from_columns(answer)
             except StageFailed as exc:
                 log.warning("retrieval fell back to popular items: %s", exc)
                 DEGRADED.labels("retrieval").inc()
-                fallback = self.popular.top(candidate_count(request, self.settings.default_candidates), excluded_ids(request))
+                fallback = self.popular.top(
+                    candidate_count(request, self.settings.default_candidates),
+                    excluded_ids(request),
+                )
                 fallback.degraded = True
                 return fallback
         self.model_version = answer.model_version
         return found
 
-    def candidates(self, request: RecommendRequest, deadline: float | None = None) -> CandidatesResponse:
-        return candidates_response(request.user_id, self._retrieve(request, self._until(deadline)), self.model_version)
+    def candidates(
+        self, request: RecommendRequest, deadline: float | None = None
+    ) -> CandidatesResponse:
+        return candidates_response(
+            request.user_id, self._retrieve(request, self._until(deadline)), self.model_version
+        )
 
-    def recommend(self, request: RecommendRequest, deadline: float | None = None) -> RecommendResponse:
+    def recommend(
+        self, request: RecommendRequest, deadline: float | None = None
+    ) -> RecommendResponse:
         until = self._until(deadline)
         found = self._retrieve(request, until)
         if not len(found):
             return ranked_response(request, found, None, self.model_version, None)
         with timed(RANK):
             try:
-                ranked = self.ranking.read(self._rank_stub, codec.rank_request_to_proto(request, found), until)
+                ranked = self.ranking.read(
+                    self._rank_stub, codec.rank_request_to_proto(request, found), until
+                )
             except StageFailed as exc:
                 log.warning("ranking fell back to retrieval order: %s", exc)
                 DEGRADED.labels("ranking").inc()
-                return ranked_response(request, found, None, self.model_version, None, degraded=True)
+                return ranked_response(
+                    request, found, None, self.model_version, None, degraded=True
+                )
         scores = np.array(ranked.scores, np.float32)
-        return ranked_response(request, found, scores, self.model_version, codec.ranker_from_proto(ranked.ranker))
+        return ranked_response(
+            request, found, scores, self.model_version, codec.ranker_from_proto(ranked.ranker)
+        )
 
     def close(self) -> None:
         self.retrieval.close()

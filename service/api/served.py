@@ -16,9 +16,13 @@ if TYPE_CHECKING:  # model-side types: a gateway process never imports them
 
 @dataclass
 class Served:
-    pipeline: "Pipeline | RecommendPipeline | None" = None  # the embedded service, the gateway, the retrieval tier
+    pipeline: "Pipeline | RecommendPipeline | None" = (
+        None  # the embedded service, the gateway, the retrieval tier
+    )
     online: OnlineLearning | None = None  # events in; recent items, update feed, background threads
-    admin: "IndexAdmin | None" = None  # the Admin calls (embedded service and retrieval tier, with a token)
+    admin: "IndexAdmin | None" = (
+        None  # the Admin calls (embedded service and retrieval tier, with a token)
+    )
     ranking: "RankingStage | None" = None  # the ranking tier
     trainer: "OnlineTrainer | None" = None  # `recsys serve online-train`
     closers: list[Callable[[], None]] = field(default_factory=list)  # what else to close, last

@@ -44,7 +44,13 @@ def load_ranking(settings: Settings) -> Served:
     torch.set_num_threads(settings.torch_threads)
     parts = RankingParts.load(settings.artifacts, settings.ranker_variant)
     ranking = RankingStage(parts)
-    MODEL_INFO.info({"version": parts.version, "ranker": ranking.ranker_info.model, "ranker_variant": ranking.ranker_info.variant})
+    MODEL_INFO.info(
+        {
+            "version": parts.version,
+            "ranker": ranking.ranker_info.model,
+            "ranker_variant": ranking.ranker_info.variant,
+        }
+    )
     return Served(ranking=ranking)
 
 
@@ -56,9 +62,14 @@ def load_trainer(settings: Settings) -> Served:
     online = open_online(settings, store)
     log.info(
         "online trainer %s: artifact %s, stream %s, group %s",
-        settings.trainer_consumer, bundle.version, settings.events_stream, online.trainer_events.group,
+        settings.trainer_consumer,
+        bundle.version,
+        settings.events_stream,
+        online.trainer_events.group,
     )
-    return Served(online=online, trainer=make_trainer(settings, bundle, store, online), closers=[store.close])
+    return Served(
+        online=online, trainer=make_trainer(settings, bundle, store, online), closers=[store.close]
+    )
 
 
 def train_until_stopped(served: Served, stop: threading.Event) -> None:
@@ -69,11 +80,26 @@ def serve_tier(settings: Settings, tier: TierName) -> None:
     """Serve `tier` until SIGTERM / SIGINT; ValueError when the settings cannot run it."""
     token = settings.admin_token.get_secret_value() if settings.admin_token is not None else None
     if tier == "retrieval":
-        process = ServingProcess(settings, lambda s: [RetrievalServicer(s), *([AdminServicer(s, token)] if token else [])])
-        run_until_stopped(process, lambda: load_retrieval(settings), settings.http_port, SHUTDOWN_GRACE_SECONDS, SHUTDOWN_NOTICE_SECONDS)
+        process = ServingProcess(
+            settings,
+            lambda s: [RetrievalServicer(s), *([AdminServicer(s, token)] if token else [])],
+        )
+        run_until_stopped(
+            process,
+            lambda: load_retrieval(settings),
+            settings.http_port,
+            SHUTDOWN_GRACE_SECONDS,
+            SHUTDOWN_NOTICE_SECONDS,
+        )
     elif tier == "ranking":
         process = ServingProcess(settings, lambda s: [RankingServicer(s)])
-        run_until_stopped(process, lambda: load_ranking(settings), settings.http_port, SHUTDOWN_GRACE_SECONDS, SHUTDOWN_NOTICE_SECONDS)
+        run_until_stopped(
+            process,
+            lambda: load_ranking(settings),
+            settings.http_port,
+            SHUTDOWN_GRACE_SECONDS,
+            SHUTDOWN_NOTICE_SECONDS,
+        )
     else:
         if settings.redis_url is None:
             raise ValueError(
@@ -81,4 +107,11 @@ def serve_tier(settings: Settings, tier: TierName) -> None:
                 "(RECSYS_ONLINE_TRAINER=in_process)"
             )
         process = ServingProcess(settings, lambda s: [], workers=TRAINER_GRPC_WORKERS)
-        run_until_stopped(process, lambda: load_trainer(settings), settings.trainer_metrics_port, 0.0, 0.0, train_until_stopped)
+        run_until_stopped(
+            process,
+            lambda: load_trainer(settings),
+            settings.trainer_metrics_port,
+            0.0,
+            0.0,
+            train_until_stopped,
+        )

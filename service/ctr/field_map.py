@@ -29,7 +29,9 @@ class CategoricalField:
         return len(self.values) + 1
 
     def rows(self, column: pd.Series) -> np.ndarray:
-        positions = pd.Index(self.values, dtype="string").get_indexer(column.astype("string").fillna(""))  # -1: not a value
+        positions = pd.Index(self.values, dtype="string").get_indexer(
+            column.astype("string").fillna("")
+        )  # -1: not a value
         return positions.astype(np.int64) + 1
 
 
@@ -61,7 +63,10 @@ class EncodedRows:
 
     def take(self, index) -> "EncodedRows":
         return EncodedRows(
-            self.categorical[index], self.multi[index], self.numeric[index], None if self.labels is None else self.labels[index]
+            self.categorical[index],
+            self.multi[index],
+            self.numeric[index],
+            None if self.labels is None else self.labels[index],
         )
 
 
@@ -85,7 +90,16 @@ class FieldMap:
         min_count: int = 1,
         max_multi: int = 8,
     ) -> "FieldMap":
-        missing = [c for c in [*categorical, *numeric, *([multi] if multi else []), *([label] if label else [])] if c not in frame]
+        missing = [
+            c
+            for c in [
+                *categorical,
+                *numeric,
+                *([multi] if multi else []),
+                *([label] if label else []),
+            ]
+            if c not in frame
+        ]
         if missing:
             raise DataError(f"the table lacks column(s) {missing}")
         if min_count < 1:
@@ -103,9 +117,13 @@ class FieldMap:
             numbers.append(NumericField(name, mean, std if std > 0 else 1.0))
         multi_field = None
         if multi:
-            exploded = frame[multi].astype("string").fillna("").str.split(ATTRIBUTE_SEPARATOR).explode()
+            exploded = (
+                frame[multi].astype("string").fillna("").str.split(ATTRIBUTE_SEPARATOR).explode()
+            )
             counts = exploded[exploded != ""].value_counts(sort=True)
-            multi_field = CategoricalField(multi, [str(v) for v in counts[counts >= min_count].index])
+            multi_field = CategoricalField(
+                multi, [str(v) for v in counts[counts >= min_count].index]
+            )
         stats = {"rows": int(len(frame)), "min_count": min_count}
         return cls(fields, numbers, multi_field, max_multi if multi else 1, label, stats)
 
@@ -119,15 +137,27 @@ class FieldMap:
 
     def encode(self, frame: pd.DataFrame) -> EncodedRows:
         """Model inputs for `frame`'s rows (and labels when the map has a label column)."""
-        categorical = np.stack([f.rows(frame[f.name]) for f in self.categorical], 1) if self.categorical else np.zeros((len(frame), 0), np.int64)
-        numeric = np.stack([f.encode(frame[f.name]) for f in self.numeric], 1) if self.numeric else np.zeros((len(frame), 0), np.float32)
+        categorical = (
+            np.stack([f.rows(frame[f.name]) for f in self.categorical], 1)
+            if self.categorical
+            else np.zeros((len(frame), 0), np.int64)
+        )
+        numeric = (
+            np.stack([f.encode(frame[f.name]) for f in self.numeric], 1)
+            if self.numeric
+            else np.zeros((len(frame), 0), np.float32)
+        )
         multi = np.zeros((len(frame), self.max_multi), np.int64)
         if self.multi:
             lookup = {value: row for row, value in enumerate(self.multi.values, start=1)}
             for i, cell in enumerate(frame[self.multi.name].astype("string").fillna("")):
-                rows = [lookup[v] for v in cell.split(ATTRIBUTE_SEPARATOR) if v in lookup][: self.max_multi]
+                rows = [lookup[v] for v in cell.split(ATTRIBUTE_SEPARATOR) if v in lookup][
+                    : self.max_multi
+                ]
                 multi[i, : len(rows)] = rows
-        labels = frame[self.label].to_numpy(np.float32) if self.label and self.label in frame else None
+        labels = (
+            frame[self.label].to_numpy(np.float32) if self.label and self.label in frame else None
+        )
         return EncodedRows(categorical, multi, numeric, labels)
 
     def to_json(self) -> str:

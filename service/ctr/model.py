@@ -46,11 +46,20 @@ class CtrModel:
     folder: Path
 
 
-def save_ctr_model(root: str | Path, model: nn.Module, fields: FieldMap, plan: CompressionPlan | None, training: dict, metrics: dict) -> CtrModel:
+def save_ctr_model(
+    root: str | Path,
+    model: nn.Module,
+    fields: FieldMap,
+    plan: CompressionPlan | None,
+    training: dict,
+    metrics: dict,
+) -> CtrModel:
     """`model` as trained (or compressed by `plan`) into a new version under `root`."""
 
     def write(folder: Path) -> dict:
-        save_tensors({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+        save_tensors(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors"
+        )
         (folder / "field_map.json").write_text(fields.to_json())
         return {
             "model": {
@@ -96,22 +105,46 @@ def fit_ctr_model(spec: str, root: str | Path, config: CtrModelConfig) -> CtrMod
     on dev AUC, compress it if asked, measure dev and test AUC and logloss (of the model as
     trained too, when compressed) and save it under `root`."""
     if config.rank is not None and config.compression is not None:
-        raise ValueError("compression applies to full-table models; a factorised one (rank) is low-rank already")
+        raise ValueError(
+            "compression applies to full-table models; a factorised one (rank) is low-rank already"
+        )
     fields, splits = load_ctr_table(spec, config.train.seed)
     train, dev, test = (fields.encode(splits[s]) for s in ("train", "dev", "test"))
-    log.info("%s: %d train, %d dev, %d test rows; fields %s", spec, len(train), len(dev), len(test), fields.field_sizes)
-    layout = {"field_sizes": fields.field_sizes, "attribute_size": fields.multi_size, "numeric_fields": len(fields.numeric)}
+    log.info(
+        "%s: %d train, %d dev, %d test rows; fields %s",
+        spec,
+        len(train),
+        len(dev),
+        len(test),
+        fields.field_sizes,
+    )
+    layout = {
+        "field_sizes": fields.field_sizes,
+        "attribute_size": fields.multi_size,
+        "numeric_fields": len(fields.numeric),
+    }
     model = build_ranker(config.model, {**layout, "dim": config.dim, "rank": config.rank})
     history = train_ctr(model, train, dev, config.train, config.model)
 
     def measured(model: nn.Module) -> dict:
-        return {split: binary_metrics(rows.labels, predict(model, rows)) for split, rows in (("dev", dev), ("test", test))}
+        return {
+            split: binary_metrics(rows.labels, predict(model, rows))
+            for split, rows in (("dev", dev), ("test", test))
+        }
 
-    metrics = {**measured(model), "best_epoch": history["best"]["epoch"], "epochs": history["epochs"]}
+    metrics = {
+        **measured(model),
+        "best_epoch": history["best"]["epoch"],
+        "epochs": history["epochs"],
+    }
     plan = None
     if config.compression is not None:
-        picked = np.random.default_rng(config.train.seed).choice(len(train), min(config.calibration_rows, len(train)), replace=False)
+        picked = np.random.default_rng(config.train.seed).choice(
+            len(train), min(config.calibration_rows, len(train)), replace=False
+        )
         trained = {"dev": metrics["dev"], "test": metrics["test"], "bytes": model_bytes(model)}
-        model, plan = compress(model, config.compression, config.compression_config, tensors(train.take(picked)))
+        model, plan = compress(
+            model, config.compression, config.compression_config, tensors(train.take(picked))
+        )
         metrics.update(measured(model), trained=trained)
     return save_ctr_model(root, model, fields, plan, {"dataset": spec, **asdict(config)}, metrics)

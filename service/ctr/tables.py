@@ -29,11 +29,19 @@ def load_ctr_table(spec: str, seed: int = 0) -> tuple[FieldMap, dict[str, pd.Dat
         if not path:
             raise DataError("criteo needs a path: criteo:PATH")
         splits = load_criteo_splits(path)
-        fields = FieldMap.build(splits["train"], list(CATEGORICAL_COLUMNS), list(INTEGER_COLUMNS), label=LABEL, min_count=CRITEO_MIN_COUNT)
+        fields = FieldMap.build(
+            splits["train"],
+            list(CATEGORICAL_COLUMNS),
+            list(INTEGER_COLUMNS),
+            label=LABEL,
+            min_count=CRITEO_MIN_COUNT,
+        )
         return fields, splits
     dataset = load_dataset(spec)
     frame = interactions_as_ctr(dataset, negatives=NEGATIVES_PER_POSITIVE, seed=seed)
     splits = {split: frame[frame["split"] == split] for split in SPLITS}
     multi = dataset.attribute_columns[0] if dataset.attribute_columns else None
-    fields = FieldMap.build(splits["train"], ["user_id", "item_id", "hour", "weekday"], [], multi=multi, label="label")
+    fields = FieldMap.build(
+        splits["train"], ["user_id", "item_id", "hour", "weekday"], [], multi=multi, label="label"
+    )
     return fields, splits

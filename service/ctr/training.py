@@ -22,7 +22,11 @@ class CtrTrainConfig:
 
 
 def tensors(rows: EncodedRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(rows.categorical), torch.from_numpy(rows.multi), torch.from_numpy(rows.numeric)
+    return (
+        torch.from_numpy(rows.categorical),
+        torch.from_numpy(rows.multi),
+        torch.from_numpy(rows.numeric),
+    )
 
 
 def predict(model: nn.Module, rows: EncodedRows, batch_size: int = 16384) -> np.ndarray:
@@ -32,11 +36,25 @@ def predict(model: nn.Module, rows: EncodedRows, batch_size: int = 16384) -> np.
     out = []
     with torch.inference_mode():
         for s in range(0, len(rows), batch_size):
-            out.append(torch.sigmoid(model(categorical[s : s + batch_size], multi[s : s + batch_size], numeric[s : s + batch_size])))
+            out.append(
+                torch.sigmoid(
+                    model(
+                        categorical[s : s + batch_size],
+                        multi[s : s + batch_size],
+                        numeric[s : s + batch_size],
+                    )
+                )
+            )
     return torch.cat(out).numpy() if out else np.empty(0, np.float32)
 
 
-def train_ctr(model: nn.Module, train: EncodedRows, valid: EncodedRows, config: CtrTrainConfig, name: str = "ctr") -> dict:
+def train_ctr(
+    model: nn.Module,
+    train: EncodedRows,
+    valid: EncodedRows,
+    config: CtrTrainConfig,
+    name: str = "ctr",
+) -> dict:
     """Train `model` in place; returns the per-epoch history and the best validation metrics."""
     if train.labels is None or valid.labels is None:
         raise ValueError("training and validation rows need labels")
@@ -47,8 +65,26 @@ def train_ctr(model: nn.Module, train: EncodedRows, valid: EncodedRows, config: 
         index = torch.from_numpy(index)
         return tuple(column[index] for column in inputs), labels[index]
 
-    loop = LoopConfig(config.epochs, config.patience, config.batch_size, config.learning_rate, config.weight_decay, config.seed)
-    history = fit_binary(
-        model, len(train), batch_of, lambda m: predict(m, valid), valid.labels, loop, log_odds(float(train.labels.mean())), name
+    loop = LoopConfig(
+        config.epochs,
+        config.patience,
+        config.batch_size,
+        config.learning_rate,
+        config.weight_decay,
+        config.seed,
     )
-    return {"best": max(history, key=lambda e: e["auc"]), "epochs": history, "config": asdict(config)}
+    history = fit_binary(
+        model,
+        len(train),
+        batch_of,
+        lambda m: predict(m, valid),
+        valid.labels,
+        loop,
+        log_odds(float(train.labels.mean())),
+        name,
+    )
+    return {
+        "best": max(history, key=lambda e: e["auc"]),
+        "epochs": history,
+        "config": asdict(config),
+    }

@@ -27,7 +27,10 @@ def read_criteo(path: str | Path) -> pd.DataFrame:
         sep="\t",
         header=None,
         names=list(COLUMNS),
-        dtype={**{c: "float32" for c in INTEGER_COLUMNS}, **{c: "string" for c in CATEGORICAL_COLUMNS}},
+        dtype={
+            **dict.fromkeys(INTEGER_COLUMNS, "float32"),
+            **dict.fromkeys(CATEGORICAL_COLUMNS, "string"),
+        },
         keep_default_na=False,
         na_values={c: [""] for c in INTEGER_COLUMNS},
     )
@@ -43,5 +46,7 @@ def load_criteo_splits(folder: str | Path) -> dict[str, pd.DataFrame]:
     folder = Path(folder)
     missing = [s for s in SPLITS if not (folder / f"{s}.csv").is_file()]
     if missing:
-        raise DataError(f"{folder}: no {', '.join(f'{s}.csv' for s in missing)}; point at the criteo-kaggle-8k folder")
+        raise DataError(
+            f"{folder}: no {', '.join(f'{s}.csv' for s in missing)}; point at the criteo-kaggle-8k folder"
+        )
     return {split: read_criteo(folder / f"{split}.csv") for split in SPLITS}

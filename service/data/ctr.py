@@ -21,7 +21,9 @@ def interactions_as_ctr(dataset: Dataset, negatives: int = 4, seed: int = 0) -> 
     cuts = np.floor(np.cumsum(SPLIT_SHARES)[:-1] * n).astype(int)
     split = np.full(n, "test", dtype=object)
     split[: cuts[0]], split[cuts[0] : cuts[1]] = "train", "dev"
-    catalog = np.union1d(frame["item_id"].to_numpy(), dataset.items["item_id"].to_numpy()).astype(np.uint64)
+    catalog = np.union1d(frame["item_id"].to_numpy(), dataset.items["item_id"].to_numpy()).astype(
+        np.uint64
+    )
     seen = set(zip(frame["user_id"].to_numpy().tolist(), frame["item_id"].to_numpy().tolist()))
     users = np.repeat(frame["user_id"].to_numpy(), negatives)
     drawn = catalog[rng.integers(0, len(catalog), len(users))]
@@ -30,14 +32,16 @@ def interactions_as_ctr(dataset: Dataset, negatives: int = 4, seed: int = 0) -> 
         while (int(users[i]), int(drawn[i])) in seen:
             drawn[i] = catalog[rng.integers(0, len(catalog))]
     hour, weekday = context_rows(frame["timestamp"].to_numpy())
-    rows = pd.DataFrame({
-        "user_id": np.concatenate([frame["user_id"].to_numpy(), users]),
-        "item_id": np.concatenate([frame["item_id"].to_numpy(), drawn]),
-        "hour": np.concatenate([hour, np.repeat(hour, negatives)]) - 1,
-        "weekday": np.concatenate([weekday, np.repeat(weekday, negatives)]) - 1,
-        "label": np.r_[np.ones(n, np.int8), np.zeros(n * negatives, np.int8)],
-        "split": np.concatenate([split, np.repeat(split, negatives)]),
-    })
+    rows = pd.DataFrame(
+        {
+            "user_id": np.concatenate([frame["user_id"].to_numpy(), users]),
+            "item_id": np.concatenate([frame["item_id"].to_numpy(), drawn]),
+            "hour": np.concatenate([hour, np.repeat(hour, negatives)]) - 1,
+            "weekday": np.concatenate([weekday, np.repeat(weekday, negatives)]) - 1,
+            "label": np.r_[np.ones(n, np.int8), np.zeros(n * negatives, np.int8)],
+            "split": np.concatenate([split, np.repeat(split, negatives)]),
+        }
+    )
     rows = rows.merge(dataset.items, on="item_id", how="left")
     for column in ("user_id", "item_id", "hour", "weekday"):
         rows[column] = rows[column].astype(str)

@@ -57,7 +57,9 @@ class FeatureSpace:
     @classmethod
     def build(cls, dataset: Dataset) -> "FeatureSpace":
         frame = dataset.interactions
-        items = IdVocabulary(np.concatenate([frame["item_id"].to_numpy(), dataset.items["item_id"].to_numpy()]))
+        items = IdVocabulary(
+            np.concatenate([frame["item_id"].to_numpy(), dataset.items["item_id"].to_numpy()])
+        )
         values: dict[str, int] = {}
         item_attributes = np.zeros((items.size, MAX_ATTRIBUTES_PER_ITEM), dtype=np.int64)
         item_rows = items.rows(dataset.items["item_id"].to_numpy())
@@ -87,7 +89,9 @@ class FeatureSpace:
             },
             folder / "features.safetensors",
         )
-        (folder / "features.json").write_text(json.dumps({"attribute_values": self.attribute_values}))
+        (folder / "features.json").write_text(
+            json.dumps({"attribute_values": self.attribute_values})
+        )
         return ["features.safetensors", "features.json"]
 
     @classmethod

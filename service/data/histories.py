@@ -44,7 +44,9 @@ class UserHistories:
         return self._items[self._offsets[pos] : self._offsets[pos + 1]]
 
     def save(self, path: Path) -> None:
-        save_file({"user_ids": self._user_ids, "offsets": self._offsets, "items": self._items}, path)
+        save_file(
+            {"user_ids": self._user_ids, "offsets": self._offsets, "items": self._items}, path
+        )
 
     @classmethod
     def load(cls, path: Path) -> "UserHistories":

@@ -31,7 +31,9 @@ class SyntheticConfig:
         if min(self.users, self.items, self.categories) < 1:
             raise ValueError("users, items and categories must be at least 1")
         if self.items < self.categories:
-            raise ValueError(f"items ({self.items}) must be at least categories ({self.categories})")
+            raise ValueError(
+                f"items ({self.items}) must be at least categories ({self.categories})"
+            )
 
 
 def generate(config: SyntheticConfig = SyntheticConfig()) -> Dataset:
@@ -77,9 +79,7 @@ def generate(config: SyntheticConfig = SyntheticConfig()) -> Dataset:
             "timestamp": np.array(stamps, dtype=np.int64),
         }
     )
-    catalog = pd.DataFrame(
-        {"item_id": item_ids, "category": [f"c{c}" for c in item_category]}
-    )
+    catalog = pd.DataFrame({"item_id": item_ids, "category": [f"c{c}" for c in item_category]})
     options = {k: v for k, v in asdict(config).items() if not isinstance(v, tuple)}
     name = "synthetic:" + ",".join(f"{k}={v}" for k, v in options.items())
     return Dataset(name, interactions, catalog)
@@ -91,7 +91,9 @@ def clustered_unit_vectors(n: int, dim: int = 64, centres: int = 1000, seed: int
     rng = np.random.default_rng(seed)
     middle = rng.normal(size=(centres, dim)).astype(np.float32)
     out = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, 200_000):  # in slices: 1M x 64 floats of noise at once is 2 GiB of float64
+    for start in range(
+        0, n, 200_000
+    ):  # in slices: 1M x 64 floats of noise at once is 2 GiB of float64
         m = min(200_000, n - start)
         v = middle[rng.integers(0, centres, m)] + 0.6 * rng.normal(size=(m, dim)).astype(np.float32)
         out[start : start + m] = v / np.linalg.norm(v, axis=1, keepdims=True)

@@ -39,7 +39,12 @@ class _Ring:
             old = int(self.ids[slot])
             if self.slot_of.get(old) == slot:
                 del self.slot_of[old]
-            self.ids[slot], self.rows[slot], self.found[slot], self.expires[slot] = item, row, ok, expires
+            self.ids[slot], self.rows[slot], self.found[slot], self.expires[slot] = (
+                item,
+                row,
+                ok,
+                expires,
+            )
             self.slot_of[item] = slot
 
 
@@ -57,10 +62,16 @@ class LocalCache:
         if ring is None:
             with self._lock:
                 ring = self._rings.setdefault(table, _Ring(self.max_entries, dim))
-        slots = np.fromiter((ring.slot_of.get(item, -1) for item in ids), dtype=np.int64, count=len(ids))
+        slots = np.fromiter(
+            (ring.slot_of.get(item, -1) for item in ids), dtype=np.int64, count=len(ids)
+        )
         safe = np.maximum(slots, 0)
         # A slot read while another thread rewrites it fails the id check and counts as a miss.
-        cached = (slots >= 0) & (ring.expires[safe] > time.monotonic()) & (ring.ids[safe] == np.array(ids, dtype=np.uint64))
+        cached = (
+            (slots >= 0)
+            & (ring.expires[safe] > time.monotonic())
+            & (ring.ids[safe] == np.array(ids, dtype=np.uint64))
+        )
         vectors = ring.rows[safe]
         found = ring.found[safe] & cached
         if cached.all():
@@ -98,13 +109,17 @@ class LocalCache:
             degraded |= failed
         return vectors, found, cached, degraded
 
-    def _land(self, table: str, keys: list[int], future: Future, result, error: BaseException | None) -> None:
+    def _land(
+        self, table: str, keys: list[int], future: Future, result, error: BaseException | None
+    ) -> None:
         """Cache a fetch that did not fail, release its ids, wake the threads waiting on it."""
         with self._lock:
             for key in keys:
                 self._inflight.pop((table, key), None)
             if result is not None and not result[2]:
-                self._rings[table].put(keys, result[0], result[1], time.monotonic() + self.ttl_seconds)
+                self._rings[table].put(
+                    keys, result[0], result[1], time.monotonic() + self.ttl_seconds
+                )
         if error is not None:
             future.set_exception(error)
         else:

@@ -57,15 +57,23 @@ def encode_rows(vectors: np.ndarray, dtype: str) -> list[bytes]:
     return [row.tobytes() for row in raw]
 
 
-def decode_rows(values: list[bytes | None], dim: int, dtype: str, default: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def decode_rows(
+    values: list[bytes | None], dim: int, dtype: str, default: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(float32 vectors, found) from MGET replies; a missing or malformed value is not found
     and gets `default` (zeros when None)."""
     width = dim * DTYPES[dtype].itemsize
     present = [v for v in values if v is not None and len(v) == width]
     if len(present) == len(values):  # the common case: every id held a row
-        return np.frombuffer(b"".join(present), dtype=DTYPES[dtype]).reshape(-1, dim).astype(np.float32), np.ones(len(values), bool)
+        return np.frombuffer(b"".join(present), dtype=DTYPES[dtype]).reshape(-1, dim).astype(
+            np.float32
+        ), np.ones(len(values), bool)
     found = np.array([v is not None and len(v) == width for v in values], dtype=bool)
-    vectors = np.zeros((len(values), dim), dtype=np.float32) if default is None else np.tile(default, (len(values), 1))
+    vectors = (
+        np.zeros((len(values), dim), dtype=np.float32)
+        if default is None
+        else np.tile(default, (len(values), 1))
+    )
     if present:
         vectors[found] = np.frombuffer(b"".join(present), dtype=DTYPES[dtype]).reshape(-1, dim)
     return vectors, found

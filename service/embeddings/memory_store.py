@@ -25,7 +25,8 @@ class InMemoryEmbeddingStore(EmbeddingStore):
         # id -> (row in the table's dtype, expiry on the monotonic clock or inf)
         self._rows: dict[str, dict[int, tuple[np.ndarray, float]]] = {t.name: {} for t in tables}
         self._counts = {
-            t.name: TTLCache(MAX_COUNTED_IDS, t.count_window_seconds, timer=time.monotonic) for t in tables
+            t.name: TTLCache(MAX_COUNTED_IDS, t.count_window_seconds, timer=time.monotonic)
+            for t in tables
         }
         self._lock = threading.Lock()
         self._random = random.Random(seed)
@@ -51,7 +52,9 @@ class InMemoryEmbeddingStore(EmbeddingStore):
                 else:
                     vectors[i] = entry[0]
                     found[i] = True
-        observe_lookup("memory", table, found, np.zeros(len(keys), bool), False, time.perf_counter() - started)
+        observe_lookup(
+            "memory", table, found, np.zeros(len(keys), bool), False, time.perf_counter() - started
+        )
         return Lookup(vectors, found)
 
     def put_many(self, table: str, ids, vectors: np.ndarray) -> None:
@@ -95,4 +98,7 @@ class InMemoryEmbeddingStore(EmbeddingStore):
         for start in range(0, len(live), batch_size):
             chunk = live[start : start + batch_size]
             ids = np.array([k for k, _ in chunk], dtype=np.uint64)
-            yield ids, np.stack([row for _, row in chunk]).astype(np.float32).reshape(-1, config.dim)
+            yield (
+                ids,
+                np.stack([row for _, row in chunk]).astype(np.float32).reshape(-1, config.dim),
+            )

@@ -50,16 +50,22 @@ class RecentItems(ABC):
 class InMemoryRecentItems(RecentItems):
     def __init__(self, length: int, ttl_seconds: float | None = None):
         super().__init__(length, ttl_seconds)
-        self._lists: dict[int, tuple[deque, float]] = {}  # user -> (items, expiry on the monotonic clock)
+        self._lists: dict[
+            int, tuple[deque, float]
+        ] = {}  # user -> (items, expiry on the monotonic clock)
         self._lock = threading.Lock()
 
     def push(self, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
         now = time.monotonic()
         expiry = now + self.ttl_seconds if self.ttl_seconds else float("inf")
         with self._lock:
-            for user, item in zip(np.asarray(user_ids, np.uint64).tolist(), np.asarray(item_ids, np.uint64).tolist()):
+            for user, item in zip(
+                np.asarray(user_ids, np.uint64).tolist(), np.asarray(item_ids, np.uint64).tolist()
+            ):
                 entry = self._lists.get(user)
-                items = entry[0] if entry is not None and entry[1] > now else deque(maxlen=self.length)
+                items = (
+                    entry[0] if entry is not None and entry[1] > now else deque(maxlen=self.length)
+                )
                 items.append(item)
                 self._lists[user] = (items, expiry)
 
@@ -96,7 +102,9 @@ class RedisRecentItems(RecentItems):
 
     def push(self, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
         grouped: dict[int, list[bytes]] = {}
-        for user, item in zip(np.asarray(user_ids, np.uint64).tolist(), np.asarray(item_ids, np.uint64)):
+        for user, item in zip(
+            np.asarray(user_ids, np.uint64).tolist(), np.asarray(item_ids, np.uint64)
+        ):
             grouped.setdefault(user, []).append(item.astype("<u8").tobytes())
         pipe = self.client.pipeline(transaction=False)
         for user, items in grouped.items():
@@ -109,7 +117,9 @@ class RedisRecentItems(RecentItems):
 
     def get(self, user_id: int) -> tuple[np.ndarray, bool]:
         try:
-            values = self.breaker.call(self.client.lrange, recent_key(self.namespace, int(user_id)), 0, -1)
+            values = self.breaker.call(
+                self.client.lrange, recent_key(self.namespace, int(user_id)), 0, -1
+            )
         except (*REDIS_FAILURES, BreakerOpen) as exc:
             log.warning("recent items of a user unavailable: %s", exc)
             return np.empty(0, np.uint64), True
@@ -119,4 +129,7 @@ class RedisRecentItems(RecentItems):
         pipe = self.client.pipeline(transaction=False)
         for user in np.asarray(user_ids, np.uint64).tolist():
             pipe.lrange(recent_key(self.namespace, user), 0, -1)
-        return [np.frombuffer(b"".join(values), dtype="<u8").astype(np.uint64) for values in pipe.execute()]
+        return [
+            np.frombuffer(b"".join(values), dtype="<u8").astype(np.uint64)
+            for values in pipe.execute()
+        ]

@@ -47,7 +47,9 @@ class RedisStoreConfig:
     max_connections: int = 64
 
     @classmethod
-    def from_settings(cls, settings: Settings, namespace: str = "", bulk: bool = False) -> "RedisStoreConfig":
+    def from_settings(
+        cls, settings: Settings, namespace: str = "", bulk: bool = False
+    ) -> "RedisStoreConfig":
         """The configured Redis (RECSYS_REDIS_*), for the request path, or for `bulk` work (table
         loads and exports, the online trainer): patient sockets and no local cache in front of
         rows it rewrites."""
@@ -57,19 +59,21 @@ class RedisStoreConfig:
             settings.redis_url,
             cluster=settings.redis_cluster,
             namespace=namespace,
-            socket_timeout=max(settings.redis_socket_timeout, BULK_SOCKET_TIMEOUT) if bulk else settings.redis_socket_timeout,
+            socket_timeout=max(settings.redis_socket_timeout, BULK_SOCKET_TIMEOUT)
+            if bulk
+            else settings.redis_socket_timeout,
             cache_entries=0 if bulk else settings.embedding_cache_entries,
             cache_ttl_seconds=settings.embedding_cache_ttl_seconds,
         )
 
 
 def connect(config: RedisStoreConfig) -> Client:
-    options = dict(
-        socket_timeout=config.socket_timeout,
-        socket_connect_timeout=config.socket_timeout,
-        retry=Retry(NoBackoff(), config.retries),
-        max_connections=config.max_connections,
-    )
+    options = {
+        "socket_timeout": config.socket_timeout,
+        "socket_connect_timeout": config.socket_timeout,
+        "retry": Retry(NoBackoff(), config.retries),
+        "max_connections": config.max_connections,
+    }
     if config.cluster:
         return RedisCluster.from_url(config.url, **options)
     return redis.Redis.from_url(config.url, **options)
@@ -90,13 +94,21 @@ def dedupe(ids: np.ndarray) -> tuple[list[int], np.ndarray | list[int] | None]:
 
 
 class RedisEmbeddingStore(EmbeddingStore):
-    def __init__(self, tables: list[TableConfig], config: RedisStoreConfig, client: Client | None = None):
+    def __init__(
+        self, tables: list[TableConfig], config: RedisStoreConfig, client: Client | None = None
+    ):
         super().__init__(tables)
         self.config = config
         self.client = client if client is not None else connect(config)
         self.cluster = isinstance(self.client, RedisCluster)
-        self.cache = LocalCache(config.cache_entries, config.cache_ttl_seconds) if config.cache_entries else None
-        self.breaker = CircuitBreaker("redis", config.breaker_failures, config.breaker_reset_seconds, counts=REDIS_FAILURES)
+        self.cache = (
+            LocalCache(config.cache_entries, config.cache_ttl_seconds)
+            if config.cache_entries
+            else None
+        )
+        self.breaker = CircuitBreaker(
+            "redis", config.breaker_failures, config.breaker_reset_seconds, counts=REDIS_FAILURES
+        )
         self._random = random.Random()
         self.backend = "redis_cluster" if self.cluster else "redis"
         self._key_makers: dict[str, layout.KeyMaker] = {}
@@ -108,7 +120,9 @@ class RedisEmbeddingStore(EmbeddingStore):
     def keys(self, table: str, ids: list[int]) -> list[bytes]:
         maker = self._key_makers.get(table)
         if maker is None:
-            maker = self._key_makers[table] = layout.KeyMaker(self.qualified(table), self.table(table).shards)
+            maker = self._key_makers[table] = layout.KeyMaker(
+                self.qualified(table), self.table(table).shards
+            )
         return maker(ids)
 
     def _mget(self, keys: list[bytes]) -> list[bytes | None]:
@@ -134,10 +148,17 @@ class RedisEmbeddingStore(EmbeddingStore):
         distinct, inverse = dedupe(requested)
         if self.cache is not None:
             vectors, found, cached, degraded = self.cache.get_many(
-                table, distinct, config.dim, lambda missing: self._fetch(table, missing), 2 * self.config.socket_timeout
+                table,
+                distinct,
+                config.dim,
+                lambda missing: self._fetch(table, missing),
+                2 * self.config.socket_timeout,
             )
         else:
-            (vectors, found, degraded), cached = self._fetch(table, distinct), np.zeros(len(distinct), bool)
+            (vectors, found, degraded), cached = (
+                self._fetch(table, distinct),
+                np.zeros(len(distinct), bool),
+            )
         if not found.all():
             vectors[~found] = config.default_vector()
         observe_lookup(self.backend, table, found, cached, degraded, time.perf_counter() - started)
@@ -207,7 +228,9 @@ class RedisEmbeddingStore(EmbeddingStore):
         if batch:
             yield from self._read(batch, config)
 
-    def _read(self, keys: list[bytes], config: TableConfig) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _read(
+        self, keys: list[bytes], config: TableConfig
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         vectors, found = layout.decode_rows(self._mget(keys), config.dim, config.dtype)
         ids = np.array([layout.id_of_key(k) for k in keys], dtype=np.uint64)
         if found.any():  # a key that expired between SCAN and MGET is skipped

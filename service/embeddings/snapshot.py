@@ -21,11 +21,20 @@ def export_table(store: EmbeddingStore, table: str, path: str | Path) -> int:
         metadata={"table": table, "dim": str(config.dim)},
     )
     rows = 0
-    with pq.ParquetWriter(str(path), schema) as writer, tqdm(desc=f"export {table}", unit="row", mininterval=2) as bar:
+    with (
+        pq.ParquetWriter(str(path), schema) as writer,
+        tqdm(desc=f"export {table}", unit="row", mininterval=2) as bar,
+    ):
         for ids, vectors in store.scan(table, batch_size=BATCH):
             flat = pa.array(vectors.astype(np.float32).reshape(-1), type=pa.float32())
             writer.write_table(
-                pa.table({"id": pa.array(ids, type=pa.uint64()), "vector": pa.FixedSizeListArray.from_arrays(flat, config.dim)}, schema=schema)
+                pa.table(
+                    {
+                        "id": pa.array(ids, type=pa.uint64()),
+                        "vector": pa.FixedSizeListArray.from_arrays(flat, config.dim),
+                    },
+                    schema=schema,
+                )
             )
             rows += len(ids)
             bar.update(len(ids))
@@ -34,11 +43,17 @@ def export_table(store: EmbeddingStore, table: str, path: str | Path) -> int:
 
 def _batches(parquet: pq.ParquetFile, dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for batch in parquet.iter_batches(batch_size=BATCH, columns=["id", "vector"]):
-        yield batch.column("id").to_numpy().astype(np.uint64), batch.column("vector").flatten().to_numpy().reshape(-1, dim)
+        yield (
+            batch.column("id").to_numpy().astype(np.uint64),
+            batch.column("vector").flatten().to_numpy().reshape(-1, dim),
+        )
 
 
 def import_table(
-    store: EmbeddingStore, table: str, path: str | Path, written: Callable[[np.ndarray], None] | None = None
+    store: EmbeddingStore,
+    table: str,
+    path: str | Path,
+    written: Callable[[np.ndarray], None] | None = None,
 ) -> int:
     """Write the snapshot's rows into `table`; `written(ids)` after each batch. The whole file
     is checked first (dimension, ids, finite vectors), so a bad one writes nothing."""
@@ -48,16 +63,23 @@ def import_table(
         vector_type = parquet.schema_arrow.field("vector").type
         id_type = parquet.schema_arrow.field("id").type
     except (OSError, KeyError, pa.ArrowException) as exc:
-        raise ValueError(f"{Path(path).name}: not a table snapshot (Parquet with id and vector columns): {exc}") from None
+        raise ValueError(
+            f"{Path(path).name}: not a table snapshot (Parquet with id and vector columns): {exc}"
+        ) from None
     if getattr(vector_type, "list_size", None) != config.dim:
-        raise ValueError(f"{Path(path).name}: vectors of {getattr(vector_type, 'list_size', '?')} dims, table {table!r} takes {config.dim}")
+        raise ValueError(
+            f"{Path(path).name}: vectors of {getattr(vector_type, 'list_size', '?')} dims, table {table!r} takes "
+            f"{config.dim}"
+        )
     if not pa.types.is_unsigned_integer(id_type):
         raise ValueError(f"{Path(path).name}: ids are {id_type}, not unsigned integers")
     for _, vectors in _batches(parquet, config.dim):
         if not np.isfinite(vectors).all():
             raise ValueError(f"{Path(path).name}: vectors hold NaN or infinity")
     rows = 0
-    with tqdm(total=parquet.metadata.num_rows, desc=f"import {table}", unit="row", mininterval=2) as bar:
+    with tqdm(
+        total=parquet.metadata.num_rows, desc=f"import {table}", unit="row", mininterval=2
+    ) as bar:
         for ids, vectors in _batches(parquet, config.dim):
             store.put_many(table, ids, vectors)
             if written is not None:

@@ -31,7 +31,9 @@ class TableConfig:
     dim: int
     dtype: Literal["float32", "float16"] = "float32"
     ttl_seconds: float | None = None  # None: rows never expire
-    ttl_jitter: float = 0.1  # a row lives ttl x (1 + U(0, jitter)), so a batch does not expire at once
+    ttl_jitter: float = (
+        0.1  # a row lives ttl x (1 + U(0, jitter)), so a batch does not expire at once
+    )
     admission_threshold: int = 1  # occurrences before an id gets its own row
     admission_probabilistic: bool = False  # below the threshold, admit with p = count / threshold
     count_window_seconds: float = 86_400.0  # occurrence counts are forgotten after this
@@ -41,7 +43,9 @@ class TableConfig:
     def __post_init__(self) -> None:
         check_table_name(self.name)
         if self.dim < 1 or self.shards < 1 or self.admission_threshold < 1:
-            raise ValueError(f"table {self.name!r}: dim, shards and admission_threshold must be >= 1")
+            raise ValueError(
+                f"table {self.name!r}: dim, shards and admission_threshold must be >= 1"
+            )
         if self.ttl_seconds is not None and self.ttl_seconds <= 0:
             raise ValueError(f"table {self.name!r}: ttl_seconds must be positive or None")
 
@@ -84,13 +88,18 @@ def as_ids(ids) -> np.ndarray:
 def _lookup_series(backend: str, table: str):
     """The labelled series of a (backend, table), resolved once: `labels()` costs a lock."""
     return (
-        *(EMBEDDING_LOOKUPS.labels(table, result) for result in ("hit", "cache_hit", "miss", "error")),
+        *(
+            EMBEDDING_LOOKUPS.labels(table, result)
+            for result in ("hit", "cache_hit", "miss", "error")
+        ),
         EMBEDDING_BATCH_IDS.labels(backend),
         EMBEDDING_LOOKUP_LATENCY.labels(backend),
     )
 
 
-def observe_lookup(backend: str, table: str, found: np.ndarray, cached: np.ndarray, degraded: bool, seconds: float) -> None:
+def observe_lookup(
+    backend: str, table: str, found: np.ndarray, cached: np.ndarray, degraded: bool, seconds: float
+) -> None:
     """Metrics of one batched lookup over distinct ids (on every request: counted with
     `count_nonzero` and no zero increments, a few microseconds less per lookup)."""
     hit, cache_hit, miss, error, batch, latency = _lookup_series(backend, table)
@@ -114,7 +123,9 @@ def observe_admission(table: str, admitted: np.ndarray) -> None:
 class EmbeddingStore(ABC):
     def __init__(self, tables: list[TableConfig]):
         self.tables = {t.name: t for t in tables}
-        self._rng = np.random.default_rng()  # probabilistic admission, unless the caller brings its own
+        self._rng = (
+            np.random.default_rng()
+        )  # probabilistic admission, unless the caller brings its own
 
     def table(self, name: str) -> TableConfig:
         try:
@@ -148,10 +159,14 @@ class EmbeddingStore(ABC):
         distinct, inverse = np.unique(ids, return_inverse=True)
         counted, held = self.counts(table, distinct)
         order = np.argsort(inverse, kind="stable")
-        rank = np.empty(len(ids), dtype=np.int64)  # 1 for an id's first occurrence, 2 for its second...
+        rank = np.empty(
+            len(ids), dtype=np.int64
+        )  # 1 for an id's first occurrence, 2 for its second...
         grouped = inverse[order]
         rank[order] = np.arange(len(ids)) - np.searchsorted(grouped, grouped, side="left") + 1
-        return self._admit(table, counted[inverse] + rank, held[inverse], self._rng if rng is None else rng)
+        return self._admit(
+            table, counted[inverse] + rank, held[inverse], self._rng if rng is None else rng
+        )
 
     def record(self, table: str, ids) -> np.ndarray:
         """Count one occurrence of each id; returns which ids are admitted (they hold a row
@@ -168,7 +183,9 @@ class EmbeddingStore(ABC):
     def scan(self, table: str, batch_size: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every (ids, vectors) the table holds, in batches."""
 
-    def _admit(self, table: str, counts: np.ndarray, held: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _admit(
+        self, table: str, counts: np.ndarray, held: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
         """Admitted: holds a row already, or its count passes the table's filter."""
         admitted = held | self.table(table).passes_filter(counts, rng)
         observe_admission(table, admitted)

@@ -1,9 +1,9 @@
 """The tables an artifact's models read, by name, and their configurations.
 
-    user                two-tower user id vectors       (id_dim floats)
-    item                two-tower item id vectors       (id_dim floats)
-    interest            kNN-Embed: each user's recency-weighted item-cluster counts (one float per cluster)
-    interest_smoothing  kNN-Embed: the mean mixture of each user's nearest users (one float per cluster)
+user                two-tower user id vectors       (id_dim floats)
+item                two-tower item id vectors       (id_dim floats)
+interest            kNN-Embed: each user's recency-weighted item-cluster counts (one float per cluster)
+interest_smoothing  kNN-Embed: the mean mixture of each user's nearest users (one float per cluster)
 """
 
 from service.embeddings.store import TableConfig
@@ -12,7 +12,9 @@ USER_TABLE, ITEM_TABLE = "user", "item"
 INTEREST_TABLE, SMOOTHING_TABLE = "interest", "interest_smoothing"
 
 
-def table_configs(id_dim: int, clusters: int, ttl_seconds: float | None = None) -> list[TableConfig]:
+def table_configs(
+    id_dim: int, clusters: int, ttl_seconds: float | None = None
+) -> list[TableConfig]:
     """The four tables of an artifact whose id vectors have `id_dim` floats and whose
     kNN-Embed has `clusters` item clusters; rows expire `ttl_seconds` after their last write."""
     return [

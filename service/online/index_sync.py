@@ -45,7 +45,9 @@ class IndexSync:
         self.clusters = clusters
         self.block_seconds = block_seconds
         self.cursor = ItemUpdateFeed.START
-        self._lock = threading.Lock()  # one of step() and swap_in() at a time: no update falls between
+        self._lock = (
+            threading.Lock()
+        )  # one of step() and swap_in() at a time: no update falls between
         self._last_update = time.time()
         FRESHNESS.labels("index").set_function(lambda: time.time() - self._last_update)
 
@@ -60,7 +62,9 @@ class IndexSync:
             return 0
         attributes = torch.from_numpy(self.features.item_attributes[self.features.items.rows(ids)])
         with torch.inference_mode():
-            vectors = self.two_tower.item_tower_from_vectors(torch.from_numpy(lookup.vectors[lookup.found]), attributes)
+            vectors = self.two_tower.item_tower_from_vectors(
+                torch.from_numpy(lookup.vectors[lookup.found]), attributes
+            )
         added = (index or self.index).upsert(ids, vectors.numpy())
         if self.clusters is not None and index is None:
             self.clusters.upsert(ids, vectors.numpy())

@@ -44,7 +44,9 @@ class InterestUpdater:
         self.mixtures = mixtures
         self.decay = 0.5 ** (1.0 / half_life)
 
-    def clusters_of(self, item_ids: np.ndarray, fresh: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    def clusters_of(
+        self, item_ids: np.ndarray, fresh: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> np.ndarray:
         """The artifact's cluster of each item; items it lacks are embedded from their table
         row (or from `fresh`: sorted ids and their vectors, not yet written) and assigned to
         the nearest centroid (-1: no row yet)."""
@@ -59,9 +61,13 @@ class InterestUpdater:
                 at = np.minimum(np.searchsorted(fresh[0], item_ids[new]), len(fresh[0]) - 1)
                 hit = fresh[0][at] == item_ids[new]
                 vectors[hit], found[hit] = fresh[1][at[hit]], True
-            attributes = torch.from_numpy(self.features.item_attributes[self.features.items.rows(item_ids[new])])
+            attributes = torch.from_numpy(
+                self.features.item_attributes[self.features.items.rows(item_ids[new])]
+            )
             with torch.inference_mode():
-                vectors = self.two_tower.item_tower_from_vectors(torch.from_numpy(vectors), attributes).numpy()
+                vectors = self.two_tower.item_tower_from_vectors(
+                    torch.from_numpy(vectors), attributes
+                ).numpy()
             clusters[new] = np.where(found, self.clusters.assign(vectors), -1)
         return clusters
 
@@ -72,7 +78,10 @@ class InterestUpdater:
         ONLINE_ROWS_WRITTEN.labels(INTEREST_TABLE).inc(len(users))
 
     def rows_after(
-        self, user_ids: np.ndarray, item_ids: np.ndarray, fresh: tuple[np.ndarray, np.ndarray] | None = None
+        self,
+        user_ids: np.ndarray,
+        item_ids: np.ndarray,
+        fresh: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(users, their interest rows once the pairs are added), written by the caller."""
         clusters = self.clusters_of(item_ids, fresh)
@@ -107,11 +116,22 @@ def live_user_vectors(
     users have any of those rows (the rest have no vector of their own)."""
     kernel = UserTowerKernel(two_tower)
     users = _checked(store.get_many(USER_TABLE, user_ids))
-    since = recent.get_many(user_ids) if recent is not None else [np.empty(0, np.uint64)] * len(user_ids)
-    latest = [np.concatenate([histories.get(int(u)), more])[-history_length:] for u, more in zip(user_ids.tolist(), since)]
+    since = (
+        recent.get_many(user_ids)
+        if recent is not None
+        else [np.empty(0, np.uint64)] * len(user_ids)
+    )
+    latest = [
+        np.concatenate([histories.get(int(u)), more])[-history_length:]
+        for u, more in zip(user_ids.tolist(), since)
+    ]
     lengths = np.array([len(items) for items in latest])
     flat = np.concatenate(latest) if len(latest) else np.empty(0, np.uint64)
-    items = _checked(store.get_many(ITEM_TABLE, flat)) if len(flat) else Lookup(np.zeros((0, users.vectors.shape[1]), np.float32), np.zeros(0, bool))
+    items = (
+        _checked(store.get_many(ITEM_TABLE, flat))
+        if len(flat)
+        else Lookup(np.zeros((0, users.vectors.shape[1]), np.float32), np.zeros(0, bool))
+    )
     owner = np.repeat(np.arange(len(user_ids)), lengths)[items.found]
     pooled = np.zeros_like(users.vectors)
     np.add.at(pooled, owner, items.vectors[items.found])
@@ -133,16 +153,25 @@ def refresh_smoothing(
     mixture of their `neighbours` nearest users by live user vector. Users without a vector
     of their own neither get nor give smoothing. Returns the rows written."""
     user_ids, counts = [], []
-    for ids, rows in tqdm(store.scan(INTEREST_TABLE, batch_size), desc="interests", unit="batch", mininterval=2):
+    for ids, rows in tqdm(
+        store.scan(INTEREST_TABLE, batch_size), desc="interests", unit="batch", mininterval=2
+    ):
         user_ids.append(ids)
         counts.append(rows)
     if not user_ids:
         return 0
     user_ids, counts = np.concatenate(user_ids), np.concatenate(counts)
     vectors, known = [], []
-    for start in tqdm(range(0, len(user_ids), batch_size), desc="user vectors", unit="batch", mininterval=2):
+    for start in tqdm(
+        range(0, len(user_ids), batch_size), desc="user vectors", unit="batch", mininterval=2
+    ):
         batch_vectors, batch_known = live_user_vectors(
-            two_tower, histories, store, recent, user_ids[start : start + batch_size], history_length
+            two_tower,
+            histories,
+            store,
+            recent,
+            user_ids[start : start + batch_size],
+            history_length,
         )
         vectors.append(batch_vectors)
         known.append(batch_known)
@@ -151,5 +180,9 @@ def refresh_smoothing(
     log.info("smoothing %d users' interests over their %d nearest users", len(user_ids), neighbours)
     smoothing = neighbour_mixtures(vectors, normalise_rows(counts), neighbours)
     for start in range(0, len(user_ids), batch_size):
-        store.put_many(SMOOTHING_TABLE, user_ids[start : start + batch_size], smoothing[start : start + batch_size])
+        store.put_many(
+            SMOOTHING_TABLE,
+            user_ids[start : start + batch_size],
+            smoothing[start : start + batch_size],
+        )
     return len(user_ids)

@@ -82,7 +82,9 @@ class InMemoryOutcomeJournal(OutcomeJournal):
 
     def load(self, consumer: str, entries: list[str]) -> tuple[BatchOutcome | None, set[str]]:
         outcome, done = self._records.get(consumer, (None, set()))
-        return (outcome, done) if outcome is not None and outcome.entries == entries else (None, set())
+        return (
+            (outcome, done) if outcome is not None and outcome.entries == entries else (None, set())
+        )
 
     def mark(self, consumer: str, step: str) -> None:
         self._records[consumer][1].add(step)
@@ -103,7 +105,9 @@ class RedisOutcomeJournal(OutcomeJournal):
         key = self.key(consumer)
         pipe = self.client.pipeline(transaction=True)  # one key: also atomic on Cluster
         pipe.delete(key)
-        pipe.hset(key, mapping={"entries": ",".join(outcome.entries), "outcome": outcome.to_bytes()})
+        pipe.hset(
+            key, mapping={"entries": ",".join(outcome.entries), "outcome": outcome.to_bytes()}
+        )
         pipe.execute()
 
     def load(self, consumer: str, entries: list[str]) -> tuple[BatchOutcome | None, set[str]]:

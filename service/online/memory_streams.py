@@ -39,7 +39,9 @@ class InMemoryEventLog(EventLog):
     def __init__(self, claim_idle_seconds: float = 30.0):
         self.claim_idle_seconds = claim_idle_seconds
         self._new: deque[LoggedEvent] = deque()
-        self._pending: OrderedDict[str, tuple[LoggedEvent, str, float]] = OrderedDict()  # id -> (event, consumer, since)
+        self._pending: OrderedDict[str, tuple[LoggedEvent, str, float]] = (
+            OrderedDict()
+        )  # id -> (event, consumer, since)
         self._ids = _EntryIds()
         self._arrived = threading.Condition()
 
@@ -59,7 +61,9 @@ class InMemoryEventLog(EventLog):
                 return own
             now = time.monotonic()
             idle = [
-                entry_id for entry_id, (_, _, since) in self._pending.items() if now - since >= self.claim_idle_seconds
+                entry_id
+                for entry_id, (_, _, since) in self._pending.items()
+                if now - since >= self.claim_idle_seconds
             ][:count]
             if idle:
                 for entry_id in idle:
@@ -91,7 +95,9 @@ class InMemoryItemUpdateFeed(ItemUpdateFeed):
 
     def publish(self, item_ids: np.ndarray) -> None:
         with self._published:
-            self._updates.append((self._ids.next(), np.unique(np.asarray(item_ids, dtype=np.uint64))))
+            self._updates.append(
+                (self._ids.next(), np.unique(np.asarray(item_ids, dtype=np.uint64)))
+            )
             self._published.notify_all()
 
     def read(self, cursor: str, block_seconds: float, count: int = 100) -> ItemUpdates:
@@ -99,7 +105,11 @@ class InMemoryItemUpdateFeed(ItemUpdateFeed):
         deadline = time.monotonic() + block_seconds
         with self._published:
             while True:
-                newer = [(entry_id, ids) for entry_id, ids in self._updates if _entry_key(entry_id) > after][:count]
+                newer = [
+                    (entry_id, ids)
+                    for entry_id, ids in self._updates
+                    if _entry_key(entry_id) > after
+                ][:count]
                 remaining = deadline - time.monotonic()
                 if newer or remaining <= 0:
                     break
@@ -107,7 +117,9 @@ class InMemoryItemUpdateFeed(ItemUpdateFeed):
         if not newer:
             return ItemUpdates(cursor, np.empty(0, np.uint64), 0.0)
         last = newer[-1][0]
-        return ItemUpdates(last, np.unique(np.concatenate([ids for _, ids in newer])), _entry_key(last)[0] / 1000.0)
+        return ItemUpdates(
+            last, np.unique(np.concatenate([ids for _, ids in newer])), _entry_key(last)[0] / 1000.0
+        )
 
 
 def _entry_key(entry_id: str) -> tuple[int, int]:

@@ -52,12 +52,22 @@ def open_online(settings: Settings, store: EmbeddingStore) -> OnlineLearning:
         return OnlineLearning(events, events, recent, InMemoryItemUpdateFeed())
     namespace = store.config.namespace
     background = connect(replace(store.config, socket_timeout=BLOCK_SECONDS + 4, retries=3))
-    events = RedisEventLog(background, settings.events_stream, f"trainer.{namespace}", settings.events_max_length)
+    events = RedisEventLog(
+        background, settings.events_stream, f"trainer.{namespace}", settings.events_max_length
+    )
     events.ensure_group()  # before the first event is accepted, so the group sees every one
     return OnlineLearning(
-        RedisEventLog(store.client, settings.events_stream, events.group, settings.events_max_length),
+        RedisEventLog(
+            store.client, settings.events_stream, events.group, settings.events_max_length
+        ),
         events,
-        RedisRecentItems(store.client, namespace, settings.history_length, settings.embedding_ttl_seconds, store.breaker),
+        RedisRecentItems(
+            store.client,
+            namespace,
+            settings.history_length,
+            settings.embedding_ttl_seconds,
+            store.breaker,
+        ),
         RedisItemUpdateFeed(background, namespace),
         [background.close],
     )
@@ -67,6 +77,8 @@ def open_event_log(settings: Settings, namespace: str) -> OnlineLearning:
     """A gateway's part of online learning: appends to the shared Redis stream, whose
     trainer group (created here if need be) is the one `open_online` names."""
     client = connect(RedisStoreConfig.from_settings(settings))
-    events = RedisEventLog(client, settings.events_stream, f"trainer.{namespace}", settings.events_max_length)
+    events = RedisEventLog(
+        client, settings.events_stream, f"trainer.{namespace}", settings.events_max_length
+    )
     events.ensure_group()
     return OnlineLearning(events, events, None, None, [client.close])

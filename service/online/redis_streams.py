@@ -66,7 +66,9 @@ class RedisEventLog(EventLog):
         now = time.time()
         pipe = self.client.pipeline(transaction=True)
         for event in events:
-            pipe.xadd(self.stream, event_fields(event, now), maxlen=self.max_length, approximate=True)
+            pipe.xadd(
+                self.stream, event_fields(event, now), maxlen=self.max_length, approximate=True
+            )
         try:
             return [_text(entry_id) for entry_id in pipe.execute()]
         except ERRORS as exc:
@@ -80,9 +82,15 @@ class RedisEventLog(EventLog):
             if not fields:
                 trimmed.append(_text(entry_id))
                 continue
-            events.append(logged_event(_text(entry_id), {_text(k): _text(v) for k, v in fields.items()}))
+            events.append(
+                logged_event(_text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
+            )
         if trimmed:
-            log.error("%d pending events were trimmed from %s before processing", len(trimmed), self.stream)
+            log.error(
+                "%d pending events were trimmed from %s before processing",
+                len(trimmed),
+                self.stream,
+            )
             EVENTS_LOST.inc(len(trimmed))
             self.ack(trimmed)
         return events
@@ -91,13 +99,17 @@ class RedisEventLog(EventLog):
         own = self.client.xreadgroup(self.group, consumer, {self.stream: "0"}, count=count)
         if own and own[0][1]:
             return self._entries(own)
-        _, claimed, deleted = self.client.xautoclaim(self.stream, self.group, consumer, self.claim_idle_ms, "0-0", count)
+        _, claimed, deleted = self.client.xautoclaim(
+            self.stream, self.group, consumer, self.claim_idle_ms, "0-0", count
+        )
         if deleted:
             EVENTS_LOST.inc(len(deleted))
         if claimed:
             return self._entries(claimed, group_reply=False)
         block = int(block_seconds * 1000) or None  # BLOCK 0 would wait forever
-        new = self.client.xreadgroup(self.group, consumer, {self.stream: ">"}, count=count, block=block)
+        new = self.client.xreadgroup(
+            self.group, consumer, {self.stream: ">"}, count=count, block=block
+        )
         return self._entries(new) if new else []
 
     def read(self, consumer: str, count: int, block_seconds: float) -> list[LoggedEvent]:
@@ -106,7 +118,11 @@ class RedisEventLog(EventLog):
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            log.warning("group %s of %s is gone (stream deleted?): creating it again", self.group, self.stream)
+            log.warning(
+                "group %s of %s is gone (stream deleted?): creating it again",
+                self.group,
+                self.stream,
+            )
             self.ensure_group()
             return self._read(consumer, count, block_seconds)
 
@@ -121,8 +137,14 @@ class RedisEventLog(EventLog):
         for group in self.client.xinfo_groups(self.stream):
             if _text(group["name"]) == self.group:
                 lag = group.get("lag")
-                if lag is None:  # Redis cannot tell after deletions: count from the group's position
-                    lag = len(self.client.xrange(self.stream, min=f"({_text(group['last-delivered-id'])}", count=10_000))
+                if (
+                    lag is None
+                ):  # Redis cannot tell after deletions: count from the group's position
+                    lag = len(
+                        self.client.xrange(
+                            self.stream, min=f"({_text(group['last-delivered-id'])}", count=10_000
+                        )
+                    )
                 return int(lag) + int(group["pending"])
         return 0
 
@@ -135,7 +157,9 @@ class RedisItemUpdateFeed(ItemUpdateFeed):
 
     def publish(self, item_ids: np.ndarray) -> None:
         ids = np.unique(np.asarray(item_ids, dtype=np.uint64)).astype("<u8")
-        self.client.xadd(self.stream, {"ids": ids.tobytes()}, maxlen=self.max_length, approximate=True)
+        self.client.xadd(
+            self.stream, {"ids": ids.tobytes()}, maxlen=self.max_length, approximate=True
+        )
 
     def read(self, cursor: str, block_seconds: float, count: int = 100) -> ItemUpdates:
         block = int(block_seconds * 1000) or None
@@ -145,4 +169,6 @@ class RedisItemUpdateFeed(ItemUpdateFeed):
         entries = replies[0][1]
         ids = [np.frombuffer(fields[b"ids"], dtype="<u8") for _, fields in entries]
         last = _text(entries[-1][0])
-        return ItemUpdates(last, np.unique(np.concatenate(ids)).astype(np.uint64), int(last.split("-")[0]) / 1000.0)
+        return ItemUpdates(
+            last, np.unique(np.concatenate(ids)).astype(np.uint64), int(last.split("-")[0]) / 1000.0
+        )

@@ -11,7 +11,9 @@ from service.retrieval.index import ItemIndex
 from service.settings import Settings
 
 
-def make_trainer(settings: Settings, bundle: ModelBundle, store: EmbeddingStore, online: OnlineLearning) -> OnlineTrainer:
+def make_trainer(
+    settings: Settings, bundle: ModelBundle, store: EmbeddingStore, online: OnlineLearning
+) -> OnlineTrainer:
     config = OnlineTrainerConfig(
         batch_events=settings.online_batch_events,
         learning_rate=settings.online_learning_rate,
@@ -20,13 +22,36 @@ def make_trainer(settings: Settings, bundle: ModelBundle, store: EmbeddingStore,
         history_length=settings.history_length,
     )
     interests = InterestUpdater(
-        bundle.two_tower, bundle.features, store, bundle.clusters, bundle.mixtures, bundle.knn_embed_config.half_life
+        bundle.two_tower,
+        bundle.features,
+        store,
+        bundle.clusters,
+        bundle.mixtures,
+        bundle.knn_embed_config.half_life,
     )
     return OnlineTrainer(
-        bundle.two_tower, bundle.features, bundle.histories, store,
-        online.trainer_events, online.recent, online.updates, config, settings.trainer_consumer, interests,
+        bundle.two_tower,
+        bundle.features,
+        bundle.histories,
+        store,
+        online.trainer_events,
+        online.recent,
+        online.updates,
+        config,
+        settings.trainer_consumer,
+        interests,
     )
 
 
-def make_index_sync(bundle: ModelBundle, store: EmbeddingStore, index: ItemIndex, online: OnlineLearning) -> IndexSync:
-    return IndexSync(bundle.two_tower, bundle.features, store, index, online.updates, BLOCK_SECONDS, bundle.clusters)
+def make_index_sync(
+    bundle: ModelBundle, store: EmbeddingStore, index: ItemIndex, online: OnlineLearning
+) -> IndexSync:
+    return IndexSync(
+        bundle.two_tower,
+        bundle.features,
+        store,
+        index,
+        online.updates,
+        BLOCK_SECONDS,
+        bundle.clusters,
+    )

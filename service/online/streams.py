@@ -47,7 +47,9 @@ def event_fields(event: Event, now: float) -> dict[str, str]:
 
 
 def logged_event(entry_id: str, fields: dict[str, str]) -> LoggedEvent:
-    return LoggedEvent(entry_id, int(fields["user"]), int(fields["item"]), fields["type"], float(fields["ts"]))
+    return LoggedEvent(
+        entry_id, int(fields["user"]), int(fields["item"]), fields["type"], float(fields["ts"])
+    )
 
 
 class EventLog(ABC):

@@ -6,8 +6,9 @@ For each batch read from the event log:
    the two-tower's sampled softmax, both ways (user to item against the batch's other items
    and uniformly sampled catalog items; item to user against the batch's other users and
    sampled artifact users), on the id vectors of rows the artifact did not train (new items,
-   catalog items without interactions, new users; artifact rows too with `train_artifact_rows`); the towers' dense layers stay
-   as trained (Monolith also syncs dense parameters far less often than sparse ones);
+   catalog items without interactions, new users; artifact rows too with
+   `train_artifact_rows`); the towers' dense layers stay as trained (Monolith also syncs
+   dense parameters far less often than sparse ones);
 3. what the batch will write is recorded first (`service.online.journal`), then the
    occurrences are counted, the new vectors written to the embedding table with fresh TTLs,
    the users' interests (kNN-Embed) rewritten, the positive items appended to their users'
@@ -60,7 +61,9 @@ class OnlineTrainerConfig:
     learning_rate: float = 0.05
     steps: int = 5  # SGD steps per batch
     negatives: int = 256  # uniformly sampled catalog items per batch
-    train_artifact_rows: bool = False  # also move the vectors of users and items the artifact trained
+    train_artifact_rows: bool = (
+        False  # also move the vectors of users and items the artifact trained
+    )
     block_seconds: float = 1.0  # how long a read waits for new events
     history_length: int = 50
     seed: int = 0
@@ -111,7 +114,9 @@ class OnlineTrainer:
             self.journal.clear(self.consumer)
             for event in batch:
                 EVENTS_PROCESSED.labels(event.type).inc()
-            if len(outcome.published):  # the batch changed vectors: how long its events took to land
+            if len(
+                outcome.published
+            ):  # the batch changed vectors: how long its events took to land
                 now = time.time()
                 for event in batch:
                     ONLINE_UPDATE_DELAY.observe(max(0.0, now - event.appended_at))
@@ -126,10 +131,16 @@ class OnlineTrainer:
             try:
                 processed += self.step()
             except Exception:
-                log.exception("online training batch failed; its events stay pending and are read again")
+                log.exception(
+                    "online training batch failed; its events stay pending and are read again"
+                )
                 stop.wait(retry_seconds)
             if time.monotonic() - since >= 30:
-                log.info("online trainer: %.1f events/s, backlog %d", processed / (time.monotonic() - since), self.backlog)
+                log.info(
+                    "online trainer: %.1f events/s, backlog %d",
+                    processed / (time.monotonic() - since),
+                    self.backlog,
+                )
                 processed, since = 0, time.monotonic()
 
     def compute(self, batch: list[LoggedEvent]) -> BatchOutcome:
@@ -139,18 +150,36 @@ class OnlineTrainer:
         users = np.array([e.user_id for e in batch], dtype=np.uint64)
         items = np.array([e.item_id for e in batch], dtype=np.uint64)
         positive = np.array([e.type in POSITIVE_EVENT_TYPES for e in batch], dtype=bool)
-        trainable = positive & self.store.admission(USER_TABLE, users, rng) & self.store.admission(ITEM_TABLE, items, rng)
+        trainable = (
+            positive
+            & self.store.admission(USER_TABLE, users, rng)
+            & self.store.admission(ITEM_TABLE, items, rng)
+        )
         dim = self.two_tower.config.id_dim
         none, no_vectors = np.empty(0, np.uint64), np.empty((0, dim), np.float32)
         user_ids, user_vectors, item_ids, item_vectors = none, no_vectors, none, no_vectors
         if trainable.any():
-            user_ids, user_vectors, item_ids, item_vectors = self._train(users[trainable], items[trainable], rng)
+            user_ids, user_vectors, item_ids, item_vectors = self._train(
+                users[trainable], items[trainable], rng
+            )
         interest_users, interest_rows = none, np.empty((0, 0), np.float32)
         if positive.any() and self.interests is not None:
-            interest_users, interest_rows = self.interests.rows_after(users[positive], items[positive], (item_ids, item_vectors))
+            interest_users, interest_rows = self.interests.rows_after(
+                users[positive], items[positive], (item_ids, item_vectors)
+            )
         return BatchOutcome(
-            [e.entry_id for e in batch], users, items, user_ids, user_vectors, item_ids, item_vectors,
-            interest_users, interest_rows, users[positive], items[positive], np.unique(items[trainable]),
+            [e.entry_id for e in batch],
+            users,
+            items,
+            user_ids,
+            user_vectors,
+            item_ids,
+            item_vectors,
+            interest_users,
+            interest_rows,
+            users[positive],
+            items[positive],
+            np.unique(items[trainable]),
         )
 
     def write(self, outcome: BatchOutcome, done: set[str]) -> None:
@@ -178,8 +207,15 @@ class OnlineTrainer:
     def _pooled_history(self, user_ids: np.ndarray, with_recent: bool = True) -> np.ndarray:
         """Mean item-id vector of each user's latest items (artifact history, then recent)."""
         length = self.config.history_length
-        recent = self.recent.get_many(user_ids) if with_recent else [np.empty(0, np.uint64)] * len(user_ids)
-        histories = [np.concatenate([self.histories.get(u), r])[-length:] for u, r in zip(user_ids.tolist(), recent)]
+        recent = (
+            self.recent.get_many(user_ids)
+            if with_recent
+            else [np.empty(0, np.uint64)] * len(user_ids)
+        )
+        histories = [
+            np.concatenate([self.histories.get(u), r])[-length:]
+            for u, r in zip(user_ids.tolist(), recent)
+        ]
         everything = np.unique(np.concatenate(histories)) if histories else np.empty(0, np.uint64)
         pooled = np.zeros((len(user_ids), self.two_tower.config.id_dim), dtype=np.float32)
         if not len(everything):
@@ -233,7 +269,9 @@ class OnlineTrainer:
         attributes = self._attributes(item_ids)
 
         catalog = self.features.items.ids
-        sampled = np.setdiff1d(rng.choice(catalog, min(self.config.negatives, len(catalog)), replace=False), item_ids)
+        sampled = np.setdiff1d(
+            rng.choice(catalog, min(self.config.negatives, len(catalog)), replace=False), item_ids
+        )
         with torch.no_grad():
             negatives = self.two_tower.item_tower_from_vectors(
                 torch.from_numpy(self._vectors(ITEM_TABLE, sampled)), self._attributes(sampled)
@@ -248,7 +286,9 @@ class OnlineTrainer:
 
         # And the other way: a pair's item should be closer to its user than to other users.
         other_users = self._sampled_users()
-        clicked_by = torch.from_numpy(np.pad(clicked.T[item_of_pair], ((0, 0), (0, len(other_users)))))
+        clicked_by = torch.from_numpy(
+            np.pad(clicked.T[item_of_pair], ((0, 0), (0, len(other_users))))
+        )
         clicked_by[np.arange(len(pair_users)), user_of_pair] = False
         user_target = torch.from_numpy(user_of_pair.astype(np.int64))
 
@@ -260,15 +300,23 @@ class OnlineTrainer:
         if not self.config.train_artifact_rows:
             user_rate[torch.from_numpy(self.features.users.rows(user_ids) > 0)] = 0.0
             # Catalog items with no training interaction count as new: the artifact only knows their attributes.
-            item_rate[torch.from_numpy(self.features.item_counts[self.features.items.rows(item_ids)] > 0)] = 0.0
+            item_rate[
+                torch.from_numpy(self.features.item_counts[self.features.items.rows(item_ids)] > 0)
+            ] = 0.0
         for _ in range(self.config.steps):
             users = self.two_tower.user_tower(user_vectors, pooled)
             user = users[torch.from_numpy(user_of_pair)]
             items = self.two_tower.item_tower_from_vectors(item_vectors, attributes)
             item = items[torch.from_numpy(item_of_pair)]
-            logits = (user @ torch.cat([items, negatives]).T / self.temperature).masked_fill(masked, float("-inf"))
-            user_logits = (item @ torch.cat([users, other_users]).T / self.temperature).masked_fill(clicked_by, float("-inf"))
-            loss = F.cross_entropy(logits, target, reduction="sum") + F.cross_entropy(user_logits, user_target, reduction="sum")
+            logits = (user @ torch.cat([items, negatives]).T / self.temperature).masked_fill(
+                masked, float("-inf")
+            )
+            user_logits = (item @ torch.cat([users, other_users]).T / self.temperature).masked_fill(
+                clicked_by, float("-inf")
+            )
+            loss = F.cross_entropy(logits, target, reduction="sum") + F.cross_entropy(
+                user_logits, user_target, reduction="sum"
+            )
             user_grad, item_grad = torch.autograd.grad(loss, [user_vectors, item_vectors])
             with torch.no_grad():
                 user_vectors -= user_rate * user_grad

@@ -1,1 +1,3 @@
-"""The recommendation pipeline: its interface and the answers both implementations build (`interface`), and the in-process pipeline (`in_process`); the gateway's remote one is `service.api.remote`."""
+"""The recommendation pipeline: its interface and the answers both implementations build
+(`interface`), and the in-process pipeline (`in_process`); the gateway's remote one is
+`service.api.remote`."""

@@ -54,7 +54,9 @@ class PipelineOptions:
             default_candidates=settings.default_candidates,
             history_length=settings.history_length,
             strategy=settings.strategy,
-            knn_embed=MixtureKnobs(settings.knn_alpha, settings.knn_components, settings.knn_reserved_share),
+            knn_embed=MixtureKnobs(
+                settings.knn_alpha, settings.knn_components, settings.knn_reserved_share
+            ),
         )
 
 
@@ -67,7 +69,13 @@ class RankingStage:
         self.ranker = Ranker(parts.ranker, parts.features, parts.score_scale)
         self.ranker_info = RankerInfo(model=ranker_name(parts.ranker), variant=parts.ranker_variant)
 
-    def rank(self, user_id: int, item_ids: np.ndarray, retrieval_scores: np.ndarray, context: Context | None) -> np.ndarray:
+    def rank(
+        self,
+        user_id: int,
+        item_ids: np.ndarray,
+        retrieval_scores: np.ndarray,
+        context: Context | None,
+    ) -> np.ndarray:
         with timed(RANK):
             return self.ranker.score(
                 user_id,
@@ -105,7 +113,12 @@ class RecommendPipeline:
         self.ranking = RankingStage(bundle.ranking_parts)
         self.ranker_info = self.ranking.ranker_info
         MODEL_INFO.info(
-            {"version": bundle.version, "retrieval": options.strategy, "ranker": self.ranker_info.model, "ranker_variant": self.ranker_info.variant}
+            {
+                "version": bundle.version,
+                "retrieval": options.strategy,
+                "ranker": self.ranker_info.model,
+                "ranker_variant": self.ranker_info.variant,
+            }
         )
 
     @property
@@ -135,11 +148,15 @@ class RecommendPipeline:
             DEGRADED.labels("embedding_store").inc()
         return candidates
 
-    def candidates(self, request: RecommendRequest, deadline: float | None = None) -> CandidatesResponse:
+    def candidates(
+        self, request: RecommendRequest, deadline: float | None = None
+    ) -> CandidatesResponse:
         """`deadline` (monotonic seconds) is for remote pipelines; in process there is no wait."""
         return candidates_response(request.user_id, self.retrieve(request), self.model_version)
 
-    def recommend(self, request: RecommendRequest, deadline: float | None = None) -> RecommendResponse:
+    def recommend(
+        self, request: RecommendRequest, deadline: float | None = None
+    ) -> RecommendResponse:
         found = self.retrieve(request)
         scores = self.ranking.rank(request.user_id, found.item_ids, found.scores, request.context)
         return ranked_response(request, found, scores, self.model_version, self.ranker_info)

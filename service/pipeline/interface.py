@@ -8,7 +8,8 @@ stages and build their answers here, so the two modes answer alike. Numpy and th
 only: a gateway imports this without loading a model.
 """
 
-from typing import ContextManager, Protocol
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 import numpy as np
 
@@ -37,14 +38,18 @@ class Pipeline(Protocol):
     @property
     def model_version(self) -> str: ...
 
-    def recommend(self, request: RecommendRequest, deadline: float | None = None) -> RecommendResponse: ...
+    def recommend(
+        self, request: RecommendRequest, deadline: float | None = None
+    ) -> RecommendResponse: ...
 
-    def candidates(self, request: RecommendRequest, deadline: float | None = None) -> CandidatesResponse: ...
+    def candidates(
+        self, request: RecommendRequest, deadline: float | None = None
+    ) -> CandidatesResponse: ...
 
     def close(self) -> None: ...
 
 
-def timed(stage: str) -> ContextManager:
+def timed(stage: str) -> AbstractContextManager:
     """Times a stage into `recsys_stage_duration_seconds{stage}`."""
     return STAGE_LATENCY.labels(stage).time()
 
@@ -72,7 +77,12 @@ def candidates_response(user_id: int, found: Candidates, model_version: str) -> 
 
 
 def ranked_response(
-    request: RecommendRequest, found: Candidates, scores: np.ndarray | None, model_version: str, ranker: RankerInfo | None, degraded: bool = False
+    request: RecommendRequest,
+    found: Candidates,
+    scores: np.ndarray | None,
+    model_version: str,
+    ranker: RankerInfo | None,
+    degraded: bool = False,
 ) -> RecommendResponse:
     """The top `request.k` by ranker score (ties by id); with no `scores` (ranking fell
     back), the first k in retrieval order, `ranker` None."""

@@ -43,7 +43,9 @@ Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 class CompressionConfig:
     embedding_rank: int = 4
     dense_keep: float = 0.3  # share of each compressed dense layer's weights kept
-    explained_variance: float | None = None  # set: ranks by variance kept instead of the size budget
+    explained_variance: float | None = (
+        None  # set: ranks by variance kept instead of the size budget
+    )
 
     def __post_init__(self):
         if self.embedding_rank < 1 or not 0 < self.dense_keep <= 1:
@@ -68,7 +70,11 @@ class CompressionPlan:
     def from_json(cls, data: dict) -> "CompressionPlan":
         if data.get("method") not in METHODS:
             raise ValueError(f"unknown compression method {data.get('method')!r}; one of {METHODS}")
-        return cls(data["method"], int(data["embedding_rank"]), {k: int(v) for k, v in data.get("layers", {}).items()})
+        return cls(
+            data["method"],
+            int(data["embedding_rank"]),
+            {k: int(v) for k, v in data.get("layers", {}).items()},
+        )
 
 
 def saves_weights(layer: nn.Linear, rank: int) -> bool:
@@ -93,7 +99,12 @@ def variance_rank(spectrum: torch.Tensor, share: float) -> int:
     return int(torch.searchsorted(held, torch.tensor(share, dtype=held.dtype)).item()) + 1
 
 
-def low_rank_pair(down_weight: torch.Tensor, down_bias: torch.Tensor | None, up_weight: torch.Tensor, up_bias: torch.Tensor) -> nn.Sequential:
+def low_rank_pair(
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+) -> nn.Sequential:
     """Linear(in -> r) then Linear(r -> out) with the given weights."""
     rank, width = down_weight.shape
     down = nn.Linear(width, rank, bias=down_bias is not None)
@@ -127,12 +138,16 @@ def compress_linear_outputs(layer: nn.Linear, outputs: torch.Tensor, rank: int) 
     mean, basis = top_eigenvectors(outputs, rank)
     weight, bias = layer.weight.detach().double(), layer.bias.detach().double()
     residual_mean = mean - basis @ (basis.T @ mean)
-    return low_rank_pair((basis.T @ weight).float(), (basis.T @ bias).float(), basis.float(), residual_mean.float())
+    return low_rank_pair(
+        (basis.T @ weight).float(), (basis.T @ bias).float(), basis.float(), residual_mean.float()
+    )
 
 
 def svd_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
     u, s, vt = torch.linalg.svd(layer.weight.detach().double(), full_matrices=False)
-    return low_rank_pair(vt[:rank].float(), None, (u[:, :rank] * s[:rank]).float(), layer.bias.detach())
+    return low_rank_pair(
+        vt[:rank].float(), None, (u[:, :rank] * s[:rank]).float(), layer.bias.detach()
+    )
 
 
 def compressible_layers(model: nn.Module) -> dict[str, nn.Linear]:
@@ -149,13 +164,22 @@ def compressible_layers(model: nn.Module) -> dict[str, nn.Linear]:
 
 def replace_layer(model: nn.Module, name: str, replacement: nn.Module) -> None:
     parent, _, attribute = name.rpartition(".")
-    setattr(model.get_submodule(parent), attribute, replacement)  # a Sequential's children are "0", "1", ...
+    setattr(
+        model.get_submodule(parent), attribute, replacement
+    )  # a Sequential's children are "0", "1", ...
 
 
-def layer_outputs(model: nn.Module, layers: list[nn.Linear], inputs: Inputs) -> tuple[list[torch.Tensor], torch.Tensor]:
+def layer_outputs(
+    model: nn.Module, layers: list[nn.Linear], inputs: Inputs
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The outputs of `layers` and the categorical field vectors on `inputs`."""
     captured: dict[int, torch.Tensor] = {}
-    hooks = [layer.register_forward_hook(lambda _m, _i, out, key=i: captured.__setitem__(key, out.detach())) for i, layer in enumerate(layers)]
+    hooks = [
+        layer.register_forward_hook(
+            lambda _m, _i, out, key=i: captured.__setitem__(key, out.detach())
+        )
+        for i, layer in enumerate(layers)
+    ]
     model.eval()
     categorical, multi, numeric = inputs
     try:
@@ -168,11 +192,17 @@ def layer_outputs(model: nn.Module, layers: list[nn.Linear], inputs: Inputs) -> 
     return [captured[i] for i in range(len(layers))], vectors
 
 
-def factorised_fields(fields: FieldEmbedding, rank: int, codes: torch.Tensor, up: torch.Tensor, shift: torch.Tensor) -> FieldEmbedding:
+def factorised_fields(
+    fields: FieldEmbedding, rank: int, codes: torch.Tensor, up: torch.Tensor, shift: torch.Tensor
+) -> FieldEmbedding:
     """A factorised copy of a full-table `fields` with the given codes (rows, r), per-field
     up-projections (F, r, d) and shifts (F, d); every other parameter carried over."""
     layout = fields.layout
-    compact = FieldEmbedding(FieldLayout(layout.field_sizes, layout.attribute_size, layout.numeric_fields, layout.dim, rank))
+    compact = FieldEmbedding(
+        FieldLayout(
+            layout.field_sizes, layout.attribute_size, layout.numeric_fields, layout.dim, rank
+        )
+    )
     state = {k: v for k, v in fields.state_dict().items() if k != "embedding.weight"}
     state.update({"codes.weight": codes.float(), "up": up.float(), "shift": shift.float()})
     compact.load_state_dict(state)
@@ -184,7 +214,9 @@ def field_tables(fields: FieldEmbedding) -> list[torch.Tensor]:
     return list(torch.split(table, list(fields.layout.field_sizes)))
 
 
-def embedding_rank(fields: FieldEmbedding, method: Method, share: float, looked_up: torch.Tensor | None) -> int:
+def embedding_rank(
+    fields: FieldEmbedding, method: Method, share: float, looked_up: torch.Tensor | None
+) -> int:
     """The largest rank any field needs to keep `share` of its variance."""
     ranks = []
     for f, rows in enumerate(field_tables(fields)):
@@ -196,12 +228,16 @@ def embedding_rank(fields: FieldEmbedding, method: Method, share: float, looked_
     return min(max(ranks), fields.layout.dim)
 
 
-def compress_fields(fields: FieldEmbedding, method: Method, rank: int, looked_up: torch.Tensor | None) -> FieldEmbedding:
+def compress_fields(
+    fields: FieldEmbedding, method: Method, rank: int, looked_up: torch.Tensor | None
+) -> FieldEmbedding:
     """`looked_up`: (rows, F, d) field vectors of the calibration rows; output features only."""
     codes, ups, shifts = [], [], []
     for f, rows in enumerate(field_tables(fields)):
         if method == "output_features":
-            mean, basis = top_eigenvectors(looked_up[:, f], rank)  # PCA of what calibration looks up
+            mean, basis = top_eigenvectors(
+                looked_up[:, f], rank
+            )  # PCA of what calibration looks up
             codes.append((rows - mean) @ basis)
             ups.append(basis.T)
             shifts.append(mean)
@@ -218,7 +254,9 @@ def compress_fields(fields: FieldEmbedding, method: Method, rank: int, looked_up
     return factorised_fields(fields, rank, torch.cat(codes), torch.stack(ups), torch.stack(shifts))
 
 
-def layer_rank(layer: nn.Linear, method: Method, config: CompressionConfig, outputs: torch.Tensor | None) -> int | None:
+def layer_rank(
+    layer: nn.Linear, method: Method, config: CompressionConfig, outputs: torch.Tensor | None
+) -> int | None:
     if config.explained_variance is None:
         return dense_rank(layer, config.dense_keep)
     if method == "output_features":
@@ -229,7 +267,9 @@ def layer_rank(layer: nn.Linear, method: Method, config: CompressionConfig, outp
     return rank if saves_weights(layer, rank) else None
 
 
-def compress(model: nn.Module, method: Method, config: CompressionConfig, calibration: Inputs) -> tuple[nn.Module, CompressionPlan]:
+def compress(
+    model: nn.Module, method: Method, config: CompressionConfig, calibration: Inputs
+) -> tuple[nn.Module, CompressionPlan]:
     """A compressed copy of a trained full-table DeepFM or DCN-v2, and its plan.
     `calibration` inputs (rows of the training split) are used by output-feature
     compression only."""
@@ -247,7 +287,13 @@ def compress(model: nn.Module, method: Method, config: CompressionConfig, calibr
         if rank is None:
             continue
         ranks[name] = rank
-        replace_layer(compact, name, compress_linear_outputs(layer, output, rank) if method == "output_features" else svd_linear(layer, rank))
+        replace_layer(
+            compact,
+            name,
+            compress_linear_outputs(layer, output, rank)
+            if method == "output_features"
+            else svd_linear(layer, rank),
+        )
     if config.explained_variance is None:
         rank = config.embedding_rank
     else:
@@ -268,7 +314,15 @@ def compressed_shape(model: nn.Module, plan: CompressionPlan) -> nn.Module:
         down = nn.Linear(layer.in_features, rank, bias=plan.method == "output_features")
         replace_layer(model, name, nn.Sequential(down, nn.Linear(rank, layer.out_features)))
     layout = model.fields.layout
-    model.fields = FieldEmbedding(FieldLayout(layout.field_sizes, layout.attribute_size, layout.numeric_fields, layout.dim, plan.embedding_rank))
+    model.fields = FieldEmbedding(
+        FieldLayout(
+            layout.field_sizes,
+            layout.attribute_size,
+            layout.numeric_fields,
+            layout.dim,
+            plan.embedding_rank,
+        )
+    )
     return model
 
 

@@ -28,7 +28,9 @@ class DCNv2Config:
 
     @property
     def layout(self) -> FieldLayout:
-        return FieldLayout(self.field_sizes, self.attribute_size, self.numeric_fields, self.dim, self.rank)
+        return FieldLayout(
+            self.field_sizes, self.attribute_size, self.numeric_fields, self.dim, self.rank
+        )
 
 
 class CrossLayer(nn.Module):
@@ -52,7 +54,9 @@ class DCNv2(nn.Module):
         self.mlp = mlp(width, config.hidden, config.dropout)
         self.bias = nn.Parameter(torch.zeros(1))
 
-    def forward(self, categorical: torch.Tensor, attributes: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, categorical: torch.Tensor, attributes: torch.Tensor, numeric: torch.Tensor
+    ) -> torch.Tensor:
         fields, first_order = self.fields(categorical, attributes, numeric)
         x0 = x = fields.flatten(1)
         for layer in self.cross:

@@ -25,7 +25,9 @@ class DeepFMConfig:
 
     @property
     def layout(self) -> FieldLayout:
-        return FieldLayout(self.field_sizes, self.attribute_size, self.numeric_fields, self.dim, self.rank)
+        return FieldLayout(
+            self.field_sizes, self.attribute_size, self.numeric_fields, self.dim, self.rank
+        )
 
 
 def mlp(width: int, hidden: tuple[int, ...], dropout: float, out: int | None = 1) -> nn.Sequential:
@@ -47,7 +49,9 @@ class DeepFM(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1))
         self.mlp = mlp(config.layout.n_fields * config.dim, config.hidden, config.dropout)
 
-    def forward(self, categorical: torch.Tensor, attributes: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, categorical: torch.Tensor, attributes: torch.Tensor, numeric: torch.Tensor
+    ) -> torch.Tensor:
         """categorical (B, F) rows per field, attributes (B, A) rows 0-padded, numeric (B, N).
         Returns logits (B,)."""
         fields, first_order = self.fields(categorical, attributes, numeric)  # (B, n_fields, d)

@@ -69,7 +69,9 @@ class FieldEmbedding(nn.Module):
             return self.embedding(rows)
         return torch.einsum("bfr,frd->bfd", self.codes(rows), self.up) + self.shift
 
-    def forward(self, categorical: torch.Tensor, attributes: torch.Tensor, numeric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, categorical: torch.Tensor, attributes: torch.Tensor, numeric: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """categorical (B, F) rows per field, attributes (B, A) rows 0-padded, numeric (B, N).
         Returns the field vectors (B, n_fields, d) and the first-order term (B,)."""
         rows = categorical + self.offsets
@@ -77,7 +79,11 @@ class FieldEmbedding(nn.Module):
         present = mask.sum(1).clamp(min=1.0)
         attribute_vector = (self.attribute(attributes) * mask).sum(1) / present
         fields = torch.cat(
-            [self.categorical_vectors(rows), attribute_vector.unsqueeze(1), numeric.unsqueeze(-1) * self.numeric],
+            [
+                self.categorical_vectors(rows),
+                attribute_vector.unsqueeze(1),
+                numeric.unsqueeze(-1) * self.numeric,
+            ],
             dim=1,
         )
         first_order = (

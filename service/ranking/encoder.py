@@ -32,7 +32,9 @@ class RankingEncoder:
     def __init__(self, features: FeatureSpace, score_scale: float):
         self.features = features
         self.score_scale = score_scale
-        self._log_popularity = features.item_log_popularity / max(features.item_log_popularity.max(), 1.0)
+        self._log_popularity = features.item_log_popularity / max(
+            features.item_log_popularity.max(), 1.0
+        )
 
     def encode_rows(
         self,
@@ -43,7 +45,9 @@ class RankingEncoder:
         retrieval_scores: np.ndarray,
     ) -> RankingBatch:
         categorical = np.stack([user_rows, item_rows, hour_rows, weekday_rows], axis=1)
-        numeric = np.stack([retrieval_scores * self.score_scale, self._log_popularity[item_rows]], axis=1)
+        numeric = np.stack(
+            [retrieval_scores * self.score_scale, self._log_popularity[item_rows]], axis=1
+        )
         return RankingBatch(
             torch.from_numpy(categorical.astype(np.int64)),
             torch.from_numpy(self.features.item_attributes[item_rows]),

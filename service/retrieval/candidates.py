@@ -48,7 +48,13 @@ class Candidates:
     def ranked(self) -> "Candidates":
         """Best score first, whatever found it (ties keep their order)."""
         order = np.argsort(-self.scores, kind="stable")
-        return Candidates(self.item_ids[order], self.scores[order], self.sources[order], self.degraded, self.components[order])
+        return Candidates(
+            self.item_ids[order],
+            self.scores[order],
+            self.sources[order],
+            self.degraded,
+            self.components[order],
+        )
 
     def extended(self, more: "Candidates") -> "Candidates":
         return Candidates(

@@ -95,7 +95,14 @@ class CandidateGenerator:
         ids, scores = ids[keep][:n], scores[keep][:n].astype(np.float32)
         return Candidates(ids, scores, labels(SOURCE_TWO_TOWER, len(ids)))
 
-    def per_interest(self, vector: np.ndarray, n: int, excluded: np.ndarray, clusters: np.ndarray, weights: np.ndarray) -> Candidates:
+    def per_interest(
+        self,
+        vector: np.ndarray,
+        n: int,
+        excluded: np.ndarray,
+        clusters: np.ndarray,
+        weights: np.ndarray,
+    ) -> Candidates:
         """Each interest's share of `n`: the user vector's nearest items inside that cluster.
         `excluded`: sorted, distinct."""
         budgets = split_budget(n, weights)
@@ -103,7 +110,9 @@ class CandidateGenerator:
         if not len(clusters):
             return Candidates.empty()
         # Excluded items may sit in any cluster: ask each for that many more.
-        scores, ids = self.clusters.search_components(vector[0], clusters, int(budgets.max()) + len(excluded))
+        scores, ids = self.clusters.search_components(
+            vector[0], clusters, int(budgets.max()) + len(excluded)
+        )
         keep = np.isfinite(scores) & ~is_in_sorted(ids, excluded)
         keep &= np.cumsum(keep, axis=1) <= budgets[:, None]  # each row's first `budget` kept
         taken = keep.sum(1)
@@ -139,11 +148,15 @@ class CandidateGenerator:
             result = self.per_interest(vector, n - reserved, excluded, clusters, weights)
         # The single vector fills what is left: its reserved share, interests that ran short.
         if len(result):
-            fill = self.single_vector(vector, n - len(result), np.union1d(excluded, result.item_ids))
+            fill = self.single_vector(
+                vector, n - len(result), np.union1d(excluded, result.item_ids)
+            )
             result = result.extended(fill).ranked()
         else:  # FAISS ranked them already
             result = self.single_vector(vector, n, excluded)
         result.degraded = degraded
         if len(result) < n:  # a small catalog: fill up with popular items
-            result = result.extended(self.popular.top(n - len(result), np.union1d(excluded, result.item_ids)))
+            result = result.extended(
+                self.popular.top(n - len(result), np.union1d(excluded, result.item_ids))
+            )
         return result

@@ -12,6 +12,7 @@ the master: GPU indexes cannot `remove_ids`, so an upsert changes the CPU copy a
 over again, and GPU searches are capped at k = 2048.
 """
 
+import contextlib
 import logging
 import math
 import threading
@@ -53,7 +54,14 @@ def training_sample(vectors: np.ndarray, lists: int, seed: int) -> np.ndarray:
 def add_with_progress(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, name: str) -> None:
     """`index.add_with_ids` in steps, with a progress bar for catalogs of millions."""
     keys = np.asarray(ids, dtype=np.uint64).view(np.int64)
-    with tqdm(total=len(keys), desc=name, unit="item", unit_scale=True, mininterval=2, disable=len(keys) <= ADD_BATCH) as bar:
+    with tqdm(
+        total=len(keys),
+        desc=name,
+        unit="item",
+        unit_scale=True,
+        mininterval=2,
+        disable=len(keys) <= ADD_BATCH,
+    ) as bar:
         for start in range(0, len(keys), ADD_BATCH):
             index.add_with_ids(vectors[start : start + ADD_BATCH], keys[start : start + ADD_BATCH])
             bar.update(len(keys[start : start + ADD_BATCH]))
@@ -70,7 +78,9 @@ class SearchParams:
 
 
 class ItemIndex:
-    def __init__(self, index: faiss.Index, params: SearchParams = SearchParams(), device: Device = "cpu"):
+    def __init__(
+        self, index: faiss.Index, params: SearchParams = SearchParams(), device: Device = "cpu"
+    ):
         self._lock = threading.Lock()
         self.params = params
         self.device: str = "cpu"
@@ -113,20 +123,24 @@ class ItemIndex:
 
     @staticmethod
     def _inner(index: faiss.Index) -> faiss.Index:
-        return faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
+        return (
+            faiss.downcast_index(index.index)
+            if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2))
+            else index
+        )
 
     def _apply_params(self, index: faiss.Index) -> None:
         inner = self._inner(index)
-        try:
+        with contextlib.suppress(RuntimeError):  # not an IVF index: nothing to probe
             faiss.extract_index_ivf(index).nprobe = self.params.nprobe
-        except RuntimeError:
-            pass  # not an IVF index: nothing to probe
         if isinstance(inner, faiss.IndexHNSW):
             inner.hnsw.efSearch = self.params.ef_search
 
     def _to_gpu(self) -> None:
         if not gpus_available():
-            raise RuntimeError("a GPU index was asked for, but faiss sees no GPU (is faiss-gpu installed?)")
+            raise RuntimeError(
+                "a GPU index was asked for, but faiss sees no GPU (is faiss-gpu installed?)"
+            )
         try:
             self._gpu_resources = self._gpu_resources or faiss.StandardGpuResources()
             options = faiss.GpuClonerOptions()
@@ -138,10 +152,8 @@ class ItemIndex:
         self._apply_gpu_params()
 
     def _apply_gpu_params(self) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # not IVF
             faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", self.params.nprobe)
-        except RuntimeError:
-            pass  # not IVF
 
     def set_params(self, params: SearchParams) -> None:
         """Change nprobe / efSearch for the searches that follow."""
@@ -158,7 +170,11 @@ class ItemIndex:
         while index is not None:
             index = faiss.downcast_index(index)
             names.append(type(index).__name__)
-            index = getattr(index, "index", None) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else None
+            index = (
+                getattr(index, "index", None)
+                if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2))
+                else None
+            )
         return ",".join(names)
 
     def __len__(self) -> int:
@@ -196,7 +212,9 @@ class ItemIndex:
             if self._side is None:
                 return self._cpu.reconstruct_batch(keys)
             side = faiss.vector_to_array(self._side.id_map)
-            return np.stack([(self._side if key in side else self._cpu).reconstruct(int(key)) for key in keys])
+            return np.stack(
+                [(self._side if key in side else self._cpu).reconstruct(int(key)) for key in keys]
+            )
 
     def _upsert_beside_graph(self, keys: np.ndarray, vectors: np.ndarray) -> int:
         if self._side is None:
@@ -227,7 +245,11 @@ class ItemIndex:
         with self._lock:
             self._cpu, self.index, self.device = other._cpu, other.index, other.device
             self._gpu_resources, self.params = other._gpu_resources, other.params
-            self._side, self._side_ids, self._graph_ids = other._side, other._side_ids, other._graph_ids
+            self._side, self._side_ids, self._graph_ids = (
+                other._side,
+                other._side_ids,
+                other._graph_ids,
+            )
 
     def warm_up(self, queries: int = 64, k: int = 100, seed: int = 0) -> None:
         """Touch the index's memory with a few searches before it takes traffic."""
@@ -249,5 +271,7 @@ class ItemIndex:
             faiss.write_index(self._cpu, str(path))
 
     @classmethod
-    def load(cls, path: Path, params: SearchParams = SearchParams(), device: Device = "cpu") -> "ItemIndex":
+    def load(
+        cls, path: Path, params: SearchParams = SearchParams(), device: Device = "cpu"
+    ) -> "ItemIndex":
         return cls(faiss.read_index(str(path)), params, device)

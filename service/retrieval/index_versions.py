@@ -43,7 +43,9 @@ def index_versions(artifact: Path) -> list[Path]:
     folder = artifact / INDEXES
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p / INDEX_MANIFEST).is_file())
+    return sorted(
+        p for p in folder.iterdir() if not p.name.startswith(".") and (p / INDEX_MANIFEST).is_file()
+    )
 
 
 def newest_index_file(artifact: Path) -> tuple[Path, str]:
@@ -58,11 +60,15 @@ def load_index_version(folder: Path, params: SearchParams, device: Device) -> It
     """An index version's index, after checking the file against its manifest's sha256."""
     manifest = json.loads((folder / INDEX_MANIFEST).read_text())
     if sha256_file(folder / INDEX_FILE) != manifest["sha256"]:
-        raise ArtifactError(f"{folder / INDEX_FILE}: sha256 differs from {INDEX_MANIFEST}; refusing to load it")
+        raise ArtifactError(
+            f"{folder / INDEX_FILE}: sha256 differs from {INDEX_MANIFEST}; refusing to load it"
+        )
     return ItemIndex.load(folder / INDEX_FILE, params, device)
 
 
-def table_item_vectors(bundle, store: EmbeddingStore, batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def table_item_vectors(
+    bundle, store: EmbeddingStore, batch_size: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
     """(ids, item-tower vectors) of every item the table holds: the artifact's, and those the
     online trainer added or moved since."""
     features, ids, vectors = bundle.features, [], []
@@ -71,7 +77,9 @@ def table_item_vectors(bundle, store: EmbeddingStore, batch_size: int = 65536) -
         for batch_ids, batch_vectors in store.scan(ITEM_TABLE, batch_size):
             attributes = torch.from_numpy(features.item_attributes[features.items.rows(batch_ids)])
             with torch.inference_mode():
-                out = bundle.two_tower.item_tower_from_vectors(torch.from_numpy(batch_vectors), attributes)
+                out = bundle.two_tower.item_tower_from_vectors(
+                    torch.from_numpy(batch_vectors), attributes
+                )
             ids.append(batch_ids)
             vectors.append(out.numpy())
             bar.update(len(batch_ids))
@@ -80,7 +88,9 @@ def table_item_vectors(bundle, store: EmbeddingStore, batch_size: int = 65536) -
     return np.concatenate(ids), np.concatenate(vectors)
 
 
-def build_index_version(artifact: Path, ids: np.ndarray, vectors: np.ndarray, factory: str, seed: int = 0) -> Path:
+def build_index_version(
+    artifact: Path, ids: np.ndarray, vectors: np.ndarray, factory: str, seed: int = 0
+) -> Path:
     """Build an index over (ids, vectors) and publish it as the artifact's newest index version."""
     started = time.perf_counter()
     index = ItemIndex.build(ids, vectors, factory, seed=seed)
@@ -152,10 +162,18 @@ class IndexReloader:
             self.swap(new)
         except Exception:
             INDEX_SWAPS.labels("failed").inc()
-            log.exception("index version %s not swapped in; still serving %s", folder.name, self.current)
+            log.exception(
+                "index version %s not swapped in; still serving %s", folder.name, self.current
+            )
             return False
         INDEX_SWAPS.labels("swapped").inc()
-        log.info("serving index %s (%s, %d items) after %.2f s to load and warm up", folder.name, new.description, len(new), time.perf_counter() - started)
+        log.info(
+            "serving index %s (%s, %d items) after %.2f s to load and warm up",
+            folder.name,
+            new.description,
+            len(new),
+            time.perf_counter() - started,
+        )
         self.current = folder.name
         INDEX_INFO.info({"version": folder.name, "type": new.description, "device": new.device})
         return True

@@ -30,6 +30,7 @@ from service.retrieval.index import MISSING_SCORE, add_with_progress, training_s
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class KnnEmbedConfig:
     """Build-time knobs: they shape the artifact (and `recsys knn-embed refresh`)."""
@@ -62,16 +63,32 @@ class ItemClusters:
         self._lock = threading.Lock()  # a FAISS index must not be searched while it changes
 
     @classmethod
-    def build(cls, ids: np.ndarray, vectors: np.ndarray, n_clusters: int, iterations: int = 25, seed: int = 0) -> "ItemClusters":
+    def build(
+        cls,
+        ids: np.ndarray,
+        vectors: np.ndarray,
+        n_clusters: int,
+        iterations: int = 25,
+        seed: int = 0,
+    ) -> "ItemClusters":
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         n_clusters = max(1, min(n_clusters, len(vectors)))
         sample = training_sample(vectors, n_clusters, seed)
-        log.info("clustering %d item vectors into %d interests, trained on %d", len(vectors), n_clusters, len(sample))
-        kmeans = faiss.Kmeans(vectors.shape[1], n_clusters, niter=iterations, spherical=True, seed=seed)
+        log.info(
+            "clustering %d item vectors into %d interests, trained on %d",
+            len(vectors),
+            n_clusters,
+            len(sample),
+        )
+        kmeans = faiss.Kmeans(
+            vectors.shape[1], n_clusters, niter=iterations, spherical=True, seed=seed
+        )
         kmeans.train(sample)
         quantizer = faiss.IndexFlatIP(vectors.shape[1])
         quantizer.add(kmeans.centroids)
-        index = faiss.IndexIVFFlat(quantizer, vectors.shape[1], n_clusters, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFFlat(
+            quantizer, vectors.shape[1], n_clusters, faiss.METRIC_INNER_PRODUCT
+        )
         add_with_progress(index, ids, vectors, "interest clusters")
         return cls(index)
 
@@ -85,14 +102,22 @@ class ItemClusters:
         return clusters[:, 0]
 
     def cluster_sizes(self) -> np.ndarray:
-        return np.array([self.index.invlists.list_size(c) for c in range(self.n_clusters)], dtype=np.int64)
+        return np.array(
+            [self.index.invlists.list_size(c) for c in range(self.n_clusters)], dtype=np.int64
+        )
 
-    def search_components(self, query: np.ndarray, clusters: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_components(
+        self, query: np.ndarray, clusters: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, uint64 ids) of `query` inside each of `clusters`, one row per
         cluster, in one batched call; rows padded with id 0 / -inf past a cluster's size."""
         clusters = np.asarray(clusters, dtype=np.int64).reshape(-1, 1)
-        queries = np.ascontiguousarray(np.repeat(query.reshape(1, -1), len(clusters), 0), dtype=np.float32)
-        centroid_scores = np.ascontiguousarray((queries * self.centroids[clusters[:, 0]]).sum(1, keepdims=True))
+        queries = np.ascontiguousarray(
+            np.repeat(query.reshape(1, -1), len(clusters), 0), dtype=np.float32
+        )
+        centroid_scores = np.ascontiguousarray(
+            (queries * self.centroids[clusters[:, 0]]).sum(1, keepdims=True)
+        )
         with self._lock:
             scores, ids = self.index.search_preassigned(queries, k, clusters, centroid_scores)
         valid = scores > MISSING_SCORE  # not ids != -1: that is also item 2**64 - 1
@@ -114,14 +139,20 @@ class ItemClusters:
 
 
 def interest_counts(
-    user_ids: np.ndarray, offsets: np.ndarray, item_clusters: np.ndarray, n_clusters: int, half_life: float
+    user_ids: np.ndarray,
+    offsets: np.ndarray,
+    item_clusters: np.ndarray,
+    n_clusters: int,
+    half_life: float,
 ) -> np.ndarray:
     """(users, clusters) recency-weighted counts from histories laid out as `offsets` into
     `item_clusters` (each user's items oldest first; -1 for an item without a cluster)."""
     counts = np.zeros((len(user_ids), n_clusters), dtype=np.float64)
     lengths = np.diff(offsets)
     owner = np.repeat(np.arange(len(user_ids)), lengths)
-    age = np.concatenate([np.arange(n - 1, -1, -1) for n in lengths]) if len(lengths) else np.zeros(0)
+    age = (
+        np.concatenate([np.arange(n - 1, -1, -1) for n in lengths]) if len(lengths) else np.zeros(0)
+    )
     keep = item_clusters >= 0
     np.add.at(counts, (owner[keep], item_clusters[keep]), 0.5 ** (age[keep] / half_life))
     return counts.astype(np.float32)
@@ -132,7 +163,9 @@ def normalise_rows(counts: np.ndarray) -> np.ndarray:
     return np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)
 
 
-def neighbour_mixtures(user_vectors: np.ndarray, mixtures: np.ndarray, k: int, batch_size: int = 4096) -> np.ndarray:
+def neighbour_mixtures(
+    user_vectors: np.ndarray, mixtures: np.ndarray, k: int, batch_size: int = 4096
+) -> np.ndarray:
     """Mean mixture of each user's k nearest other users by inner product of user vectors."""
     vectors = np.ascontiguousarray(user_vectors, dtype=np.float32)
     k = min(k, len(vectors) - 1)
@@ -141,7 +174,9 @@ def neighbour_mixtures(user_vectors: np.ndarray, mixtures: np.ndarray, k: int, b
         return smoothed
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
-    for start in tqdm(range(0, len(vectors), batch_size), desc="user neighbours", unit="batch", mininterval=2):
+    for start in tqdm(
+        range(0, len(vectors), batch_size), desc="user neighbours", unit="batch", mininterval=2
+    ):
         _, found = index.search(vectors[start : start + batch_size], k + 1)
         rows = np.arange(start, start + len(found))[:, None]
         others = np.where(found == rows, -1, found)  # a user is not their own neighbour
@@ -152,7 +187,9 @@ def neighbour_mixtures(user_vectors: np.ndarray, mixtures: np.ndarray, k: int, b
     return smoothed
 
 
-def smoothed_mixture(counts: np.ndarray, smoothing: np.ndarray | None, knobs: MixtureKnobs) -> tuple[np.ndarray, np.ndarray]:
+def smoothed_mixture(
+    counts: np.ndarray, smoothing: np.ndarray | None, knobs: MixtureKnobs
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-m (clusters, weights summing to 1) of (1-a) P + a N; empty for a user without
     counts. Ties go to the lower cluster id."""
     total = float(counts.sum())
@@ -205,9 +242,17 @@ class UserMixtures:
         items = histories.items
         at = np.minimum(np.searchsorted(item_ids, items), len(item_ids) - 1)
         clusters = np.where(item_ids[at] == items, item_clusters[at], -1)
-        counts = interest_counts(histories.user_ids, histories.offsets, clusters, n_clusters, config.half_life)
+        counts = interest_counts(
+            histories.user_ids, histories.offsets, clusters, n_clusters, config.half_life
+        )
         smoothing = neighbour_mixtures(user_vectors, normalise_rows(counts), config.neighbours)
-        return cls(histories.user_ids, counts, smoothing, np.asarray(item_ids, np.uint64), item_clusters.astype(np.int64))
+        return cls(
+            histories.user_ids,
+            counts,
+            smoothing,
+            np.asarray(item_ids, np.uint64),
+            item_clusters.astype(np.int64),
+        )
 
     def cluster_of(self, item_ids: np.ndarray) -> np.ndarray:
         """The artifact's cluster of each item; -1 for an item it does not hold."""
@@ -232,4 +277,10 @@ class UserMixtures:
     @classmethod
     def load(cls, path: Path) -> "UserMixtures":
         arrays = load_file(path)
-        return cls(arrays["user_ids"], arrays["counts"], arrays["smoothing"], arrays["item_ids"], arrays["item_clusters"])
+        return cls(
+            arrays["user_ids"],
+            arrays["counts"],
+            arrays["smoothing"],
+            arrays["item_ids"],
+            arrays["item_clusters"],
+        )

@@ -67,7 +67,9 @@ class TwoTower(nn.Module):
     def item_tower(self, item_rows: torch.Tensor, attribute_rows: torch.Tensor) -> torch.Tensor:
         return self.item_tower_from_vectors(self.item_id(item_rows), attribute_rows)
 
-    def item_tower_from_vectors(self, item_vectors: torch.Tensor, attribute_rows: torch.Tensor) -> torch.Tensor:
+    def item_tower_from_vectors(
+        self, item_vectors: torch.Tensor, attribute_rows: torch.Tensor
+    ) -> torch.Tensor:
         """From item-id vectors as the embedding table holds them: what online updates call."""
         attributes = self.masked_mean(self.attribute(attribute_rows), attribute_rows > 0)
         return F.normalize(self.item_mlp(torch.cat([item_vectors, attributes], -1)), dim=-1)
@@ -94,7 +96,9 @@ class UserTowerKernel:
         self.b_last = last.bias.detach().numpy().astype(np.float32)
 
     def __call__(self, user_vectors: np.ndarray, pooled_history: np.ndarray) -> np.ndarray:
-        hidden = np.maximum(user_vectors @ self.w_user + pooled_history @ self.w_history + self.b_first, 0.0)
+        hidden = np.maximum(
+            user_vectors @ self.w_user + pooled_history @ self.w_history + self.b_first, 0.0
+        )
         out = hidden @ self.w_last + self.b_last
         norm = np.sqrt(np.square(out).sum(-1, keepdims=True))  # np.linalg.norm costs 3x more here
         return out / np.maximum(norm, 1e-12)  # as F.normalize
@@ -136,7 +140,9 @@ def history_before(
     return user_rows, item_rows, history
 
 
-def train_two_tower(interactions: pd.DataFrame, features: FeatureSpace, config: TwoTowerConfig) -> tuple[TwoTower, dict]:
+def train_two_tower(
+    interactions: pd.DataFrame, features: FeatureSpace, config: TwoTowerConfig
+) -> tuple[TwoTower, dict]:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = TwoTower(config, features.users.size, features.items.size, features.attribute_size)
@@ -144,12 +150,16 @@ def train_two_tower(interactions: pd.DataFrame, features: FeatureSpace, config: 
     item_attributes = torch.from_numpy(features.item_attributes)
     q = features.item_counts / max(features.item_counts.sum(), 1)
     log_q = torch.from_numpy(np.log(np.maximum(q, 1e-12)).astype(np.float32))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     n = len(user_rows)
     steps_per_epoch = max(1, n // config.batch_size)
     losses = []
     model.train()
-    with tqdm(total=config.epochs * steps_per_epoch, desc="two-tower", unit="batch", mininterval=2) as bar:
+    with tqdm(
+        total=config.epochs * steps_per_epoch, desc="two-tower", unit="batch", mininterval=2
+    ) as bar:
         for epoch in range(config.epochs):
             order = rng.permutation(n)
             total = 0.0
@@ -157,7 +167,9 @@ def train_two_tower(interactions: pd.DataFrame, features: FeatureSpace, config: 
                 batch = order[step * config.batch_size : (step + 1) * config.batch_size]
                 items = torch.from_numpy(item_rows[batch])
                 item_ids_in = items.masked_fill(torch.rand(len(batch)) < config.item_id_dropout, 0)
-                user = model.user_from_rows(torch.from_numpy(user_rows[batch]), torch.from_numpy(history[batch]))
+                user = model.user_from_rows(
+                    torch.from_numpy(user_rows[batch]), torch.from_numpy(history[batch])
+                )
                 item = model.item_tower(item_ids_in, item_attributes[items])
                 loss = in_batch_softmax_loss(user, item, items, log_q[items], config.temperature)
                 optimizer.zero_grad()
@@ -184,7 +196,9 @@ def cold_user_vector(model: TwoTower) -> np.ndarray:
 
 
 @torch.inference_mode()
-def user_vectors(model: TwoTower, features: FeatureSpace, histories, batch_size: int = 8192) -> np.ndarray:
+def user_vectors(
+    model: TwoTower, features: FeatureSpace, histories, batch_size: int = 8192
+) -> np.ndarray:
     """User-tower output for every user of `histories` (UserHistories), from their latest items."""
     length = model.config.history_length
     user_rows = features.users.rows(histories.user_ids)
@@ -193,7 +207,10 @@ def user_vectors(model: TwoTower, features: FeatureSpace, histories, batch_size:
         latest = features.items.rows(histories.items[max(start, end - length) : end])
         history[i, length - len(latest) :] = latest
     out = [
-        model.user_from_rows(torch.from_numpy(user_rows[s : s + batch_size]), torch.from_numpy(history[s : s + batch_size]))
+        model.user_from_rows(
+            torch.from_numpy(user_rows[s : s + batch_size]),
+            torch.from_numpy(history[s : s + batch_size]),
+        )
         for s in range(0, len(user_rows), batch_size)
     ]
     return torch.cat(out).numpy() if out else np.zeros((0, model.config.out_dim), np.float32)
@@ -204,5 +221,8 @@ def item_vectors(model: TwoTower, features: FeatureSpace, batch_size: int = 6553
     """Item-tower output for every catalog item, rows aligned with `features.items.ids`."""
     rows = torch.arange(1, features.items.size)
     attributes = torch.from_numpy(features.item_attributes)
-    out = [model.item_tower(rows[s : s + batch_size], attributes[rows[s : s + batch_size]]) for s in range(0, len(rows), batch_size)]
+    out = [
+        model.item_tower(rows[s : s + batch_size], attributes[rows[s : s + batch_size]])
+        for s in range(0, len(rows), batch_size)
+    ]
     return torch.cat(out).numpy()

@@ -38,8 +38,13 @@ def fault_stack(artifacts: Path, admin_token: str) -> LocalStack:
     """The stack the scenarios run on: Redis fsyncing every write to its AOF (so an
     acknowledged event survives a kill), and the in-flight limit the overload scenario exceeds."""
     return LocalStack(
-        artifacts, "--appendonly", "yes", "--appendfsync", "always",
-        admin_token=admin_token, env={"RECSYS_MAX_IN_FLIGHT": str(IN_FLIGHT_LIMIT)},
+        artifacts,
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        admin_token=admin_token,
+        env={"RECSYS_MAX_IN_FLIGHT": str(IN_FLIGHT_LIMIT)},
     )
 
 
@@ -56,8 +61,15 @@ class LoadLoop:
     """`clients` threads against the gateway until `stop()`; `share_events` of the calls post one click."""
 
     def __init__(
-        self, url: str, users: np.ndarray, items: np.ndarray, clients: int = 4, deadline_ms: float = 500.0,
-        share_events: float = 0.3, pause_seconds: float = 0.01, seed: int = 0,
+        self,
+        url: str,
+        users: np.ndarray,
+        items: np.ndarray,
+        clients: int = 4,
+        deadline_ms: float = 500.0,
+        share_events: float = 0.3,
+        pause_seconds: float = 0.01,
+        seed: int = 0,
     ):
         self.url = url
         self.users = users
@@ -75,7 +87,10 @@ class LoadLoop:
         self._threads: list[threading.Thread] = []
 
     def __enter__(self) -> "LoadLoop":
-        self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(self.clients)]
+        self._threads = [
+            threading.Thread(target=self._client, args=(n,), daemon=True)
+            for n in range(self.clients)
+        ]
         for thread in self._threads:
             thread.start()
         return self
@@ -107,16 +122,25 @@ class LoadLoop:
                 with self._lock:
                     self.answers.append(answer)
                     if answer.event_user is not None:
-                        (self.unacked.discard if answer.outcome == "ok" else self.unacked.add)(answer.event_user)
+                        (self.unacked.discard if answer.outcome == "ok" else self.unacked.add)(
+                            answer.event_user
+                        )
                 self._stop.wait(self.pause_seconds)
 
     def _recommend(self, http: httpx2.Client, user: int) -> Answer:
         sent = time.monotonic()
         try:
-            reply = http.post("/v1/recommend", json={"user_id": user, "k": 10}, headers={"X-Deadline-Ms": str(self.deadline_ms)})
+            reply = http.post(
+                "/v1/recommend",
+                json={"user_id": user, "k": 10},
+                headers={"X-Deadline-Ms": str(self.deadline_ms)},
+            )
             outcome = (
-                ("degraded" if reply.json()["degraded"] else "ok") if reply.status_code == 200
-                else "shed" if reply.status_code == 429 else "failed"
+                ("degraded" if reply.json()["degraded"] else "ok")
+                if reply.status_code == 200
+                else "shed"
+                if reply.status_code == 429
+                else "failed"
             )
         except httpx2.HTTPError:
             outcome = "failed"
@@ -125,7 +149,9 @@ class LoadLoop:
     def _send_event(self, http: httpx2.Client, user: int, item: int) -> Answer:
         sent = time.monotonic()
         try:
-            reply = http.post("/v1/events", json={"events": [{"user_id": user, "item_id": item, "type": "click"}]})
+            reply = http.post(
+                "/v1/events", json={"events": [{"user_id": user, "item_id": item, "type": "click"}]}
+            )
             outcome = {202: "ok", 503: "refused", 429: "shed"}.get(reply.status_code, "failed")
         except httpx2.HTTPError:
             outcome = "failed"
@@ -153,18 +179,24 @@ class ScenarioResult:
         return asdict(self)
 
 
-def summarise(name: str, fault: str, answers: list[Answer], deadline_ms: float, restored_at: float | None) -> ScenarioResult:
+def summarise(
+    name: str, fault: str, answers: list[Answer], deadline_ms: float, restored_at: float | None
+) -> ScenarioResult:
     result = ScenarioResult(name, fault, sent=len(answers))
     recommends = [a for a in answers if a.kind == "recommend"]
     events = [a for a in answers if a.kind == "events"]
-    result.answered = sum(a.outcome in ("ok", "degraded") for a in recommends) + sum(a.outcome == "ok" for a in events)
+    result.answered = sum(a.outcome in ("ok", "degraded") for a in recommends) + sum(
+        a.outcome == "ok" for a in events
+    )
     result.degraded = sum(a.outcome == "degraded" for a in recommends)
     result.failed = sum(a.outcome == "failed" for a in answers)
     result.shed = sum(a.outcome == "shed" for a in answers)
     result.events_refused = sum(a.outcome in ("refused", "shed") for a in events)
     result.events_acked = sum(a.outcome == "ok" for a in events)
     if recommends:
-        result.slowest_over_deadline_ms = max((a.done - a.sent) * 1000 - deadline_ms for a in recommends)
+        result.slowest_over_deadline_ms = max(
+            (a.done - a.sent) * 1000 - deadline_ms for a in recommends
+        )
     if restored_at is not None:
         # Recovered once the answers stop being worse than ok: the last bad answer sent after the fix.
         late = [a.done for a in recommends if a.sent >= restored_at and a.outcome != "ok"]
@@ -200,9 +232,18 @@ class EventAudit:
     def count(self, acked_users: set[int]) -> tuple[int, int]:
         """(acked events found in the log, of those delivered to the group and not pending)."""
         with self._client() as client:
-            group = next(g for g in client.xinfo_groups(self.stack.events_stream) if g["name"].decode() == self.stack.event_group)
+            group = next(
+                g
+                for g in client.xinfo_groups(self.stack.events_stream)
+                if g["name"].decode() == self.stack.event_group
+            )
             delivered_to = group["last-delivered-id"].decode()
-            pending = {p["message_id"].decode() for p in client.xpending_range(self.stack.events_stream, self.stack.event_group, "-", "+", 100_000)}
+            pending = {
+                p["message_id"].decode()
+                for p in client.xpending_range(
+                    self.stack.events_stream, self.stack.event_group, "-", "+", 100_000
+                )
+            }
             logged, processed = set(), set()  # a retried event may be in the log twice: count users
             for entry_id, fields in client.xrange(self.stack.events_stream):
                 user = int(fields[b"user"])
@@ -246,20 +287,30 @@ class BreakerWatch:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.states.append((time.monotonic(), gateway_metric(self.stack, f'recsys_tier_breaker_open{{tier="{self.tier}"}}')))
+            self.states.append(
+                (
+                    time.monotonic(),
+                    gateway_metric(self.stack, f'recsys_tier_breaker_open{{tier="{self.tier}"}}'),
+                )
+            )
             self._stop.wait(0.1)
 
     def opened_then_closed(self) -> dict:
         opened = [t for t, open_ in self.states if open_]
         closed_after = [t for t, open_ in self.states if not open_ and opened and t > opened[0]]
-        return {"breaker_opened": bool(opened), "breaker_closed_again": bool(closed_after) and not self.states[-1][1]}
+        return {
+            "breaker_opened": bool(opened),
+            "breaker_closed_again": bool(closed_after) and not self.states[-1][1],
+        }
 
 
 def admin_reload_index(stack: LocalStack, slot: int = 0) -> pb.ReloadIndexResponse:
     replica = stack.replicas[("retrieval", slot)]
     with grpc.insecure_channel(f"127.0.0.1:{replica.grpc_port}") as channel:
         return pb_grpc.AdminStub(channel).ReloadIndex(
-            pb.ReloadIndexRequest(), metadata=(("authorization", f"Bearer {stack.admin_token}"),), timeout=60
+            pb.ReloadIndexRequest(),
+            metadata=(("authorization", f"Bearer {stack.admin_token}"),),
+            timeout=60,
         )
 
 
@@ -267,8 +318,11 @@ def tier_calls(stack: LocalStack, tier: str, slot: int) -> float:
     replica = stack.replicas[(tier, slot)]
     endpoint = "Retrieve" if tier == "retrieval" else "Rank"
     text = httpx2.get(f"http://127.0.0.1:{replica.http_port}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("recsys_requests_total{") and f'endpoint="{endpoint}"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("recsys_requests_total{") and f'endpoint="{endpoint}"' in line
+    )
 
 
 def roll(stack: LocalStack, tier: str, artifacts: Path | None = None) -> dict:
@@ -306,6 +360,7 @@ def tier_killed(tier: str) -> Scenario:
             restored = time.monotonic()
             load.run_for(6)
         return restored, watch.opened_then_closed()
+
     return scenario
 
 
@@ -321,21 +376,34 @@ def slow_tier(tier: str, delay_seconds: float) -> Scenario:
             restored = time.monotonic()
             load.run_for(6)
         return restored, watch.opened_then_closed()
+
     return scenario
 
 
 def hot_swap(new_model: Path) -> Scenario:
     """A new index version built from the live table and swapped in by the admin call, then
     the ranking tier rolled onto a newly trained model, all under load."""
+
     def scenario(stack: LocalStack, load: LoadLoop) -> tuple[float | None, dict]:
         load.run_for(2)
-        subprocess.run([str(RECSYS), "index", "build", "--factory", "Flat"], env=stack.env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+        subprocess.run(
+            [str(RECSYS), "index", "build", "--factory", "Flat"],
+            env=stack.env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=300,
+        )
         swapped = admin_reload_index(stack)
         load.run_for(2)
         rolled = roll(stack, "ranking", new_model)
         load.run_for(3)
-        return None, {"index_swapped": swapped.swapped, "index_version": swapped.index_version, **rolled}
+        return None, {
+            "index_swapped": swapped.swapped,
+            "index_version": swapped.index_version,
+            **rolled,
+        }
+
     return scenario
 
 
@@ -345,6 +413,7 @@ def sigterm_tier(tier: str) -> Scenario:
         rolled = roll(stack, tier)
         load.run_for(3)
         return None, rolled
+
     return scenario
 
 
@@ -363,11 +432,27 @@ def overload(stack: LocalStack, load: LoadLoop) -> tuple[float | None, dict]:
 
 
 def run_scenario(
-    stack: LocalStack, name: str, fault: str, scenario: Scenario, users: np.ndarray, items: np.ndarray,
-    clients: int = 4, pause_seconds: float = 0.01, deadline_ms: float = 500.0, seed: int = 0,
+    stack: LocalStack,
+    name: str,
+    fault: str,
+    scenario: Scenario,
+    users: np.ndarray,
+    items: np.ndarray,
+    clients: int = 4,
+    pause_seconds: float = 0.01,
+    deadline_ms: float = 500.0,
+    seed: int = 0,
 ) -> ScenarioResult:
     """Run `scenario` under a load loop, then let the trainer drain and count the events."""
-    load = LoadLoop(stack.gateway_url, users, items, clients, deadline_ms, pause_seconds=pause_seconds, seed=seed)
+    load = LoadLoop(
+        stack.gateway_url,
+        users,
+        items,
+        clients,
+        deadline_ms,
+        pause_seconds=pause_seconds,
+        seed=seed,
+    )
     with load:
         restored, observed = scenario(stack, load)
     result = summarise(name, fault, load.answers, deadline_ms, restored)

@@ -36,7 +36,9 @@ def free_port(cluster_bus: bool = False) -> int:
 def require_redis_server() -> str:
     path = shutil.which("redis-server")
     if path is None:
-        raise RuntimeError("redis-server is not installed: scripts/test.sh installs it (apt-get install redis-server)")
+        raise RuntimeError(
+            "redis-server is not installed: scripts/test.sh installs it (apt-get install redis-server)"
+        )
     return path
 
 
@@ -55,19 +57,64 @@ class TlsFiles:
         files = cls(folder / "ca.crt", folder / "redis.crt", folder / "redis.key")
         (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
         for command in (
-            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-             "-subj", "/CN=recsys test CA"],
-            ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "redis.key", "-out", "redis.csr", "-subj", "/CN=127.0.0.1"],
-            ["x509", "-req", "-in", "redis.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "redis.crt", "-days", "2", "-extfile", "san.ext"],
+            [
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=recsys test CA",
+            ],
+            [
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "redis.key",
+                "-out",
+                "redis.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+            [
+                "x509",
+                "-req",
+                "-in",
+                "redis.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "redis.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+            ],
         ):
-            subprocess.run([openssl, *command], cwd=folder, check=True, capture_output=True, timeout=60)
+            subprocess.run(
+                [openssl, *command], cwd=folder, check=True, capture_output=True, timeout=60
+            )
         return files
 
 
 class RedisServer:
     def __init__(
-        self, *extra_args: str, port: int | None = None, cluster: bool = False, password: str | None = None,
+        self,
+        *extra_args: str,
+        port: int | None = None,
+        cluster: bool = False,
+        password: str | None = None,
         tls: TlsFiles | None = None,
     ):
         """`tls`: serve TLS only, on `port` (the plain port is off)."""
@@ -75,14 +122,42 @@ class RedisServer:
         self.password = password
         self.tls = tls
         self.dir = Path(tempfile.mkdtemp(prefix="recsys-redis-"))
-        listen = ["--port", str(self.port)] if tls is None else [
-            "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(tls.cert),
-            "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "no",
-        ]
+        listen = (
+            ["--port", str(self.port)]
+            if tls is None
+            else [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                str(tls.cert),
+                "--tls-key-file",
+                str(tls.key),
+                "--tls-ca-cert-file",
+                str(tls.ca),
+                "--tls-auth-clients",
+                "no",
+            ]
+        )
         self.args = [
-            require_redis_server(), *listen, "--bind", "127.0.0.1",
-            "--dir", str(self.dir), "--save", "", "--appendonly", "no", "--protected-mode", "no",
-            *(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"] if cluster else []),
+            require_redis_server(),
+            *listen,
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            *(
+                ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+                if cluster
+                else []
+            ),
             *(["--requirepass", password] if password else []),
             *extra_args,
         ]
@@ -97,7 +172,9 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         client = redis.Redis.from_url(self.url, socket_timeout=1)
         deadline = time.monotonic() + 10
         while True:
@@ -127,9 +204,19 @@ class RedisClusterServers:
     def __init__(self, masters: int = 3):
         self.nodes = [RedisServer(cluster=True) for _ in range(masters)]
         subprocess.run(
-            [shutil.which("redis-cli") or "redis-cli", "--cluster", "create",
-             *(f"127.0.0.1:{n.port}" for n in self.nodes), "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+            [
+                shutil.which("redis-cli") or "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
         )
         deadline = time.monotonic() + 30
         for node in self.nodes:

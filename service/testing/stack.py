@@ -59,7 +59,11 @@ class FaultProxy:
                 return
             upstream = self.upstream
             try:
-                server = socket.create_connection(("127.0.0.1", upstream), timeout=1) if upstream else None
+                server = (
+                    socket.create_connection(("127.0.0.1", upstream), timeout=1)
+                    if upstream
+                    else None
+                )
             except OSError:
                 server = None
             if server is None:
@@ -122,7 +126,10 @@ def wait_serving(address: str, process: subprocess.Popen, timeout: float = 120.0
             if process.poll() is not None:
                 raise RuntimeError(f"{address}: process exited with {process.returncode}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -134,7 +141,13 @@ class LocalStack:
     """Start with `start()`; `close()` kills whatever is left. `redis` is started with the
     arguments given (the fault scenarios use AOF with `appendfsync always`)."""
 
-    def __init__(self, artifacts: Path, *redis_args: str, admin_token: str | None = None, env: dict | None = None):
+    def __init__(
+        self,
+        artifacts: Path,
+        *redis_args: str,
+        admin_token: str | None = None,
+        env: dict | None = None,
+    ):
         self.artifacts = Path(artifacts)
         self.folder = Path(tempfile.mkdtemp(prefix="recsys-stack-"))
         self.redis = RedisServer(*redis_args)
@@ -143,9 +156,15 @@ class LocalStack:
         self.event_group = f"trainer.{self.namespace}"
         self.admin_token = admin_token
         self.env = dict(
-            os.environ, RECSYS_ARTIFACTS=str(self.artifacts), RECSYS_REDIS_URL=self.redis.url,
-            RECSYS_REDIS_NAMESPACE=self.namespace, RECSYS_EVENTS_STREAM=self.events_stream, RECSYS_HOST="127.0.0.1",
-            RECSYS_TRAINER_CONSUMER="trainer-0", RECSYS_INDEX_POLL_SECONDS="0", **(env or {}),
+            os.environ,
+            RECSYS_ARTIFACTS=str(self.artifacts),
+            RECSYS_REDIS_URL=self.redis.url,
+            RECSYS_REDIS_NAMESPACE=self.namespace,
+            RECSYS_EVENTS_STREAM=self.events_stream,
+            RECSYS_HOST="127.0.0.1",
+            RECSYS_TRAINER_CONSUMER="trainer-0",
+            RECSYS_INDEX_POLL_SECONDS="0",
+            **(env or {}),
         )
         if admin_token:
             self.env["RECSYS_ADMIN_TOKEN"] = admin_token
@@ -159,9 +178,18 @@ class LocalStack:
         self._started += 1
         http_port, grpc_port = free_port(), free_port()
         log = self.folder / f"{self._started:02d}-{tier}.log"
-        env = {**self.env, "RECSYS_HTTP_PORT": str(http_port), "RECSYS_GRPC_PORT": str(grpc_port), **extra}
-        with log.open("w") as handle:  # a file, not a pipe: a chatty process never blocks on its output
-            process = subprocess.Popen([str(RECSYS), "serve", tier], env=env, stdout=handle, stderr=subprocess.STDOUT)
+        env = {
+            **self.env,
+            "RECSYS_HTTP_PORT": str(http_port),
+            "RECSYS_GRPC_PORT": str(grpc_port),
+            **extra,
+        }
+        with log.open(
+            "w"
+        ) as handle:  # a file, not a pipe: a chatty process never blocks on its output
+            process = subprocess.Popen(
+                [str(RECSYS), "serve", tier], env=env, stdout=handle, stderr=subprocess.STDOUT
+            )
         return Replica(tier, http_port, grpc_port, process, log)
 
     def start(self) -> None:
@@ -200,7 +228,9 @@ class LocalStack:
 
     def start_trainer(self) -> Replica:
         self.trainer = self._spawn("online-train", RECSYS_TRAINER_METRICS_PORT="0")
-        wait_serving(f"127.0.0.1:{self.trainer.grpc_port}", self.trainer.process)  # in its event group
+        wait_serving(
+            f"127.0.0.1:{self.trainer.grpc_port}", self.trainer.process
+        )  # in its event group
         return self.trainer
 
     def kill_trainer(self) -> None:
@@ -216,7 +246,11 @@ class LocalStack:
         return time.monotonic()
 
     def close(self) -> None:
-        processes = [r.process for r in (*self.replicas.values(), self.trainer, self.gateway) if r is not None]
+        processes = [
+            r.process
+            for r in (*self.replicas.values(), self.trainer, self.gateway)
+            if r is not None
+        ]
         for process in processes:
             if process.poll() is None:
                 process.kill()
@@ -232,7 +266,9 @@ def wait_ready(url: str, replica: Replica, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if replica.process.poll() is not None:
-            raise RuntimeError(f"{replica.tier} exited with {replica.process.returncode}: {replica.log.read_text()[-2000:]}")
+            raise RuntimeError(
+                f"{replica.tier} exited with {replica.process.returncode}: {replica.log.read_text()[-2000:]}"
+            )
         try:
             if httpx2.get(url, timeout=1).status_code == 200:
                 return

@@ -1,1 +1,3 @@
-"""Offline training: everything one artifact holds (`artifact`), the ranker's rows and training (`ranker`), and the one training loop of binary classifiers both CTR stacks use (`loop`)."""
+"""Offline training: everything one artifact holds (`artifact`), the ranker's rows and
+training (`ranker`), and the one training loop of binary classifiers both CTR stacks use
+(`loop`)."""

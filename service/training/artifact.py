@@ -40,18 +40,33 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig()) -> tuple[ModelB
     started = time.perf_counter()
     features = FeatureSpace.build(dataset)
     interactions = dataset.interactions
-    log.info("feature space: %d users, %d items, %d attribute values", len(features.users), len(features.items), len(features.attribute_values))
+    log.info(
+        "feature space: %d users, %d items, %d attribute values",
+        len(features.users),
+        len(features.items),
+        len(features.attribute_values),
+    )
 
     two_tower, two_tower_metrics = train_two_tower(interactions, features, config.two_tower)
     vectors = item_vectors(two_tower, features)
-    index = ItemIndex.build(features.items.ids, vectors, config.index_factory, SearchParams(nprobe=config.nprobe), seed=config.two_tower.seed)
+    index = ItemIndex.build(
+        features.items.ids,
+        vectors,
+        config.index_factory,
+        SearchParams(nprobe=config.nprobe),
+        seed=config.two_tower.seed,
+    )
     log.info("indexed %d items", len(index))
     histories = UserHistories.from_interactions(interactions)
     clusters, mixtures = build_interests(two_tower, features, histories, vectors, config.knn_embed)
 
     rows = build_rows(interactions, features, two_tower, index, vectors, config.ranker)
-    ranker, ranker_metrics = train_ranker(rows, features, config.ranker, 1.0 / config.two_tower.temperature)
-    compressed = compress_ranker(ranker, rows, features, config.ranker, 1.0 / config.two_tower.temperature)
+    ranker, ranker_metrics = train_ranker(
+        rows, features, config.ranker, 1.0 / config.two_tower.temperature
+    )
+    compressed = compress_ranker(
+        ranker, rows, features, config.ranker, 1.0 / config.two_tower.temperature
+    )
     ranker_metrics["variants"] = {method: variant.metrics for method, variant in compressed.items()}
 
     counts = features.item_counts[1:]
@@ -70,7 +85,9 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig()) -> tuple[ModelB
         histories=histories,
         clusters=clusters,
         mixtures=mixtures,
-        popular=PopularItems("", features.items.ids[order], (vectors[order] @ cold_user).astype(np.float32)),
+        popular=PopularItems(
+            "", features.items.ids[order], (vectors[order] @ cold_user).astype(np.float32)
+        ),
         manifest={},
     )
     metrics = {
@@ -81,9 +98,17 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig()) -> tuple[ModelB
     return bundle, metrics
 
 
-def build_interests(two_tower, features: FeatureSpace, histories: UserHistories, vectors: np.ndarray, config: KnnEmbedConfig):
+def build_interests(
+    two_tower,
+    features: FeatureSpace,
+    histories: UserHistories,
+    vectors: np.ndarray,
+    config: KnnEmbedConfig,
+):
     """kNN-Embed's parts: the item clusters, and every user's interests and neighbours' mixture."""
-    clusters = ItemClusters.build(features.items.ids, vectors, config.clusters, config.kmeans_iterations, config.seed)
+    clusters = ItemClusters.build(
+        features.items.ids, vectors, config.clusters, config.kmeans_iterations, config.seed
+    )
     mixtures = UserMixtures.build(
         histories,
         user_vectors(two_tower, features, histories),

@@ -82,7 +82,9 @@ def fit_binary(
     rng = np.random.default_rng(config.seed)
     with torch.no_grad():
         model.bias.fill_(start_bias)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     steps = max(1, examples // config.batch_size)
     stopping, history = EarlyStopping(config.patience), []
     with tqdm(total=config.epochs * steps, desc=name, unit="batch", mininterval=2) as bar:
@@ -90,17 +92,30 @@ def fit_binary(
             model.train()
             order = rng.permutation(examples)
             for step in range(steps):
-                inputs, labels = batch_of(order[step * config.batch_size : (step + 1) * config.batch_size])
+                inputs, labels = batch_of(
+                    order[step * config.batch_size : (step + 1) * config.batch_size]
+                )
                 loss = F.binary_cross_entropy_with_logits(model(*inputs), labels)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 bar.update()
             predicted = predict_validation(model)
-            metrics = {"epoch": epoch + 1, **binary_metrics(validation_labels, predicted), "mean_prediction": float(predicted.mean())}
+            metrics = {
+                "epoch": epoch + 1,
+                **binary_metrics(validation_labels, predicted),
+                "mean_prediction": float(predicted.mean()),
+            }
             history.append(metrics)
             bar.set_postfix(epoch=epoch + 1, val_auc=f"{metrics['auc']:.4f}")
-            log.info("%s epoch %d/%d val AUC %.4f logloss %.4f", name, epoch + 1, config.epochs, metrics["auc"], metrics["logloss"])
+            log.info(
+                "%s epoch %d/%d val AUC %.4f logloss %.4f",
+                name,
+                epoch + 1,
+                config.epochs,
+                metrics["auc"],
+                metrics["logloss"],
+            )
             if stopping.should_stop(model, metrics["auc"]):
                 break
     stopping.restore_best(model)

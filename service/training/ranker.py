@@ -52,7 +52,9 @@ class RankerTrainConfig:
     # Post-training compressed variants saved beside the trained model (full tables only);
     # which one serves is a setting (RECSYS_RANKER_VARIANT).
     compression: CompressionConfig = field(default_factory=CompressionConfig)
-    calibration_rows: int = 4096  # training rows whose layer outputs output-feature compression reads
+    calibration_rows: int = (
+        4096  # training rows whose layer outputs output-feature compression reads
+    )
     seed: int = 0
 
 
@@ -79,7 +81,9 @@ def build_rows(
     config: RankerTrainConfig,
 ) -> RankingRows:
     rng = np.random.default_rng(config.seed)
-    user_rows, item_rows, history = history_before(interactions, features, two_tower.config.history_length)
+    user_rows, item_rows, history = history_before(
+        interactions, features, two_tower.config.history_length
+    )
     timestamps = interactions["timestamp"].to_numpy()
     position = interactions.groupby("user_id", sort=False).cumcount().to_numpy()
     count = interactions.groupby("user_id", sort=False)["item_id"].transform("size").to_numpy()
@@ -92,7 +96,10 @@ def build_rows(
     with torch.inference_mode():
         user_vectors = torch.cat(
             [
-                two_tower.user_from_rows(torch.from_numpy(user_rows[s : s + 8192]), torch.from_numpy(history[s : s + 8192]))
+                two_tower.user_from_rows(
+                    torch.from_numpy(user_rows[s : s + 8192]),
+                    torch.from_numpy(history[s : s + 8192]),
+                )
                 for s in range(0, len(user_rows), 8192)
             ]
         ).numpy()
@@ -105,7 +112,10 @@ def build_rows(
     negatives = np.concatenate([hard, uniform], axis=1)
 
     # Drop negatives the user actually interacted with at any time in the training data.
-    seen = np.unique(features.users.rows(interactions["user_id"].to_numpy()) * features.items.size + features.items.rows(interactions["item_id"].to_numpy()))
+    seen = np.unique(
+        features.users.rows(interactions["user_id"].to_numpy()) * features.items.size
+        + features.items.rows(interactions["item_id"].to_numpy())
+    )
     negative_keys = user_rows[:, None] * features.items.size + negatives
     valid = ~np.isin(negative_keys, seen) & (negatives > 0)
 
@@ -117,7 +127,9 @@ def build_rows(
     hour, weekday = np.where(drop, 0, hour), np.where(drop, 0, weekday)
     flat_items = all_items.reshape(-1)
     flat_users = np.repeat(user_rows, per_row)
-    scores = np.einsum("nd,nkd->nk", user_vectors, item_vectors[np.maximum(all_items - 1, 0)]).reshape(-1)
+    scores = np.einsum(
+        "nd,nkd->nk", user_vectors, item_vectors[np.maximum(all_items - 1, 0)]
+    ).reshape(-1)
     labels = np.tile(np.r_[1.0, np.zeros(per_row - 1)], n).astype(np.float32)
     rows = RankingRows(
         flat_users,
@@ -131,14 +143,20 @@ def build_rows(
     return rows.take(np.flatnonzero(all_valid))
 
 
-def _predict(model: torch.nn.Module, encoder: RankingEncoder, rows: RankingRows, batch_size: int = 16384) -> np.ndarray:
+def _predict(
+    model: torch.nn.Module, encoder: RankingEncoder, rows: RankingRows, batch_size: int = 16384
+) -> np.ndarray:
     model.eval()
     out = []
     with torch.inference_mode():
         for s in range(0, len(rows.labels), batch_size):
             part = rows.take(np.arange(s, min(s + batch_size, len(rows.labels))))
-            batch = encoder.encode_rows(part.user_rows, part.item_rows, part.hour_rows, part.weekday_rows, part.scores)
-            out.append(torch.sigmoid(model(batch.categorical, batch.attributes, batch.numeric)).numpy())
+            batch = encoder.encode_rows(
+                part.user_rows, part.item_rows, part.hour_rows, part.weekday_rows, part.scores
+            )
+            out.append(
+                torch.sigmoid(model(batch.categorical, batch.attributes, batch.numeric)).numpy()
+            )
     return np.concatenate(out)
 
 
@@ -150,30 +168,54 @@ def train_ranker(
     encoder = RankingEncoder(features, score_scale)
     model = build_ranker(
         config.model,
-        dict(
-            field_sizes=field_sizes(features),
-            attribute_size=features.attribute_size,
-            numeric_fields=len(NUMERIC_FIELDS),
-            dim=config.dim,
-            rank=config.rank,
-        ),
+        {
+            "field_sizes": field_sizes(features),
+            "attribute_size": features.attribute_size,
+            "numeric_fields": len(NUMERIC_FIELDS),
+            "dim": config.dim,
+            "rank": config.rank,
+        },
         start_from_numeric=NUMERIC_FIELDS.index("retrieval_score"),
     )
-    validation, train = rows.take(np.flatnonzero(rows.validation)), rows.take(np.flatnonzero(~rows.validation))
+    validation, train = (
+        rows.take(np.flatnonzero(rows.validation)),
+        rows.take(np.flatnonzero(~rows.validation)),
+    )
 
     def batch_of(index: np.ndarray) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         part = train.take(index)
-        batch = encoder.encode_rows(part.user_rows, part.item_rows, part.hour_rows, part.weekday_rows, part.scores)
+        batch = encoder.encode_rows(
+            part.user_rows, part.item_rows, part.hour_rows, part.weekday_rows, part.scores
+        )
         return (batch.categorical, batch.attributes, batch.numeric), torch.from_numpy(part.labels)
 
     # The retrieval score starts as the only signal: the bias offsets its mean logit.
     start_bias = log_odds(float(train.labels.mean())) - float(train.scores.mean()) * score_scale
-    loop = LoopConfig(config.epochs, config.patience, config.batch_size, config.learning_rate, config.weight_decay, config.seed)
+    loop = LoopConfig(
+        config.epochs,
+        config.patience,
+        config.batch_size,
+        config.learning_rate,
+        config.weight_decay,
+        config.seed,
+    )
     epochs = fit_binary(
-        model, len(train.labels), batch_of, lambda m: _predict(m, encoder, validation), validation.labels, loop, start_bias, "ranker"
+        model,
+        len(train.labels),
+        batch_of,
+        lambda m: _predict(m, encoder, validation),
+        validation.labels,
+        loop,
+        start_bias,
+        "ranker",
     )
     history = [
-        {"epoch": e["epoch"], "val_auc": e["auc"], "val_logloss": e["logloss"], "val_mean_prediction": e["mean_prediction"]}
+        {
+            "epoch": e["epoch"],
+            "val_auc": e["auc"],
+            "val_logloss": e["logloss"],
+            "val_mean_prediction": e["mean_prediction"],
+        }
         for e in epochs
     ]
     best = max(history, key=lambda e: e["val_auc"])
@@ -191,7 +233,11 @@ def train_ranker(
 
 
 def compress_ranker(
-    model: torch.nn.Module, rows: RankingRows, features: FeatureSpace, config: RankerTrainConfig, score_scale: float
+    model: torch.nn.Module,
+    rows: RankingRows,
+    features: FeatureSpace,
+    config: RankerTrainConfig,
+    score_scale: float,
 ) -> dict[str, RankerVariant]:
     """The trained full-table ranker compressed by every method, each measured on the
     validation rows; none for a factorised ranker (its tables are low-rank already)."""
@@ -199,8 +245,14 @@ def compress_ranker(
         return {}
     encoder = RankingEncoder(features, score_scale)
     train, validation = np.flatnonzero(~rows.validation), rows.take(np.flatnonzero(rows.validation))
-    picked = rows.take(np.random.default_rng(config.seed).choice(train, min(config.calibration_rows, len(train)), replace=False))
-    batch = encoder.encode_rows(picked.user_rows, picked.item_rows, picked.hour_rows, picked.weekday_rows, picked.scores)
+    picked = rows.take(
+        np.random.default_rng(config.seed).choice(
+            train, min(config.calibration_rows, len(train)), replace=False
+        )
+    )
+    batch = encoder.encode_rows(
+        picked.user_rows, picked.item_rows, picked.hour_rows, picked.weekday_rows, picked.scores
+    )
     calibration = (batch.categorical, batch.attributes, batch.numeric)
     variants, trained_bytes = {}, model_bytes(model)["total"]
     for method in METHODS:
@@ -214,6 +266,8 @@ def compress_ranker(
             "bytes": size,
             "ratio": round(trained_bytes / size["total"], 2),
         }
-        log.info("ranker %s: %.2fx smaller, val AUC %.4f", method, metrics["ratio"], metrics["val_auc"])
+        log.info(
+            "ranker %s: %.2fx smaller, val AUC %.4f", method, metrics["ratio"], metrics["val_auc"]
+        )
         variants[method] = RankerVariant(compact, plan, metrics)
     return variants
