@@ -237,14 +237,28 @@ def online_train(
     serve(Tier.online_train, artifacts=artifacts, host=None, port=None, grpc_port=None)
 
 
+class Protocol(str, Enum):
+    temporal = "temporal"
+    leave_last_out = "leave-last-out"
+
+
 @app.command("eval")
 def evaluate(
     dataset: DatasetOption = None,
     interactions: InteractionsOption = None,
     items: ItemsOption = None,
+    protocol: Annotated[
+        Protocol,
+        typer.Option(
+            help="temporal: each user's latest --holdout held out, Recall@{10,50,100}; "
+            "leave-last-out: each user's last interaction held out, HR and NDCG@{10,20}."
+        ),
+    ] = Protocol.temporal,
     holdout: Annotated[
         float,
-        typer.Option(min=0.01, max=0.9, help="Share of each user's latest interactions held out."),
+        typer.Option(
+            min=0.01, max=0.9, help="temporal: share of each user's latest interactions held out."
+        ),
     ] = 0.2,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
     artifacts_out: Annotated[
@@ -254,20 +268,25 @@ def evaluate(
     ranker_epochs: Annotated[int | None, typer.Option(min=1)] = None,
     seed: int = 0,
 ) -> None:
-    """Train on each user's past, then measure Recall@{10,50,100} on their later interactions."""
+    """Train on each user's past, then measure the pipeline, candidate generation alone and
+    most-popular on what came after, through the serving code."""
     _setup_logging()
-    from service.data.split import temporal_split
+    from service.data.split import leave_last_out, temporal_split
     from service.evaluation import evaluate_artifact, format_table
     from service.training.artifact import train_and_save
 
     data = _load(dataset, interactions, items)
-    train_part, test_part = temporal_split(data, holdout)
+    if protocol == Protocol.leave_last_out:
+        train_part, test_part = leave_last_out(data)
+    else:
+        train_part, test_part = temporal_split(data, holdout)
     config = _train_config(two_tower_epochs, ranker_epochs, seed, "auto")
     with tempfile.TemporaryDirectory() as scratch:
         folder = train_and_save(train_part, str(artifacts_out or scratch), config)
-        results = evaluate_artifact(folder, test_part)
+        results = evaluate_artifact(folder, test_part, protocol.value)
     results["dataset"] = data.name
-    results["holdout_fraction"] = holdout
+    if protocol == Protocol.temporal:
+        results["holdout_fraction"] = holdout
     typer.echo(format_table(results))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

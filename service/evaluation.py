@@ -28,38 +28,51 @@ def recall_at(ranked: list[int], relevant: set[int], cutoffs=CUTOFFS) -> dict[in
     }
 
 
+def served_lists(
+    pipeline: RecommendPipeline,
+    user_id: int,
+    depth: int,
+    candidates: int,
+    strategies: tuple[str, ...],
+) -> dict[str, list[int]]:
+    """A user's top `depth` items, best first, as each row of the results gets them:
+    `pipeline` (ranked, from `candidates` retrieved) and `candidate_generation` (retrieval
+    order) for each strategy, the pipeline's default unsuffixed and others as `_<name>`;
+    `most_popular` (the training items the user has not seen)."""
+    request = RecommendRequest(user_id=user_id, k=depth, candidates=max(candidates, depth))
+    lists = {}
+    for strategy in strategies:
+        suffix = "" if strategy == pipeline.options.strategy else f"_{strategy}"
+        asked = request.model_copy(update={"strategy": strategy})
+        lists[f"pipeline{suffix}"] = [item.item_id for item in pipeline.recommend(asked).items]
+        retrieval = asked.model_copy(update={"candidates": depth})
+        lists[f"candidate_generation{suffix}"] = [
+            c.item_id for c in pipeline.candidates(retrieval).candidates
+        ]
+    seen = pipeline.generator.history(user_id)[0]
+    lists["most_popular"] = pipeline.generator.popular.top(depth, np.unique(seen)).item_ids.tolist()
+    return lists
+
+
 def evaluate_pipeline(
     pipeline: RecommendPipeline, test: pd.DataFrame, candidates: int = 200, cutoffs=CUTOFFS
 ) -> dict:
+    """The temporal protocol: Recall@K of each user's held-out items."""
     depth = max(cutoffs)
     relevant = test.groupby("user_id")["item_id"].agg(lambda s: {int(i) for i in s})
-    popular = [int(i) for i in pipeline.bundle.popular.items]
-    sums = {
-        name: dict.fromkeys(cutoffs, 0.0)
-        for name in ("pipeline", "candidate_generation", "most_popular")
-    }
+    sums: dict[str, dict[int, float]] = {}
     for user_id, truth in tqdm(
         relevant.items(), total=len(relevant), desc="eval", unit="user", mininterval=2
     ):
-        request = RecommendRequest(user_id=int(user_id), k=depth, candidates=max(candidates, depth))
-        ranked = [item.item_id for item in pipeline.recommend(request).items]
-        retrieved = [
-            c.item_id
-            for c in pipeline.candidates(
-                request.model_copy(update={"candidates": depth})
-            ).candidates
-        ]
-        seen = set(pipeline.bundle.histories.get(int(user_id)).tolist())
-        most_popular = [i for i in popular if i not in seen][:depth]
-        for name, ranking in (
-            ("pipeline", ranked),
-            ("candidate_generation", retrieved),
-            ("most_popular", most_popular),
-        ):
+        lists = served_lists(
+            pipeline, int(user_id), depth, candidates, (pipeline.options.strategy,)
+        )
+        for name, ranking in lists.items():
             for k, value in recall_at(ranking, truth, cutoffs).items():
-                sums[name][k] += value
+                sums.setdefault(name, dict.fromkeys(cutoffs, 0.0))[k] += value
     users = len(relevant)
     return {
+        "protocol": "temporal",
         "users": users,
         "candidates": candidates,
         "recall": {
@@ -69,9 +82,66 @@ def evaluate_pipeline(
     }
 
 
-def evaluate_artifact(folder: str | Path, test: pd.DataFrame) -> dict:
+LEAVE_LAST_OUT_CUTOFFS = (10, 20)
+
+
+def hit_and_ndcg(ranked: list[int], target: int, cutoffs=LEAVE_LAST_OUT_CUTOFFS) -> dict:
+    """HR@K (the held-out item is in the first K) and NDCG@K (1 / log2(1 + its rank), 0
+    outside the first K) of one held-out item, for each K."""
+    rank = ranked.index(target) + 1 if target in ranked else None
+    return {
+        k: (1.0, 1.0 / float(np.log2(1 + rank))) if rank is not None and rank <= k else (0.0, 0.0)
+        for k in cutoffs
+    }
+
+
+def evaluate_leave_last_out(
+    pipeline: RecommendPipeline,
+    test: pd.DataFrame,
+    candidates: int = 200,
+    cutoffs=LEAVE_LAST_OUT_CUTOFFS,
+    strategies: tuple[str, ...] = (STRATEGY_TWO_TOWER, STRATEGY_KNN_EMBED),
+) -> dict:
+    """The leave-last-out protocol (S3-Rec, TIGER): each user's one held-out item, the
+    whole catalogue ranked with the user's training items left out; HR@K and NDCG@K."""
+    depth = max(cutoffs)
+    sums: dict[str, dict[int, list[float]]] = {}
+    targets = test.drop_duplicates("user_id", keep="last")
+    for user_id, target in tqdm(
+        zip(targets["user_id"].tolist(), targets["item_id"].tolist()),
+        total=len(targets),
+        desc="eval",
+        unit="user",
+        mininterval=2,
+    ):
+        for name, ranking in served_lists(pipeline, user_id, depth, candidates, strategies).items():
+            for k, (hit, gain) in hit_and_ndcg(ranking, target, cutoffs).items():
+                totals = sums.setdefault(name, {c: [0.0, 0.0] for c in cutoffs})[k]
+                totals[0] += hit
+                totals[1] += gain
+    users = len(targets)
+    return {
+        "protocol": "leave-last-out",
+        "users": users,
+        "candidates": candidates,
+        "hit_rate": {
+            name: {f"@{k}": round(v[0] / users, 4) for k, v in by_k.items()}
+            for name, by_k in sums.items()
+        },
+        "ndcg": {
+            name: {f"@{k}": round(v[1] / users, 4) for k, v in by_k.items()}
+            for name, by_k in sums.items()
+        },
+    }
+
+
+def evaluate_artifact(folder: str | Path, test: pd.DataFrame, protocol: str = "temporal") -> dict:
     bundle = ModelBundle.load(folder)
-    results = evaluate_pipeline(RecommendPipeline(bundle), test)
+    pipeline = RecommendPipeline(bundle)
+    if protocol == "leave-last-out":
+        results = evaluate_leave_last_out(pipeline, test)
+    else:
+        results = evaluate_pipeline(pipeline, test)
     results["model_version"] = bundle.version
     results["ranker_val_auc"] = bundle.manifest["metrics"]["ranker"]["val_auc"]
     results["train_seconds"] = bundle.manifest["metrics"]["train_seconds"]
@@ -79,6 +149,8 @@ def evaluate_artifact(folder: str | Path, test: pd.DataFrame) -> dict:
 
 
 def format_table(results: dict) -> str:
+    if results.get("protocol") == "leave-last-out":
+        return format_leave_last_out_table(results)
     recall = results["recall"]
     cutoffs = list(next(iter(recall.values())))
     lines = [
@@ -91,6 +163,29 @@ def format_table(results: dict) -> str:
     base, full = recall["most_popular"]["@50"], recall["pipeline"]["@50"]
     if base > 0:
         lines.append(f"pipeline vs most_popular at Recall@50: {full / base - 1:+.1%}")
+    return "\n".join(lines)
+
+
+def format_leave_last_out_table(results: dict) -> str:
+    hits, ndcg = results["hit_rate"], results["ndcg"]
+    cutoffs = list(next(iter(hits.values())))
+    lines = [
+        f"HR and NDCG on {results['users']} users (leave-last-out: each user's last interaction "
+        "held out, the whole catalogue ranked)",
+        "| | " + " | ".join([f"HR{c}" for c in cutoffs] + [f"NDCG{c}" for c in cutoffs]) + " |",
+        "|---|" + "---|" * (2 * len(cutoffs)),
+    ]
+    for name in hits:
+        values = [hits[name][c] for c in cutoffs] + [ndcg[name][c] for c in cutoffs]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+    first = cutoffs[0]
+    for label, better, worse in (
+        ("pipeline vs most_popular", "pipeline", "most_popular"),
+        ("ranked vs retrieval order", "pipeline", "candidate_generation"),
+    ):
+        if hits[worse][first] > 0:
+            change = hits[better][first] / hits[worse][first] - 1
+            lines.append(f"{label} at HR{first}: {change:+.1%}")
     return "\n".join(lines)
 
 

@@ -1,12 +1,15 @@
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from service.cli import app
 from service.data.files import load_dataset
-from service.data.split import temporal_split
-from service.evaluation import recall_at
+from service.data.schema import Dataset
+from service.data.split import leave_last_out, temporal_split
+from service.evaluation import hit_and_ndcg, recall_at
 from tests.conftest import MOVIELENS
 
 
@@ -62,3 +65,72 @@ def test_movielens_pipeline_beats_most_popular_by_a_fifth(tmp_path):
     assert result.exit_code == 0, result.output
     recall = json.loads(out.read_text())["recall"]
     assert recall["pipeline"]["@50"] >= 1.2 * recall["most_popular"]["@50"]
+
+
+def test_leave_last_out_holds_out_each_users_last_interaction():
+    frame = pd.DataFrame(
+        {
+            "user_id": np.array([1, 1, 1, 2, 2, 3], np.uint64),
+            "item_id": np.array([10, 12, 11, 20, 21, 30], np.uint64),
+            "timestamp": np.array([5, 9, 9, 1, 2, 7], np.int64),  # user 1's last two are a tie
+            "weight": np.ones(6, np.float32),
+        }
+    )
+    items = pd.DataFrame({"item_id": np.array([10, 11, 12, 20, 21, 30], np.uint64)})
+    train, test = leave_last_out(Dataset("toy", frame, items))
+    assert test[["user_id", "item_id"]].to_numpy().tolist() == [[1, 12], [2, 21]]  # tie: larger id
+    assert sorted(train.interactions["item_id"].tolist()) == [
+        10,
+        11,
+        20,
+        30,
+    ]  # user 3 keeps its one
+
+
+def test_hit_and_ndcg_of_one_held_out_item():
+    assert hit_and_ndcg([5, 7, 9], 7, cutoffs=(1, 2, 3)) == {
+        1: (0.0, 0.0),
+        2: (1.0, 1 / np.log2(3)),
+        3: (1.0, 1 / np.log2(3)),
+    }
+    assert hit_and_ndcg([5, 7, 9], 4, cutoffs=(10,)) == {10: (0.0, 0.0)}
+    assert hit_and_ndcg([4], 4, cutoffs=(10,)) == {10: (1.0, 1.0)}
+
+
+def test_eval_leave_last_out_reports_hr_and_ndcg_for_every_row(tmp_path):
+    spec = "synthetic:users=150,items=200,categories=6"
+    out = tmp_path / "llo.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--dataset",
+            spec,
+            "--protocol",
+            "leave-last-out",
+            "--two-tower-epochs",
+            "2",
+            "--ranker-epochs",
+            "1",
+            "--json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+    rows = {
+        "pipeline",
+        "candidate_generation",
+        "pipeline_knn_embed",
+        "candidate_generation_knn_embed",
+        "most_popular",
+    }
+    assert results["protocol"] == "leave-last-out"
+    assert set(results["hit_rate"]) == set(results["ndcg"]) == rows
+    for name in rows:
+        hr, ndcg = results["hit_rate"][name], results["ndcg"][name]
+        assert 0.0 <= ndcg["@10"] <= hr["@10"] <= hr["@20"] <= 1.0 and ndcg["@10"] <= ndcg["@20"]
+    _, held_out = leave_last_out(load_dataset(spec))
+    assert results["users"] == len(held_out) == held_out["user_id"].nunique()
+    assert results["hit_rate"]["pipeline"]["@20"] > results["hit_rate"]["most_popular"]["@20"]
+    assert "HR@10" in result.output and "NDCG@20" in result.output

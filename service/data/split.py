@@ -1,4 +1,5 @@
-"""Temporal splits: train on each user's past, test on their later interactions."""
+"""Splits in time: train on each user's past, test on what came after (their latest 20%,
+or their one last interaction)."""
 
 import numpy as np
 import pandas as pd
@@ -20,5 +21,20 @@ def temporal_split(dataset: Dataset, holdout_fraction: float = 0.2) -> tuple[Dat
     n_test = np.floor(count * holdout_fraction).astype(np.int64)
     n_test = np.minimum(n_test, count - 1)
     is_test = position >= count - n_test
+    train = Dataset(dataset.name, frame[~is_test].reset_index(drop=True), dataset.items)
+    return train, frame[is_test].reset_index(drop=True)
+
+
+def leave_last_out(dataset: Dataset) -> tuple[Dataset, pd.DataFrame]:
+    """Hold out each user's last interaction (the latest timestamp; ties in time go by item
+    id, the largest last): the protocol of the sequential-recommendation literature.
+
+    A user with a single interaction keeps it for training and has nothing held out.
+    Returns the training dataset and the held-out interactions, one per user at most.
+    """
+    frame = dataset.interactions.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
+    count = frame.groupby("user_id", sort=False)["item_id"].transform("size").to_numpy()
+    is_test = ~frame.duplicated("user_id", keep="last").to_numpy() & (count >= 2)
+    frame = frame.reset_index(drop=True)
     train = Dataset(dataset.name, frame[~is_test].reset_index(drop=True), dataset.items)
     return train, frame[is_test].reset_index(drop=True)

@@ -1,0 +1,250 @@
+"""The pipeline against the peers a team would deploy instead, on the same splits and users,
+in one run: most-popular, EASE (closed form), and the `implicit` library's ALS, next to the
+pipeline's own rows (ranked, retrieval order, each strategy).
+
+    python bench/peers.py [--quick] [--json PATH] [--dataset synthetic|movielens-100k:PATH]
+                          [--protocol temporal|leave-last-out]...
+
+Both protocols by default: temporal (each user's latest 20% held out, Recall@{10,50,100})
+and leave-last-out (each user's last interaction held out, the whole catalogue ranked, HR and
+NDCG@{10,20}). Every list leaves out the user's training items. The artifact is trained by
+the default configuration (seed 0) on the training part. Each peer gets a small tuning
+budget, spent on a validation split of the training part (each user's last training
+interaction held out; never the test part), picked by HR@20 there:
+
+- EASE: L2 weight in {50, 200, 500, 1000, 3000} (Steck 2019: B = I - P / diag(P),
+  P = (X'X + lambda I)^-1 on the binary user-item matrix);
+- ALS: factors in {32, 64, 128}, regularisation 0.05, 15 iterations (needs the bench extra,
+  `pip install -e .[bench]`; without it the row is skipped with a note).
+
+A SASRec peer (rectools) is not part of the run: rectools 0.19 requires numpy < 2, which the
+service does not run on.
+"""
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from service.data.files import load_dataset
+from service.data.schema import Dataset
+from service.data.split import leave_last_out, temporal_split
+from service.evaluation import (
+    CUTOFFS,
+    LEAVE_LAST_OUT_CUTOFFS,
+    hit_and_ndcg,
+    recall_at,
+    served_lists,
+)
+from service.pipeline.in_process import RecommendPipeline
+from service.training.artifact import TrainConfig, train
+
+EASE_L2 = (50.0, 200.0, 500.0, 1000.0, 3000.0)
+ALS_FACTORS = (32, 64, 128)
+MAX_EASE_ITEMS = 20_000  # P is items x items, dense
+
+
+class Interactions:
+    """The binary user-item matrix of a training part, with its id maps."""
+
+    def __init__(self, data: Dataset):
+        frame = data.interactions
+        self.users, user_index = np.unique(
+            frame["user_id"].to_numpy(np.uint64), return_inverse=True
+        )
+        self.items, item_index = np.unique(
+            frame["item_id"].to_numpy(np.uint64), return_inverse=True
+        )
+        ones = np.ones(len(user_index), np.float32)
+        self.matrix = sp.csr_matrix(
+            (ones, (user_index, item_index)), shape=(len(self.users), len(self.items))
+        )
+        self.matrix.data[:] = 1.0  # repeated pairs count once
+
+    def row(self, user_id: int) -> int | None:
+        at = int(np.searchsorted(self.users, np.uint64(user_id)))
+        return at if at < len(self.users) and self.users[at] == user_id else None
+
+    def top(self, scores: np.ndarray, row: int, k: int) -> list[int]:
+        """The `k` best-scored items the user has no training interaction with."""
+        scores = scores.astype(np.float64, copy=True)
+        scores[self.matrix[row].indices] = -np.inf
+        k = min(k, len(scores))
+        best = np.argpartition(-scores, k - 1)[:k]
+        best = best[np.argsort(-scores[best], kind="stable")]
+        return self.items[best[np.isfinite(scores[best])]].tolist()
+
+
+def ease(interactions: Interactions, l2: float):
+    """EASE's item-item weights; a retriever of (user id, k) -> item ids."""
+    gram = (interactions.matrix.T @ interactions.matrix).toarray().astype(np.float64)
+    gram[np.diag_indices_from(gram)] += l2
+    inverse = np.linalg.inv(gram)
+    weights = -inverse / np.diag(inverse)
+    weights[np.diag_indices_from(weights)] = 0.0
+
+    def retrieve(user_id: int, k: int) -> list[int]:
+        row = interactions.row(user_id)
+        if row is None:
+            return []
+        scores = interactions.matrix[row] @ weights
+        return interactions.top(np.asarray(scores).ravel(), row, k)
+
+    return retrieve
+
+
+def als(interactions: Interactions, factors: int, seed: int = 0):
+    from implicit.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    model = AlternatingLeastSquares(
+        factors=factors, iterations=15, regularization=0.05, random_state=seed
+    )
+    with threadpool_limits(1, "blas"):  # implicit's advice: its own threads, not BLAS's
+        model.fit(interactions.matrix, show_progress=False)
+
+    def retrieve(user_id: int, k: int) -> list[int]:
+        row = interactions.row(user_id)
+        if row is None:
+            return []
+        found, _ = model.recommend(
+            row, interactions.matrix[row], N=k, filter_already_liked_items=True
+        )
+        return interactions.items[found].tolist()
+
+    return retrieve
+
+
+def validation_hr(retrieve, held_out: pd.DataFrame, k: int = 20) -> float:
+    pairs = zip(held_out["user_id"].tolist(), held_out["item_id"].tolist())
+    return float(np.mean([hit_and_ndcg(retrieve(u, k), t, (k,))[k][0] for u, t in pairs]))
+
+
+def tuned(train_part: Dataset, name: str, build, grid) -> tuple[object, dict]:
+    """The peer built with the grid value that validates best, refit on the whole training part."""
+    fit_part, held_out = leave_last_out(train_part)
+    fit = Interactions(fit_part)
+    scores = {}
+    for value in tqdm(grid, desc=f"tune {name}", unit="setting"):
+        scores[value] = round(validation_hr(build(fit, value), held_out), 4)
+    best = max(scores, key=scores.get)
+    return build(Interactions(train_part), best), {"grid": scores, "chosen": best}
+
+
+def peers(train_part: Dataset, notes: list[str]) -> tuple[dict, dict]:
+    retrievers, tuning = {}, {}
+    if len(np.unique(train_part.interactions["item_id"])) <= MAX_EASE_ITEMS:
+        retrievers["ease"], tuning["ease"] = tuned(train_part, "EASE", ease, EASE_L2)
+    else:
+        notes.append(f"EASE skipped: more than {MAX_EASE_ITEMS:,} items")
+    try:
+        retrievers["als_implicit"], tuning["als_implicit"] = tuned(
+            train_part, "ALS", als, ALS_FACTORS
+        )
+    except ImportError:
+        notes.append("ALS skipped: `implicit` is not installed (pip install -e .[bench])")
+    return retrievers, tuning
+
+
+def run_protocol(dataset: Dataset, protocol: str, config: TrainConfig, notes: list[str]) -> dict:
+    if protocol == "leave-last-out":
+        (train_part, test), cutoffs = leave_last_out(dataset), LEAVE_LAST_OUT_CUTOFFS
+    else:
+        (train_part, test), cutoffs = temporal_split(dataset, 0.2), CUTOFFS
+    started = time.perf_counter()
+    bundle, _ = train(train_part, config)
+    bundle.manifest = {"models": {"knn_embed": {}}}
+    train_seconds = round(time.perf_counter() - started, 1)
+    pipeline = RecommendPipeline(bundle)
+    retrievers, tuning = peers(train_part, notes)
+    truth = test.groupby("user_id")["item_id"].agg(list)
+    depth, sums = max(cutoffs), {}
+    for user_id, items in tqdm(
+        truth.items(), total=len(truth), desc=f"eval {protocol}", unit="user"
+    ):
+        lists = served_lists(pipeline, int(user_id), depth, 200, ("two_tower", "knn_embed"))
+        lists.update({name: retrieve(int(user_id), depth) for name, retrieve in retrievers.items()})
+        for name, ranked in lists.items():
+            row = sums.setdefault(name, {})
+            if protocol == "leave-last-out":
+                for k, (hit, gain) in hit_and_ndcg(ranked, int(items[-1]), cutoffs).items():
+                    row[f"HR@{k}"] = row.get(f"HR@{k}", 0.0) + hit
+                    row[f"NDCG@{k}"] = row.get(f"NDCG@{k}", 0.0) + gain
+            else:
+                for k, value in recall_at(ranked, {int(i) for i in items}, cutoffs).items():
+                    row[f"Recall@{k}"] = row.get(f"Recall@{k}", 0.0) + value
+    rows = {
+        name: {m: round(v / len(truth), 4) for m, v in row.items()} for name, row in sums.items()
+    }
+    return {"users": len(truth), "train_seconds": train_seconds, "rows": rows, "tuning": tuning}
+
+
+def table(protocol: str, results: dict) -> str:
+    rows = results["rows"]
+    metrics = list(next(iter(rows.values())))
+    headline = metrics[0]
+    peer_names = [n for n in rows if n in ("most_popular", "ease", "als_implicit")]
+    best_peer = max(peer_names, key=lambda n: rows[n][headline])
+    lines = [
+        f"{protocol}: {results['users']} users",
+        "| | " + " | ".join(metrics) + " | vs best peer |",
+        "|---|" + "---:|" * (len(metrics) + 1),
+    ]
+    for name, row in rows.items():
+        ratio = (
+            row[headline] / rows[best_peer][headline] if rows[best_peer][headline] else float("nan")
+        )
+        lines.append(
+            f"| {name} | " + " | ".join(f"{row[m]:.4f}" for m in metrics) + f" | {ratio:.2f}x |"
+        )
+    lines.append(f"best peer at {headline}: {best_peer}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="synthetic")
+    parser.add_argument("--protocol", action="append", choices=("temporal", "leave-last-out"))
+    parser.add_argument(
+        "--quick", action="store_true", help="a small synthetic set and short training"
+    )
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    spec = (
+        "synthetic:users=500,items=800,categories=12"
+        if args.quick and args.dataset == "synthetic"
+        else args.dataset
+    )
+    dataset = load_dataset(spec)
+    config = TrainConfig()
+    if args.quick:
+        config = replace(
+            config,
+            two_tower=replace(config.two_tower, epochs=4),
+            ranker=replace(config.ranker, epochs=1),
+        )
+    notes: list[str] = []
+    results = {"dataset": dataset.name, "protocols": {}}
+    for protocol in args.protocol or ("temporal", "leave-last-out"):
+        results["protocols"][protocol] = run_protocol(dataset, protocol, config, notes)
+        print(table(protocol, results["protocols"][protocol]), flush=True)
+    results["notes"] = sorted(set(notes))
+    for note in results["notes"]:
+        print(note)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
