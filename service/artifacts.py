@@ -93,6 +93,18 @@ def write_version(root: str | Path, fmt: str, write: Callable[[Path], dict]) -> 
     return final, manifest
 
 
+RankerChoice = str  # "auto": as the artifact's validation chose; "on"; "off"
+
+
+def ranker_serves(manifest: dict, choice: RankerChoice = "auto") -> bool:
+    """Whether answers are ranked by the artifact's ranker or left in retrieval order: "on" and
+    "off" say so; "auto" follows `recsys train`'s validation (the ranker serves unless ranked
+    order validated below retrieval order; an artifact trained without validation ranks)."""
+    if choice != "auto":
+        return choice == "on"
+    return bool(manifest.get("validation", {}).get("choices", {}).get("ranker", True))
+
+
 def read_manifest(folder: Path, root: Path | None = None, fmt: str = FORMAT) -> dict:
     """The manifest of a version folder in format `fmt`, after checking every file it lists."""
     folder = folder.resolve()

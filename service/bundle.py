@@ -92,7 +92,14 @@ class ModelBundle:
             1.0 / self.two_tower.config.temperature,
         )
 
-    def save(self, root: str | Path, config: dict, schema: dict, metrics: dict) -> Path:
+    def save(
+        self,
+        root: str | Path,
+        config: dict,
+        schema: dict,
+        metrics: dict,
+        validation: dict | None = None,
+    ) -> Path:
         def write(folder: Path) -> dict:
             self.features.save(folder)
             save_tensors(
@@ -132,6 +139,7 @@ class ModelBundle:
                 },
                 "data_schema": schema,
                 "metrics": metrics,
+                **({"validation": validation} if validation is not None else {}),
             }
 
         final, manifest = write_version(root, FORMAT, write)

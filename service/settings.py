@@ -63,6 +63,13 @@ class Settings(BaseSettings):
             "output-feature compression; weight_svd: SVD of the weights); unset: the ranker as trained."
         ),
     ] = None
+    ranker: Annotated[
+        Literal["auto", "on", "off"],
+        Field(
+            description="auto: rank unless `recsys train`'s validation found ranked order below "
+            "retrieval order (then answers keep retrieval order, `ranker` null); on; off."
+        ),
+    ] = "auto"
     knn_components: Annotated[
         int, Field(ge=1, le=MAX_COMPONENTS, description="kNN-Embed: interests kept (m).")
     ] = 8

@@ -134,3 +134,7 @@ def test_eval_leave_last_out_reports_hr_and_ndcg_for_every_row(tmp_path):
     assert results["users"] == len(held_out) == held_out["user_id"].nunique()
     assert results["hit_rate"]["pipeline"]["@20"] > results["hit_rate"]["most_popular"]["@20"]
     assert "HR@10" in result.output and "NDCG@20" in result.output
+    # The artifact went through validation, and the results say what it chose.
+    assert isinstance(results["validation"]["choices"]["ranker"], bool)
+    assert results["ranker_serves"] == results["validation"]["choices"]["ranker"]
+    assert "validation HR@10" in result.output

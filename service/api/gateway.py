@@ -11,6 +11,7 @@ from service.api.grpc_server import RecommenderServicer
 from service.api.process import http_app
 from service.api.remote import RemotePipeline
 from service.api.served import Served
+from service.artifacts import ranker_serves, read_manifest, resolve_version
 from service.online.parts import open_event_log
 from service.retrieval.popular import PopularItems
 from service.settings import Settings
@@ -19,15 +20,19 @@ log = logging.getLogger(__name__)
 
 
 def load_gateway(settings: Settings) -> Served:
-    popular = PopularItems.load(settings.artifacts)
+    folder = resolve_version(settings.artifacts)
+    manifest = read_manifest(folder, settings.artifacts)
+    popular = PopularItems.from_folder(folder, manifest["version"])
+    ranks = ranker_serves(manifest, settings.ranker)
     log.info(
-        "gateway: retrieval at %s, ranking at %s; fallback items from %s",
+        "gateway: retrieval at %s, ranking at %s%s; fallback items from %s",
         settings.retrieval_address,
         settings.ranking_address,
+        "" if ranks else " (not called: answers keep retrieval order)",
         popular.version,
     )
     events = open_event_log(settings, settings.redis_namespace or popular.namespace)
-    return Served(pipeline=RemotePipeline(settings, popular), online=events)
+    return Served(pipeline=RemotePipeline(settings, popular, ranks), online=events)
 
 
 def build_app(settings: Settings) -> FastAPI:

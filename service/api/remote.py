@@ -116,9 +116,12 @@ class RemotePipeline:
     """The `Pipeline` the gateway serves: the tiers over gRPC, each stage within its share of
     the deadline, falling back when a tier fails."""
 
-    def __init__(self, settings: Settings, popular: PopularItems):
+    def __init__(self, settings: Settings, popular: PopularItems, ranks: bool = True):
+        """`ranks`: whether answers are ranked (`service.artifacts.ranker_serves`); if not,
+        the ranking tier is not called and answers keep retrieval order."""
         self.settings = settings
         self.popular = popular
+        self.ranks = ranks
         self.retrieval = Tier("retrieval", settings.retrieval_address)
         self.ranking = Tier("ranking", settings.ranking_address)
         self._retrieve_stub = pb_grpc.RetrievalStub(self.retrieval.channel).Retrieve
@@ -163,7 +166,7 @@ class RemotePipeline:
     ) -> RecommendResponse:
         until = self._until(deadline)
         found = self._retrieve(request, until)
-        if not len(found):
+        if not len(found) or not self.ranks:
             return ranked_response(request, found, None, self.model_version, None)
         with timed(RANK):
             try:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from service.artifact_tables import in_memory_store
+from service.artifacts import RankerChoice, ranker_serves
 from service.bundle import ModelBundle, RankingParts
 from service.embeddings.recent_items import RecentItems
 from service.embeddings.store import EmbeddingStore
@@ -47,6 +48,7 @@ class PipelineOptions:
     history_length: int = 50
     strategy: str = "two_tower"  # when a request names none
     knn_embed: MixtureKnobs = MixtureKnobs()
+    ranker: RankerChoice = "auto"  # `service.artifacts.ranker_serves`
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "PipelineOptions":
@@ -57,6 +59,7 @@ class PipelineOptions:
             knn_embed=MixtureKnobs(
                 settings.knn_alpha, settings.knn_components, settings.knn_reserved_share
             ),
+            ranker=settings.ranker,
         )
 
 
@@ -112,12 +115,14 @@ class RecommendPipeline:
         )
         self.ranking = RankingStage(bundle.ranking_parts)
         self.ranker_info = self.ranking.ranker_info
+        self.ranks = ranker_serves(bundle.manifest, options.ranker)
         MODEL_INFO.info(
             {
                 "version": bundle.version,
                 "retrieval": options.strategy,
                 "ranker": self.ranker_info.model,
                 "ranker_variant": self.ranker_info.variant,
+                "ranking": "on" if self.ranks else "off",
             }
         )
 
@@ -158,6 +163,8 @@ class RecommendPipeline:
         self, request: RecommendRequest, deadline: float | None = None
     ) -> RecommendResponse:
         found = self.retrieve(request)
+        if not self.ranks:  # the artifact's validation: the ranker would make answers worse
+            return ranked_response(request, found, None, self.model_version, None)
         scores = self.ranking.rank(request.user_id, found.item_ids, found.scores, request.context)
         return ranked_response(request, found, scores, self.model_version, self.ranker_info)
 

@@ -120,6 +120,12 @@ def build_interests(
     return clusters, mixtures
 
 
-def train_and_save(dataset: Dataset, out: str, config: TrainConfig = TrainConfig()):
+def train_and_save(
+    dataset: Dataset, out: str, config: TrainConfig = TrainConfig(), validation: dict | None = None
+):
+    """`validation`: the figures and choices of `service.evaluation.validate`, recorded in
+    the manifest (serving follows its choices)."""
     bundle, metrics = train(dataset, config)
-    return bundle.save(out, config=asdict(config), schema=dataset.schema(), metrics=metrics)
+    return bundle.save(
+        out, config=asdict(config), schema=dataset.schema(), metrics=metrics, validation=validation
+    )
