@@ -4,6 +4,7 @@
 (which answers its `retrieve`). `RankingStage` is the second stage alone: the ranking tier's
 whole job."""
 
+import logging
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -40,6 +41,8 @@ from service.schemas import (
     RecommendResponse,
 )
 from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,13 +119,16 @@ class RecommendPipeline:
         self.ranking = RankingStage(bundle.ranking_parts)
         self.ranker_info = self.ranking.ranker_info
         self.ranks = ranker_serves(bundle.manifest, options.ranker)
+        if not self.ranks:
+            log.info(
+                "the ranker is off: answers keep retrieval order (RECSYS_RANKER=%s)", options.ranker
+            )
         MODEL_INFO.info(
             {
                 "version": bundle.version,
                 "retrieval": options.strategy,
                 "ranker": self.ranker_info.model,
                 "ranker_variant": self.ranker_info.variant,
-                "ranking": "on" if self.ranks else "off",
             }
         )
 
