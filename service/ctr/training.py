@@ -65,14 +65,7 @@ def train_ctr(
         index = torch.from_numpy(index)
         return tuple(column[index] for column in inputs), labels[index]
 
-    loop = LoopConfig(
-        config.epochs,
-        config.patience,
-        config.batch_size,
-        config.learning_rate,
-        config.weight_decay,
-        config.seed,
-    )
+    loop = LoopConfig.of(config)
     history = fit_binary(
         model,
         len(train),

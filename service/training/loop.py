@@ -30,6 +30,11 @@ class LoopConfig:
     weight_decay: float
     seed: int  # the order of the examples in each epoch
 
+    @classmethod
+    def of(cls, config) -> "LoopConfig":
+        """The loop's fields of a model's training configuration (the ranker's, a CTR model's)."""
+        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
+
 
 class EarlyStopping:
     """Keeps the weights of the epoch with the best validation AUC and says when `patience`

@@ -191,14 +191,7 @@ def train_ranker(
 
     # The retrieval score starts as the only signal: the bias offsets its mean logit.
     start_bias = log_odds(float(train.labels.mean())) - float(train.scores.mean()) * score_scale
-    loop = LoopConfig(
-        config.epochs,
-        config.patience,
-        config.batch_size,
-        config.learning_rate,
-        config.weight_decay,
-        config.seed,
-    )
+    loop = LoopConfig.of(config)
     epochs = fit_binary(
         model,
         len(train.labels),
