@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from service.bundle import ModelBundle  # noqa: E402
 from service.data.synthetic import SyntheticConfig, generate  # noqa: E402
 from service.testing.faults import (  # noqa: E402
+    HOT_SWAP_DEADLINE_MS,
     IN_FLIGHT_LIMIT,
     OVERLOAD_CLIENTS,
     fault_stack,
@@ -60,7 +61,7 @@ def scenarios(new_model: Path, quick: bool, clients: int) -> list[tuple[str, str
             "hot_swap",
             "new index version + admin reload, ranking rolled to a new model",
             hot_swap(new_model),
-            {},
+            {"deadline_ms": HOT_SWAP_DEADLINE_MS},
         ),
         (
             "retrieval_sigterm",

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from service.testing.faults import (
+    HOT_SWAP_DEADLINE_MS,
     HTTP_SLACK_SECONDS,
     OVERLOAD_CLIENTS,
     ScenarioResult,
@@ -97,7 +98,9 @@ def test_a_slow_tier_meets_its_deadlines_with_the_fallback(stack, load_ids):
 
 
 def test_index_and_model_hot_swap_under_load(stack, load_ids, retrained_model):
-    result = run(stack, load_ids, "hot_swap", hot_swap(retrained_model))
+    result = run(
+        stack, load_ids, "hot_swap", hot_swap(retrained_model), deadline_ms=HOT_SWAP_DEADLINE_MS
+    )
     assert result.degraded == 0
     assert result.observed["index_swapped"] and result.observed["old_exit_code"] == 0, (
         result.observed

@@ -57,6 +57,7 @@ def load_ranking(settings: Settings) -> Served:
 def load_trainer(settings: Settings) -> Served:
     """The artifact, its tables on Redis (bulk settings: patient sockets, no local cache in
     front of rows it rewrites), the event group, and the trainer over them."""
+    torch.set_num_threads(settings.torch_threads)  # like every process that runs torch
     bundle = ModelBundle.load(settings.artifacts)
     store = open_store(settings, bundle, bulk=True)
     online = open_online(settings, store)
