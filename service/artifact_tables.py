@@ -81,13 +81,12 @@ def open_store(settings: Settings, bundle: ModelBundle, bulk: bool = False) -> E
     """The configured store, holding the artifact's vectors: in-process, or Redis (loaded
     once, by whichever process finds the artifact's namespace empty; loads are idempotent)."""
     store = connect_store(settings, bundle, bulk)
-    if isinstance(store, RedisEmbeddingStore) and not holds_artifact(store, bundle):
-        log.info(
-            "Redis namespace %r holds none of artifact %s: loading its vectors",
-            store.config.namespace,
-            bundle.version,
-        )
-        load_artifact(store, bundle)
-    elif not isinstance(store, RedisEmbeddingStore):
-        load_artifact(store, bundle, progress=False)
+    if not holds_artifact(store, bundle):  # an in-process store always starts empty
+        if isinstance(store, RedisEmbeddingStore):
+            log.info(
+                "Redis namespace %r holds none of artifact %s: loading its vectors",
+                store.config.namespace,
+                bundle.version,
+            )
+        load_artifact(store, bundle, progress=isinstance(store, RedisEmbeddingStore))
     return store

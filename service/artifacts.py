@@ -31,6 +31,7 @@ import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 MANIFEST = "manifest.json"
 FORMAT = "recsys-artifact/4"
@@ -93,7 +94,7 @@ def write_version(root: str | Path, fmt: str, write: Callable[[Path], dict]) -> 
     return final, manifest
 
 
-RankerChoice = str  # "auto": as the artifact's validation chose; "on"; "off"
+RankerChoice = Literal["auto", "on", "off"]  # auto: as the artifact's validation chose
 
 
 def ranker_serves(manifest: dict, choice: RankerChoice = "auto") -> bool:

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.artifacts import RankerChoice
 from service.schemas import MAX_CANDIDATES, MAX_COMPONENTS
 
 
@@ -64,7 +65,7 @@ class Settings(BaseSettings):
         ),
     ] = None
     ranker: Annotated[
-        Literal["auto", "on", "off"],
+        RankerChoice,
         Field(
             description="auto: rank unless `recsys train`'s validation found ranked order below "
             "retrieval order (then answers keep retrieval order, `ranker` null); on; off."

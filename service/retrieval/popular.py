@@ -9,7 +9,6 @@ import numpy as np
 from safetensors.numpy import load_file as load_arrays
 from safetensors.numpy import save_file as save_arrays
 
-from service.artifacts import read_manifest, resolve_version
 from service.retrieval.candidates import SOURCE_POPULAR, Candidates, is_in_sorted, labels
 
 POPULAR_FILE = "popular.safetensors"
@@ -30,14 +29,8 @@ class PopularItems:
     scores: np.ndarray  # float32
 
     @classmethod
-    def load(cls, path: str | Path, root: str | Path | None = None) -> "PopularItems":
-        folder = resolve_version(path)
-        manifest = read_manifest(folder, root if root is not None else path)
-        return cls.from_folder(folder, manifest["version"])
-
-    @classmethod
     def from_folder(cls, folder: Path, version: str) -> "PopularItems":
-        """From a version folder whose manifest was already checked."""
+        """From a version folder whose manifest was already checked (`read_manifest`)."""
         popular = load_arrays(folder / POPULAR_FILE)
         return cls(version, popular["items"], popular["scores"])
 
