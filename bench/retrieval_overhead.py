@@ -10,13 +10,17 @@ FAISS, exclusions, merge) for 200 candidates, by strategy, against the raw FAISS
 strategy makes for the same user vector on the same indexes: one `Index.search` for 200 +
 the excluded items (two_tower), and for knn_embed also the batched `search_preassigned`
 over the user's interest clusters. Runs one request at a time, all four interleaved;
-reports p50/p99, the ratios and the sizes of the two FAISS indexes.
+reports p50/p99, the ratios and the sizes of the two FAISS indexes. Then the user tower
+alone on 50-item histories x 64 dims, for each tower (mean, sequence) in numpy as serving
+runs it and in torch, the reference, interleaved; and the two_tower stage again with the
+sequence tower.
 """
 
 import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -34,7 +38,7 @@ from service.retrieval.generator import CandidateGenerator
 from service.retrieval.index import ItemIndex, SearchParams, default_factory
 from service.retrieval.knn_embed import ItemClusters, MixtureKnobs, interest_counts, split_budget
 from service.retrieval.popular import PopularItems
-from service.retrieval.two_tower import TwoTower, TwoTowerConfig
+from service.retrieval.two_tower import TwoTower, TwoTowerConfig, UserTowerKernel
 
 USERS, HISTORY, CANDIDATES, CLUSTERS = 10_000, 20, 200, 256
 
@@ -44,6 +48,32 @@ def percentiles(seconds: list[float]) -> dict:
         "p50_ms": round(float(np.percentile(seconds, 50)) * 1e3, 3),
         "p99_ms": round(float(np.percentile(seconds, 99)) * 1e3, 3),
     }
+
+
+def user_tower_cost(requests: int, rng: np.random.Generator) -> dict:
+    """One user vector from a full history (the longest a model takes), per tower and
+    implementation; a fresh history each request, as serving sees."""
+    seconds: dict[str, list[float]] = {}
+    towers = {}
+    for tower in ("mean", "sequence"):
+        model = TwoTower(TwoTowerConfig(user_tower=tower), 2, 2, 2).eval()
+        towers[tower] = (model, UserTowerKernel(model))
+    config = TwoTowerConfig()
+    for _ in range(requests):
+        user = rng.normal(0, 0.05, (1, config.id_dim)).astype(np.float32)
+        history = rng.normal(0, 0.05, (1, config.history_length, config.id_dim))
+        history = history.astype(np.float32)
+        valid = np.ones((1, config.history_length), bool)
+        tensors = (torch.from_numpy(user), torch.from_numpy(history), torch.from_numpy(valid))
+        for tower, (model, kernel) in towers.items():
+            t = time.perf_counter()
+            kernel(user, history, valid)
+            seconds.setdefault(f"{tower}_numpy", []).append(time.perf_counter() - t)
+            with torch.inference_mode():
+                t = time.perf_counter()
+                model.user_tower(*tensors)
+                seconds.setdefault(f"{tower}_torch", []).append(time.perf_counter() - t)
+    return {name: percentiles(times[10:]) for name, times in seconds.items()}
 
 
 def main() -> None:
@@ -100,6 +130,10 @@ def main() -> None:
     generator = CandidateGenerator(
         model, index, store, histories, popular, 50, None, clusters, MixtureKnobs()
     )
+    sequence_model = TwoTower(replace(config, user_tower="sequence"), 2, 2, 2).eval()
+    sequence_generator = CandidateGenerator(
+        sequence_model, index, store, histories, popular, 50, None, clusters, MixtureKnobs()
+    )
     none = np.empty(0, np.uint64)
     asked = rng.choice(user_ids, requests)
     results = {
@@ -118,6 +152,7 @@ def main() -> None:
         "raw_faiss_knn_embed": [],
         "two_tower": [],
         "knn_embed": [],
+        "two_tower_sequence": [],
     }
     knobs = MixtureKnobs()
     for user in asked:
@@ -144,8 +179,15 @@ def main() -> None:
             t = time.perf_counter()
             generator.generate(int(user), CANDIDATES, none, strategy)
             seconds[strategy].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        sequence_generator.generate(int(user), CANDIDATES, none, "two_tower")
+        seconds["two_tower_sequence"].append(time.perf_counter() - t)
     results.update({name: percentiles(times) for name, times in seconds.items()})
-    for strategy, raw in (("two_tower", "raw_faiss"), ("knn_embed", "raw_faiss_knn_embed")):
+    for strategy, raw in (
+        ("two_tower", "raw_faiss"),
+        ("knn_embed", "raw_faiss_knn_embed"),
+        ("two_tower_sequence", "raw_faiss"),
+    ):
         results[strategy]["ratio_p50_to_raw"] = round(
             results[strategy]["p50_ms"] / results[raw]["p50_ms"], 2
         )
@@ -162,6 +204,7 @@ def main() -> None:
         ("two_tower", "retrieval stage, two_tower", "raw_faiss"),
         ("raw_faiss_knn_embed", "raw FAISS: the per-cluster searches + one search", None),
         ("knn_embed", "retrieval stage, knn_embed", "raw_faiss_knn_embed"),
+        ("two_tower_sequence", "retrieval stage, two_tower, sequence tower", "raw_faiss"),
     ):
         r = results[name]
         print(
@@ -170,6 +213,16 @@ def main() -> None:
     print(
         f"\nitem index {results['index_mib']} MiB, kNN-Embed cluster index {results['clusters_mib']} MiB"
     )
+    results["user_tower"] = user_tower_cost(requests, rng)
+    print(f"\nuser tower alone, {config.history_length}-item history x {config.id_dim} dims")
+    print("| tower | numpy p50 ms | numpy p99 ms | torch p50 ms | torch p99 ms |")
+    print("|---|---|---|---|---|")
+    for tower in ("mean", "sequence"):
+        numpy_ms, torch_ms = (results["user_tower"][f"{tower}_{k}"] for k in ("numpy", "torch"))
+        print(
+            f"| {tower} | {numpy_ms['p50_ms']} | {numpy_ms['p99_ms']} | {torch_ms['p50_ms']} | "
+            f"{torch_ms['p99_ms']} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

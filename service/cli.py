@@ -77,9 +77,8 @@ def _train_config(
     from service.training.artifact import TrainConfig
 
     config = TrainConfig(index_factory=index_factory)
-    two_tower = replace(
-        config.two_tower, seed=seed, **({"epochs": two_tower_epochs} if two_tower_epochs else {})
-    )
+    epochs = {"epochs": two_tower_epochs, "sequence_epochs": two_tower_epochs}
+    two_tower = replace(config.two_tower, seed=seed, **(epochs if two_tower_epochs else {}))
     compression = replace(config.ranker.compression, explained_variance=explained_variance)
     ranker = replace(
         config.ranker,
@@ -105,11 +104,34 @@ ValidateOption = Annotated[
 ]
 
 
-def _train_and_save(data: Dataset, out: Path, config, validate: bool) -> Path:
+class UserTower(str, Enum):
+    auto = "auto"
+    mean = "mean"
+    sequence = "sequence"
+
+
+UserTowerOption = Annotated[
+    UserTower,
+    typer.Option(
+        help="The user tower: mean of the latest items, or causal self-attention over them "
+        "(sequence); auto: each is validated and the better one kept (mean without validation)."
+    ),
+]
+
+
+def _train_and_save(
+    data: Dataset, out: Path, config, validate: bool, user_tower: UserTower = UserTower.auto
+) -> Path:
     from service.evaluation import validate as validated_choices
     from service.training.artifact import train_and_save
 
-    validation = validated_choices(data, config) if validate else None
+    if user_tower != UserTower.auto:  # else the configuration's own (mean) unless validated
+        config = replace(config, two_tower=replace(config.two_tower, user_tower=user_tower.value))
+    towers = ("mean", "sequence") if user_tower == UserTower.auto else ()
+    validation = validated_choices(data, config, towers) if validate else None
+    if validation is not None:
+        chosen = validation["choices"]["user_tower"]
+        config = replace(config, two_tower=replace(config.two_tower, user_tower=chosen))
     return train_and_save(data, str(out), config, validation)
 
 
@@ -159,6 +181,7 @@ def train(
     ] = None,
     seed: int = 0,
     validate: ValidateOption = True,
+    user_tower: UserTowerOption = UserTower.auto,
     if_missing: Annotated[
         bool, typer.Option(help="Do nothing when --out already holds a version.")
     ] = False,
@@ -186,7 +209,7 @@ def train(
         ranker_rank,
         compression_variance,
     )
-    folder = _train_and_save(data, out, config, validate)
+    folder = _train_and_save(data, out, config, validate, user_tower)
     typer.echo(f"artifact written: {folder}")
 
 
@@ -285,6 +308,7 @@ def evaluate(
     ranker_epochs: Annotated[int | None, typer.Option(min=1)] = None,
     seed: int = 0,
     validate: ValidateOption = True,
+    user_tower: UserTowerOption = UserTower.auto,
 ) -> None:
     """Train on each user's past, then measure the pipeline, candidate generation alone and
     most-popular on what came after, through the serving code."""
@@ -299,7 +323,9 @@ def evaluate(
         train_part, test_part = temporal_split(data, holdout)
     config = _train_config(two_tower_epochs, ranker_epochs, seed, "auto")
     with tempfile.TemporaryDirectory() as scratch:
-        folder = _train_and_save(train_part, artifacts_out or Path(scratch), config, validate)
+        folder = _train_and_save(
+            train_part, artifacts_out or Path(scratch), config, validate, user_tower
+        )
         results = evaluate_artifact(folder, test_part, protocol.value)
     results["dataset"] = data.name
     if protocol == Protocol.temporal:

@@ -146,36 +146,61 @@ VALIDATION_USERS = 2000  # held-out users scored at most: a bounded budget on la
 VALIDATION_CUTOFF = 10
 
 
-def validate(dataset: Dataset, config: TrainConfig, max_users: int = VALIDATION_USERS) -> dict:
+def validate(
+    dataset: Dataset,
+    config: TrainConfig,
+    user_towers: tuple[str, ...] = (),
+    max_users: int = VALIDATION_USERS,
+) -> dict:
     """What `recsys train` chooses, and the figures behind it: the configuration trained on
     each user's history but the last interaction, then that interaction of up to `max_users`
-    users (seeded sample) ranked through the serving code. The ranker serves only when its
-    order validates at least as well as retrieval order (HR@10, ties to the ranker): on some
-    data it cannot add what retrieval lacks, and then answers are never made worse by it."""
+    users (seeded sample) ranked through the serving code.
+
+    - The ranker serves only when its order validates at least as well as retrieval order
+      (HR@10, ties to the ranker): on some data it cannot add what retrieval lacks, and then
+      answers are never made worse by it.
+    - With several `user_towers`, each is trained and the one whose served answers (ranked
+      or not, as just chosen) validate best is kept, ties to the first; none: the
+      configuration's own."""
     fit_part, held_out = leave_last_out(dataset)
     if len(held_out) > max_users:
         held_out = held_out.sample(max_users, random_state=0).sort_values("user_id")
-    bundle, _ = train(fit_part, config)
-    figures = evaluate_leave_last_out(
-        RecommendPipeline(bundle), held_out, strategies=(STRATEGY_TWO_TOWER,)
-    )
-    hits = figures["hit_rate"]
     at = f"@{VALIDATION_CUTOFF}"
-    ranker = hits["pipeline"][at] >= hits["candidate_generation"][at]
-    log.info(
-        "validation on %d users: HR%s ranked %.4f, retrieval order %.4f: the ranker %s",
-        figures["users"],
-        at,
-        hits["pipeline"][at],
-        hits["candidate_generation"][at],
-        "serves" if ranker else "does not lift and is off",
-    )
+    candidates = {}
+    for tower in user_towers or (config.two_tower.user_tower,):
+        tower_config = replace(config, two_tower=replace(config.two_tower, user_tower=tower))
+        bundle, _ = train(fit_part, tower_config)
+        figures = evaluate_leave_last_out(
+            RecommendPipeline(bundle), held_out, strategies=(STRATEGY_TWO_TOWER,)
+        )
+        hits = figures["hit_rate"]
+        ranker = hits["pipeline"][at] >= hits["candidate_generation"][at]
+        served = hits["pipeline" if ranker else "candidate_generation"][at]
+        log.info(
+            "validation of the %s user tower on %d users: HR%s ranked %.4f, retrieval order "
+            "%.4f: the ranker %s",
+            tower,
+            figures["users"],
+            at,
+            hits["pipeline"][at],
+            hits["candidate_generation"][at],
+            "serves" if ranker else "does not lift and is off",
+        )
+        candidates[tower] = {**figures, "ranker": ranker, "served": served}
+    tower = max(candidates, key=lambda name: candidates[name]["served"])  # first on ties
+    chosen = candidates[tower]
+    if len(candidates) > 1:
+        log.info("validation chose the %s user tower", tower)
     return {
         "protocol": "leave-last-out on the training data",
-        "users": figures["users"],
-        "hit_rate": hits,
-        "ndcg": figures["ndcg"],
-        "choices": {"ranker": ranker},
+        "users": chosen["users"],
+        "hit_rate": chosen["hit_rate"],
+        "ndcg": chosen["ndcg"],
+        "user_towers": {
+            name: {"served_hit_rate": c["served"], "ranker": c["ranker"]}
+            for name, c in candidates.items()
+        },
+        "choices": {"ranker": chosen["ranker"], "user_tower": tower},
     }
 
 
@@ -211,6 +236,7 @@ def format_table(results: dict) -> str:
     if base > 0:
         lines.append(f"pipeline vs most_popular at Recall@50: {full / base - 1:+.1%}")
     lines.append(ranker_line(results))
+    lines.extend(user_tower_line(results))
     return "\n".join(lines)
 
 
@@ -228,6 +254,16 @@ def ranker_line(results: dict) -> str:
     if results.get("ranker_serves", True):
         return f"pipeline: ranked ({figures})"
     return f"pipeline: retrieval order, the ranker does not lift ({figures})"
+
+
+def user_tower_line(results: dict) -> list[str]:
+    """The user tower validation chose, when it had a choice, with each one's figure."""
+    towers = results.get("validation", {}).get("user_towers", {})
+    if len(towers) < 2:
+        return []
+    figures = ", ".join(f"{name} {t['served_hit_rate']:.4f}" for name, t in towers.items())
+    chosen = results["validation"]["choices"]["user_tower"]
+    return [f"user tower: {chosen} (validation HR@{VALIDATION_CUTOFF} as served: {figures})"]
 
 
 def format_leave_last_out_table(results: dict) -> str:
@@ -251,6 +287,7 @@ def format_leave_last_out_table(results: dict) -> str:
             change = hits[better][first] / hits[worse][first] - 1
             lines.append(f"{label} at HR{first}: {change:+.1%}")
     lines.append(ranker_line(results))
+    lines.extend(user_tower_line(results))
     return "\n".join(lines)
 
 

@@ -138,3 +138,10 @@ def test_eval_leave_last_out_reports_hr_and_ndcg_for_every_row(tmp_path):
     assert isinstance(results["validation"]["choices"]["ranker"], bool)
     assert results["ranker_serves"] == results["validation"]["choices"]["ranker"]
     assert "validation HR@10" in result.output
+    # Both user towers were validated, and the one kept serves the better answers.
+    towers = results["validation"]["user_towers"]
+    chosen = results["validation"]["choices"]["user_tower"]
+    assert set(towers) == {"mean", "sequence"}
+    assert towers[chosen]["served_hit_rate"] == max(t["served_hit_rate"] for t in towers.values())
+    assert towers[chosen]["ranker"] == results["validation"]["choices"]["ranker"]
+    assert f"user tower: {chosen}" in result.output

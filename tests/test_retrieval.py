@@ -14,6 +14,7 @@ from service.retrieval.two_tower import (
     UserTowerKernel,
     history_before,
     in_batch_softmax_loss,
+    sequence_windows,
 )
 
 
@@ -42,16 +43,65 @@ def test_history_holds_only_earlier_items():
     assert items.tolist() == [row[0], row[1], row[2], row[0]]
 
 
-def test_serving_user_tower_matches_the_torch_tower():
+@pytest.mark.parametrize("tower", ["mean", "sequence"])
+def test_serving_user_tower_matches_the_torch_tower(tower):
     torch.manual_seed(0)
-    model = TwoTower(TwoTowerConfig(id_dim=16, hidden=32, out_dim=8), 3, 3, 3).eval()
-    users, pooled = torch.randn(5, 16), torch.randn(5, 16)
-    pooled[4] = -users[4]  # and a row whose first layer input sums to little
-    with torch.no_grad():
-        expected = model.user_tower(users, pooled).numpy()
-    np.testing.assert_allclose(
-        UserTowerKernel(model)(users.numpy(), pooled.numpy()), expected, atol=1e-6
+    config = TwoTowerConfig(
+        id_dim=16, hidden=32, out_dim=8, history_length=6, user_tower=tower, sequence_heads=2
     )
+    model = TwoTower(config, 3, 3, 3).eval()
+    users, history = torch.randn(5, 16), torch.randn(5, 6, 16)
+    valid = torch.ones(5, 6, dtype=torch.bool)
+    valid[1, :4] = False  # a short history, left-padded
+    valid[2, 2] = False  # a row the table lacks, in the middle
+    valid[3] = False  # no history at all
+    history[4, -1] = -users[4]  # and a row whose first layer input may sum to little
+    with torch.no_grad():
+        expected = model.user_tower(users, history, valid).numpy()
+    kernel = UserTowerKernel(model)
+    np.testing.assert_allclose(
+        kernel(users.numpy(), history.numpy(), valid.numpy()), expected, atol=1e-5
+    )
+    # Serving passes only the rows a history has: the same vector as the padded batch.
+    np.testing.assert_allclose(
+        kernel(users[1:2].numpy(), history[1:2, 4:].numpy(), valid[1:2, 4:].numpy()),
+        expected[1:2],
+        atol=1e-5,
+    )
+    empty = kernel(users[3:4].numpy(), np.zeros((1, 0, 16), np.float32), np.zeros((1, 0), bool))
+    np.testing.assert_allclose(empty, expected[3:4], atol=1e-5)
+
+
+def test_sequence_windows_make_every_later_interaction_a_target_once():
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {
+            "user_id": [1] * 9 + [2] * 2 + [3],
+            "item_id": list(range(10, 19)) + [10, 11, 12],
+            "timestamp": list(range(9)) + [0, 1, 0],
+        }
+    )
+    data = Dataset("t", frame)
+    space = FeatureSpace.build(data)
+    for _ in range(5):  # the cuts move with the random offset; the invariants do not
+        users, inputs, targets = sequence_windows(data.interactions, space, 4, rng)
+        assert inputs.shape == targets.shape == (len(users), 4)
+        for owner in (1, 2):
+            rows = space.items.rows(
+                frame.loc[frame.user_id == owner, "item_id"].to_numpy(np.uint64)
+            )
+            mine = users == space.users.rows(np.array([owner], np.uint64))[0]
+            # Each interaction but the first is a target exactly once...
+            assert sorted(targets[mine][targets[mine] > 0].tolist()) == sorted(rows[1:].tolist())
+            # ...and its input slot holds the interaction just before it.
+            for window_inputs, window_targets in zip(inputs[mine], targets[mine]):
+                for slot in np.flatnonzero(window_targets):
+                    at = rows.tolist().index(window_targets[slot])
+                    assert window_inputs[slot] == rows[at - 1]
+                    before = window_inputs[: slot + 1][window_inputs[: slot + 1] > 0]
+                    assert before.tolist() == rows[max(0, at - len(before)) : at].tolist()
+        # A user with one interaction has nothing to predict.
+        assert space.users.rows(np.array([3], np.uint64))[0] not in users
 
 
 def test_membership_in_a_sorted_set_covers_the_extreme_ids():

@@ -111,8 +111,8 @@ def live_user_vectors(
     user_ids: np.ndarray,
     history_length: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The user-tower vector serving would compute for each user now (user row, mean of the
-    rows of their latest items: the artifact's history, then what arrived since), and which
+    """The user-tower vector serving would compute for each user now (user row, the rows of
+    their latest items: the artifact's history, then what arrived since), and which
     users have any of those rows (the rest have no vector of their own)."""
     kernel = UserTowerKernel(two_tower)
     users = _checked(store.get_many(USER_TABLE, user_ids))
@@ -132,12 +132,25 @@ def live_user_vectors(
         if len(flat)
         else Lookup(np.zeros((0, users.vectors.shape[1]), np.float32), np.zeros(0, bool))
     )
-    owner = np.repeat(np.arange(len(user_ids)), lengths)[items.found]
-    pooled = np.zeros_like(users.vectors)
-    np.add.at(pooled, owner, items.vectors[items.found])
-    found_items = np.bincount(owner, minlength=len(user_ids))
-    pooled /= np.maximum(found_items, 1)[:, None]
-    return kernel(users.vectors, pooled).astype(np.float32), users.found | (found_items > 0)
+    history, valid = padded_histories(items, lengths, users.vectors.shape[1])
+    return (
+        kernel(users.vectors, history, valid).astype(np.float32),
+        users.found | valid.any(1),
+    )
+
+
+def padded_histories(items: Lookup, lengths: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows looked up for several users' histories one after another (`lengths` each) as
+    [B, L, dim] left-padded, the latest item last, and where a row was found."""
+    width = int(lengths.max()) if len(lengths) else 0
+    history = np.zeros((len(lengths), width, dim), np.float32)
+    valid = np.zeros((len(lengths), width), bool)
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    slot = np.arange(len(owner)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    slot += np.repeat(width - lengths, lengths)
+    history[owner, slot] = items.vectors
+    valid[owner, slot] = items.found
+    return history, valid
 
 
 def refresh_smoothing(

@@ -46,7 +46,7 @@ from service.metrics import (
     ONLINE_ROWS_WRITTEN,
     ONLINE_UPDATE_DELAY,
 )
-from service.online.interests import InterestUpdater
+from service.online.interests import InterestUpdater, padded_histories
 from service.online.journal import BatchOutcome
 from service.online.streams import EventLog, ItemUpdateFeed, LoggedEvent
 from service.retrieval.two_tower import TwoTower
@@ -204,8 +204,11 @@ class OnlineTrainer:
             self.updates.publish(outcome.published)
             self._last_update = time.time()
 
-    def _pooled_history(self, user_ids: np.ndarray, with_recent: bool = True) -> np.ndarray:
-        """Mean item-id vector of each user's latest items (artifact history, then recent)."""
+    def _histories(
+        self, user_ids: np.ndarray, with_recent: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of each user's latest items (artifact history, then recent) as the user
+        tower takes them: [B, L, d] left-padded, and where a row exists."""
         length = self.config.history_length
         recent = (
             self.recent.get_many(user_ids)
@@ -216,17 +219,16 @@ class OnlineTrainer:
             np.concatenate([self.histories.get(u), r])[-length:]
             for u, r in zip(user_ids.tolist(), recent)
         ]
-        everything = np.unique(np.concatenate(histories)) if histories else np.empty(0, np.uint64)
-        pooled = np.zeros((len(user_ids), self.two_tower.config.id_dim), dtype=np.float32)
-        if not len(everything):
-            return pooled
-        lookup = self._lookup(ITEM_TABLE, everything)
-        for row, history in enumerate(histories):
-            at = np.searchsorted(everything, history)
-            at = at[lookup.found[at]]
-            if len(at):
-                pooled[row] = lookup.vectors[at].mean(0)
-        return pooled
+        lengths = np.array([len(h) for h in histories], dtype=np.int64)
+        flat = np.concatenate(histories) if histories else np.empty(0, np.uint64)
+        d = self.two_tower.config.id_dim
+        lookup = (
+            self._lookup(ITEM_TABLE, flat)
+            if len(flat)
+            else Lookup(np.zeros((0, d), np.float32), np.zeros(0, bool))
+        )
+        history, valid = padded_histories(lookup, lengths, d)
+        return torch.from_numpy(history), torch.from_numpy(valid)
 
     def _sampled_users(self) -> torch.Tensor:
         """User-tower outputs of random artifact users, the negatives of the item side; made
@@ -239,7 +241,7 @@ class OnlineTrainer:
             with torch.no_grad():
                 self._user_negatives = self.two_tower.user_tower(
                     torch.from_numpy(self._vectors(USER_TABLE, sample)),
-                    torch.from_numpy(self._pooled_history(sample, with_recent=False)),
+                    *self._histories(sample, with_recent=False),
                 )
         return self._user_negatives
 
@@ -265,7 +267,7 @@ class OnlineTrainer:
         item_ids, item_of_pair = np.unique(pair_items, return_inverse=True)
         user_vectors = torch.from_numpy(self._vectors(USER_TABLE, user_ids)).requires_grad_()
         item_vectors = torch.from_numpy(self._vectors(ITEM_TABLE, item_ids)).requires_grad_()
-        pooled = torch.from_numpy(self._pooled_history(user_ids))
+        history, valid = self._histories(user_ids)
         attributes = self._attributes(item_ids)
 
         catalog = self.features.items.ids
@@ -304,7 +306,7 @@ class OnlineTrainer:
                 torch.from_numpy(self.features.item_counts[self.features.items.rows(item_ids)] > 0)
             ] = 0.0
         for _ in range(self.config.steps):
-            users = self.two_tower.user_tower(user_vectors, pooled)
+            users = self.two_tower.user_tower(user_vectors, history, valid)
             user = users[torch.from_numpy(user_of_pair)]
             items = self.two_tower.item_tower_from_vectors(item_vectors, attributes)
             item = items[torch.from_numpy(item_of_pair)]

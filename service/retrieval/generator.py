@@ -59,11 +59,10 @@ class CandidateGenerator:
         known_items = items is not None and items.found.any()
         if not user.found[0] and not known_items:
             return None, degraded
-        if not known_items:
-            pooled = np.zeros(user.vectors.shape[1], np.float32)
-        else:
-            pooled = (items.vectors if items.found.all() else items.vectors[items.found]).mean(0)
-        return self.user_tower(user.vectors, pooled[None, :]).astype(np.float32), degraded
+        d = user.vectors.shape[1]
+        history = items.vectors[None] if items is not None else np.zeros((1, 0, d), np.float32)
+        valid = items.found[None] if items is not None else np.zeros((1, 0), bool)
+        return self.user_tower(user.vectors, history, valid).astype(np.float32), degraded
 
     def history(self, user_id: int) -> tuple[np.ndarray, bool]:
         """The user's items, oldest first: the artifact's, then those since; and whether the
