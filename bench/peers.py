@@ -1,14 +1,19 @@
 """The pipeline against the peers a team would deploy instead, on the same splits and users,
 in one run: most-popular, EASE (closed form), and the `implicit` library's ALS, next to the
-pipeline's own rows (ranked, retrieval order, each strategy).
+pipeline's own rows (as served, retrieval order, each strategy) and its ablations.
 
     python bench/peers.py [--quick] [--json PATH] [--dataset synthetic|movielens-100k:PATH]
                           [--protocol temporal|leave-last-out]...
 
 Both protocols by default: temporal (each user's latest 20% held out, Recall@{10,50,100})
 and leave-last-out (each user's last interaction held out, the whole catalogue ranked, HR and
-NDCG@{10,20}). Every list leaves out the user's training items. The artifact is trained by
-the default configuration (seed 0) on the training part. Each peer gets a small tuning
+NDCG@{10,20}). Every list leaves out the user's training items. The pipeline is chosen as
+`recsys train` chooses it (seed 0): validation on the training part picks the user tower,
+the item-to-item share and whether the ranker serves (`--no-validate`: mean tower, ranked,
+no item-to-item source); its rows are what it serves. Ablations beside them: each user
+tower's vector search alone (`two_tower_mean`, `two_tower_sequence`), the item-to-item
+source alone (`item_to_item`) and the ranker over the served candidates whatever
+validation chose (`ranker_always_on`). Each peer gets a small tuning
 budget, spent on a validation split of the training part (each user's last training
 interaction held out; never the test part), picked by HR@20 there:
 
@@ -45,8 +50,11 @@ from service.evaluation import (
     hit_and_ndcg,
     recall_at,
     served_lists,
+    validate,
 )
-from service.pipeline.in_process import RecommendPipeline
+from service.pipeline.in_process import PipelineOptions, RecommendPipeline
+from service.retrieval.two_tower import USER_TOWERS
+from service.schemas import RecommendRequest
 from service.training.artifact import TrainConfig, train
 
 EASE_L2 = (50.0, 200.0, 500.0, 1000.0, 3000.0)
@@ -156,23 +164,59 @@ def peers(train_part: Dataset, notes: list[str]) -> tuple[dict, dict]:
     return retrievers, tuning
 
 
-def run_protocol(dataset: Dataset, protocol: str, config: TrainConfig, notes: list[str]) -> dict:
+def pipeline_lists(
+    pipelines: dict[str, RecommendPipeline], user_id: int, depth: int
+) -> dict[str, list[int]]:
+    """The served pipeline's rows (as `recsys eval` reports them), and the ablations: each
+    user tower's vector search alone, the item-to-item source alone, the ranker always on."""
+    lists = served_lists(pipelines["served"], user_id, depth, 200, ("two_tower", "knn_embed"))
+    request = RecommendRequest(user_id=user_id, k=depth, candidates=depth)
+    for name, pipeline in pipelines.items():
+        if name not in ("served", "ranker_always_on"):
+            lists[name] = [c.item_id for c in pipeline.candidates(request).candidates]
+    ranked = request.model_copy(update={"candidates": 200})
+    lists["ranker_always_on"] = [
+        i.item_id for i in pipelines["ranker_always_on"].recommend(ranked).items
+    ]
+    return lists
+
+
+def run_protocol(
+    dataset: Dataset, protocol: str, config: TrainConfig, notes: list[str], validated: bool
+) -> dict:
     if protocol == "leave-last-out":
         (train_part, test), cutoffs = leave_last_out(dataset), LEAVE_LAST_OUT_CUTOFFS
     else:
         (train_part, test), cutoffs = temporal_split(dataset, 0.2), CUTOFFS
     started = time.perf_counter()
-    bundle, _ = train(train_part, config)
-    bundle.manifest = {"models": {"knn_embed": {}}}
+    # As `recsys train --user-tower auto` does: validation on the training part chooses.
+    validation = validate(train_part, config, USER_TOWERS) if validated else None
+    choices = validation["choices"] if validation else {"user_tower": "mean", "ranker": True}
+    pipelines = {}
+    for tower in USER_TOWERS:
+        bundle, _ = train(
+            train_part, replace(config, two_tower=replace(config.two_tower, user_tower=tower))
+        )
+        bundle.manifest = {"models": {"knn_embed": {}}}
+        if tower == choices["user_tower"]:
+            bundle.manifest["validation"] = validation or {}
+            served = bundle
+        pipelines[f"two_tower_{tower}"] = RecommendPipeline(
+            bundle, options=PipelineOptions(item_to_item_share=0.0, ranker="off")
+        )
+    pipelines["served"] = RecommendPipeline(served)
+    pipelines["item_to_item"] = RecommendPipeline(
+        served, options=PipelineOptions(item_to_item_share=1.0, ranker="off")
+    )
+    pipelines["ranker_always_on"] = RecommendPipeline(served, options=PipelineOptions(ranker="on"))
     train_seconds = round(time.perf_counter() - started, 1)
-    pipeline = RecommendPipeline(bundle)
     retrievers, tuning = peers(train_part, notes)
     truth = test.groupby("user_id")["item_id"].agg(list)
     depth, sums = max(cutoffs), {}
     for user_id, items in tqdm(
         truth.items(), total=len(truth), desc=f"eval {protocol}", unit="user"
     ):
-        lists = served_lists(pipeline, int(user_id), depth, 200, ("two_tower", "knn_embed"))
+        lists = pipeline_lists(pipelines, int(user_id), depth)
         lists.update({name: retrieve(int(user_id), depth) for name, retrieve in retrievers.items()})
         for name, ranked in lists.items():
             row = sums.setdefault(name, {})
@@ -186,7 +230,13 @@ def run_protocol(dataset: Dataset, protocol: str, config: TrainConfig, notes: li
     rows = {
         name: {m: round(v / len(truth), 4) for m, v in row.items()} for name, row in sums.items()
     }
-    return {"users": len(truth), "train_seconds": train_seconds, "rows": rows, "tuning": tuning}
+    return {
+        "users": len(truth),
+        "train_seconds": train_seconds,
+        "choices": choices,
+        "rows": rows,
+        "tuning": tuning,
+    }
 
 
 def table(protocol: str, results: dict) -> str:
@@ -194,6 +244,7 @@ def table(protocol: str, results: dict) -> str:
     metrics = list(next(iter(rows.values())))
     headline = metrics[0]
     peer_names = [n for n in rows if n in ("most_popular", "ease", "als_implicit")]
+    choices = results["choices"]
     best_peer = max(peer_names, key=lambda n: rows[n][headline])
     lines = [
         f"{protocol}: {results['users']} users",
@@ -208,6 +259,10 @@ def table(protocol: str, results: dict) -> str:
             f"| {name} | " + " | ".join(f"{row[m]:.4f}" for m in metrics) + f" | {ratio:.2f}x |"
         )
     lines.append(f"best peer at {headline}: {best_peer}")
+    lines.append(
+        f"served: {choices['user_tower']} user tower, item-to-item share "
+        f"{choices.get('item_to_item_share', 0.0):.2f}, ranker {'on' if choices['ranker'] else 'off'}"
+    )
     return "\n".join(lines)
 
 
@@ -219,6 +274,11 @@ def main() -> None:
         "--quick", action="store_true", help="a small synthetic set and short training"
     )
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="serve the mean tower, ranked, no item-to-item source, instead of validating",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     spec = (
@@ -231,13 +291,15 @@ def main() -> None:
     if args.quick:
         config = replace(
             config,
-            two_tower=replace(config.two_tower, epochs=4),
+            two_tower=replace(config.two_tower, epochs=4, sequence_epochs=8),
             ranker=replace(config.ranker, epochs=1),
         )
     notes: list[str] = []
     results = {"dataset": dataset.name, "protocols": {}}
     for protocol in args.protocol or ("temporal", "leave-last-out"):
-        results["protocols"][protocol] = run_protocol(dataset, protocol, config, notes)
+        results["protocols"][protocol] = run_protocol(
+            dataset, protocol, config, notes, not args.no_validate
+        )
         print(table(protocol, results["protocols"][protocol]), flush=True)
     results["notes"] = sorted(set(notes))
     for note in results["notes"]:

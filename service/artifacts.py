@@ -12,6 +12,7 @@
         items.faiss            FAISS index of item vectors over real item ids
         histories.safetensors  each user's training items, oldest first
         popular.safetensors    items by training popularity, with their cosine to a cold user
+        item_neighbours.safetensors  each item's most co-occurring items (item-to-item source)
 
 A standalone CTR model (`recsys ctr train`) is a version folder of the same kind with its
 own format: model.safetensors, field_map.json and the manifest.
@@ -104,6 +105,14 @@ def ranker_serves(manifest: dict, choice: RankerChoice = "auto") -> bool:
     if choice != "auto":
         return choice == "on"
     return bool(manifest.get("validation", {}).get("choices", {}).get("ranker", True))
+
+
+def item_to_item_share(manifest: dict, setting: float | None = None) -> float:
+    """The share of candidates the item-to-item source takes: the setting when given, else
+    what `recsys train`'s validation chose (none for an artifact trained without it)."""
+    if setting is not None:
+        return setting
+    return float(manifest.get("validation", {}).get("choices", {}).get("item_to_item_share", 0.0))
 
 
 def read_manifest(folder: Path, root: Path | None = None, fmt: str = FORMAT) -> dict:

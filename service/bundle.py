@@ -16,6 +16,7 @@ from service.ranking.compression import CompressionPlan, compressed_shape
 from service.ranking.models import RankerVariant, build_ranker, ranker_name, trained_variant
 from service.retrieval.index import Device, ItemIndex, SearchParams
 from service.retrieval.index_versions import load_index_version, newest_index_file
+from service.retrieval.item_to_item import ItemNeighbours
 from service.retrieval.knn_embed import ItemClusters, KnnEmbedConfig, UserMixtures
 from service.retrieval.popular import PopularItems, version_namespace
 from service.retrieval.two_tower import TwoTower, TwoTowerConfig
@@ -63,6 +64,7 @@ class ModelBundle:
     mixtures: UserMixtures  # kNN-Embed: the artifact's users' interests
     popular: PopularItems  # cold users' candidates and the fill of a small catalogue
     manifest: dict
+    neighbours: ItemNeighbours | None = None  # the item-to-item source
     folder: Path | None = None  # the version folder it was loaded from
     index_version: str = "artifact"  # which index: the artifact's own, or a rebuilt one (indexes/)
     ranker_variant: str = "full"  # full or factorised (as trained), output_features or weight_svd
@@ -123,6 +125,8 @@ class ModelBundle:
             self.clusters.save(folder / "clusters.faiss")
             self.mixtures.save(folder / "interests.safetensors")
             self.popular.save(folder)
+            if self.neighbours is not None:
+                self.neighbours.save(folder)
             return {
                 "config": config,
                 "models": {
@@ -183,6 +187,7 @@ class ModelBundle:
             mixtures=UserMixtures.load(folder / "interests.safetensors"),
             popular=PopularItems.from_folder(folder, manifest["version"]),
             manifest=manifest,
+            neighbours=ItemNeighbours.from_folder(folder),
             folder=folder,
             index_version=index_version,
             ranker_variant=variant,

@@ -14,7 +14,7 @@ from service.artifacts import ranker_serves
 from service.bundle import ModelBundle
 from service.data.schema import Dataset
 from service.data.split import leave_last_out
-from service.pipeline.in_process import RecommendPipeline
+from service.pipeline.in_process import PipelineOptions, RecommendPipeline
 from service.retrieval.candidates import STRATEGY_KNN_EMBED, STRATEGY_TWO_TOWER
 from service.retrieval.knn_embed import MixtureKnobs
 from service.retrieval.two_tower import item_vectors
@@ -146,61 +146,78 @@ VALIDATION_USERS = 2000  # held-out users scored at most: a bounded budget on la
 VALIDATION_CUTOFF = 10
 
 
+ITEM_TO_ITEM_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the item-to-item source's shares tried
+
+
 def validate(
     dataset: Dataset,
     config: TrainConfig,
     user_towers: tuple[str, ...] = (),
     max_users: int = VALIDATION_USERS,
+    item_to_item_shares: tuple[float, ...] = ITEM_TO_ITEM_SHARES,
 ) -> dict:
     """What `recsys train` chooses, and the figures behind it: the configuration trained on
     each user's history but the last interaction, then that interaction of up to `max_users`
     users (seeded sample) ranked through the serving code.
 
-    - The ranker serves only when its order validates at least as well as retrieval order
-      (HR@10, ties to the ranker): on some data it cannot add what retrieval lacks, and then
-      answers are never made worse by it.
-    - With several `user_towers`, each is trained and the one whose served answers (ranked
-      or not, as just chosen) validate best is kept, ties to the first; none: the
-      configuration's own."""
+    - Each of `user_towers` is trained (none: the configuration's own), and each is served
+      with each of `item_to_item_shares` of the candidates from the item-to-item source.
+    - For each, the ranker serves only when its order validates at least as well as
+      retrieval order (HR@10, ties to the ranker): on some data it cannot add what
+      retrieval lacks, and then answers are never made worse by it.
+    - The combination whose served answers (ranked or not, as just chosen) validate best is
+      kept; ties to the first, so to the simpler tower and the smaller share."""
     fit_part, held_out = leave_last_out(dataset)
     if len(held_out) > max_users:
         held_out = held_out.sample(max_users, random_state=0).sort_values("user_id")
     at = f"@{VALIDATION_CUTOFF}"
-    candidates = {}
+    tried = []
     for tower in user_towers or (config.two_tower.user_tower,):
         tower_config = replace(config, two_tower=replace(config.two_tower, user_tower=tower))
         bundle, _ = train(fit_part, tower_config)
-        figures = evaluate_leave_last_out(
-            RecommendPipeline(bundle), held_out, strategies=(STRATEGY_TWO_TOWER,)
-        )
-        hits = figures["hit_rate"]
-        ranker = hits["pipeline"][at] >= hits["candidate_generation"][at]
-        served = hits["pipeline" if ranker else "candidate_generation"][at]
-        log.info(
-            "validation of the %s user tower on %d users: HR%s ranked %.4f, retrieval order "
-            "%.4f: the ranker %s",
-            tower,
-            figures["users"],
-            at,
-            hits["pipeline"][at],
-            hits["candidate_generation"][at],
-            "serves" if ranker else "does not lift and is off",
-        )
-        candidates[tower] = {**figures, "ranker": ranker, "served": served}
-    tower = max(candidates, key=lambda name: candidates[name]["served"])  # first on ties
-    chosen = candidates[tower]
-    if len(candidates) > 1:
-        log.info("validation chose the %s user tower", tower)
+        for share in item_to_item_shares:
+            pipeline = RecommendPipeline(bundle, options=PipelineOptions(item_to_item_share=share))
+            figures = evaluate_leave_last_out(pipeline, held_out, strategies=(STRATEGY_TWO_TOWER,))
+            hits = figures["hit_rate"]
+            ranker = hits["pipeline"][at] >= hits["candidate_generation"][at]
+            served = hits["pipeline" if ranker else "candidate_generation"][at]
+            log.info(
+                "validation, %s user tower, item-to-item share %.2f, %d users: HR%s ranked "
+                "%.4f, retrieval order %.4f",
+                tower,
+                share,
+                figures["users"],
+                at,
+                hits["pipeline"][at],
+                hits["candidate_generation"][at],
+            )
+            tried.append(
+                {
+                    "user_tower": tower,
+                    "item_to_item_share": share,
+                    "ranker": ranker,
+                    "served_hit_rate": served,
+                    "figures": figures,
+                }
+            )
+    chosen = max(tried, key=lambda t: t["served_hit_rate"])  # the first on ties
+    log.info(
+        "validation chose the %s user tower, item-to-item share %.2f, the ranker %s",
+        chosen["user_tower"],
+        chosen["item_to_item_share"],
+        "on" if chosen["ranker"] else "off (it does not lift)",
+    )
     return {
         "protocol": "leave-last-out on the training data",
-        "users": chosen["users"],
-        "hit_rate": chosen["hit_rate"],
-        "ndcg": chosen["ndcg"],
-        "user_towers": {
-            name: {"served_hit_rate": c["served"], "ranker": c["ranker"]}
-            for name, c in candidates.items()
+        "users": chosen["figures"]["users"],
+        "hit_rate": chosen["figures"]["hit_rate"],
+        "ndcg": chosen["figures"]["ndcg"],
+        "tried": [{k: v for k, v in t.items() if k != "figures"} for t in tried],
+        "choices": {
+            "ranker": chosen["ranker"],
+            "user_tower": chosen["user_tower"],
+            "item_to_item_share": chosen["item_to_item_share"],
         },
-        "choices": {"ranker": chosen["ranker"], "user_tower": tower},
     }
 
 
@@ -236,7 +253,7 @@ def format_table(results: dict) -> str:
     if base > 0:
         lines.append(f"pipeline vs most_popular at Recall@50: {full / base - 1:+.1%}")
     lines.append(ranker_line(results))
-    lines.extend(user_tower_line(results))
+    lines.extend(choices_line(results))
     return "\n".join(lines)
 
 
@@ -256,14 +273,23 @@ def ranker_line(results: dict) -> str:
     return f"pipeline: retrieval order, the ranker does not lift ({figures})"
 
 
-def user_tower_line(results: dict) -> list[str]:
-    """The user tower validation chose, when it had a choice, with each one's figure."""
-    towers = results.get("validation", {}).get("user_towers", {})
-    if len(towers) < 2:
+def choices_line(results: dict) -> list[str]:
+    """What validation chose among several candidates, with the best figure of each."""
+    validation = results.get("validation", {})
+    tried = validation.get("tried", [])
+    if len(tried) < 2:
         return []
-    figures = ", ".join(f"{name} {t['served_hit_rate']:.4f}" for name, t in towers.items())
-    chosen = results["validation"]["choices"]["user_tower"]
-    return [f"user tower: {chosen} (validation HR@{VALIDATION_CUTOFF} as served: {figures})"]
+    choices = validation["choices"]
+    lines = [
+        f"chosen on validation: {choices['user_tower']} user tower, item-to-item share "
+        f"{choices['item_to_item_share']:.2f} (served HR@{VALIDATION_CUTOFF}: "
+        + ", ".join(
+            f"{t['user_tower']}/{t['item_to_item_share']:.2f} {t['served_hit_rate']:.4f}"
+            for t in tried
+        )
+        + ")"
+    ]
+    return lines
 
 
 def format_leave_last_out_table(results: dict) -> str:
@@ -287,7 +313,7 @@ def format_leave_last_out_table(results: dict) -> str:
             change = hits[better][first] / hits[worse][first] - 1
             lines.append(f"{label} at HR{first}: {change:+.1%}")
     lines.append(ranker_line(results))
-    lines.extend(user_tower_line(results))
+    lines.extend(choices_line(results))
     return "\n".join(lines)
 
 

@@ -178,7 +178,9 @@ class ScoredItem(BaseModel):
 
 
 class Candidate(ScoredItem):
-    source: str = Field(description="What produced the candidate: two_tower, knn_embed or popular.")
+    source: str = Field(
+        description="What produced the candidate: two_tower, knn_embed, item_to_item or popular."
+    )
     component: int | None = Field(
         None, description="knn_embed: the item cluster (interest) it was retrieved for."
     )

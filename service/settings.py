@@ -46,7 +46,12 @@ class Settings(BaseSettings):
         int, Field(ge=1, le=MAX_CANDIDATES, description="Candidates retrieved before ranking.")
     ] = 200
     history_length: Annotated[
-        int, Field(ge=1, le=1000, description="Most recent items pooled into the user vector.")
+        int,
+        Field(
+            ge=1,
+            le=1000,
+            description="Most recent items the user tower reads (at most the trained length).",
+        ),
     ] = 50
     strategy: Annotated[
         Literal["two_tower", "knn_embed"],
@@ -71,6 +76,15 @@ class Settings(BaseSettings):
             "retrieval order (then answers keep retrieval order, `ranker` null); on; off."
         ),
     ] = "auto"
+    item_to_item_share: Annotated[
+        float | None,
+        Field(
+            ge=0,
+            le=1,
+            description="Share of the candidates from the item-to-item source (items that co-occur "
+            "with the user's latest); unset: what `recsys train`'s validation chose.",
+        ),
+    ] = None
     knn_components: Annotated[
         int, Field(ge=1, le=MAX_COMPONENTS, description="kNN-Embed: interests kept (m).")
     ] = 8

@@ -9,7 +9,7 @@ from service.cli import app
 from service.data.files import load_dataset
 from service.data.schema import Dataset
 from service.data.split import leave_last_out, temporal_split
-from service.evaluation import hit_and_ndcg, recall_at
+from service.evaluation import ITEM_TO_ITEM_SHARES, hit_and_ndcg, recall_at
 from tests.conftest import MOVIELENS
 
 
@@ -138,10 +138,19 @@ def test_eval_leave_last_out_reports_hr_and_ndcg_for_every_row(tmp_path):
     assert isinstance(results["validation"]["choices"]["ranker"], bool)
     assert results["ranker_serves"] == results["validation"]["choices"]["ranker"]
     assert "validation HR@10" in result.output
-    # Both user towers were validated, and the one kept serves the better answers.
-    towers = results["validation"]["user_towers"]
-    chosen = results["validation"]["choices"]["user_tower"]
-    assert set(towers) == {"mean", "sequence"}
-    assert towers[chosen]["served_hit_rate"] == max(t["served_hit_rate"] for t in towers.values())
-    assert towers[chosen]["ranker"] == results["validation"]["choices"]["ranker"]
-    assert f"user tower: {chosen}" in result.output
+    # Both user towers and every item-to-item share were validated, and what was kept
+    # serves the best answers there.
+    tried = results["validation"]["tried"]
+    choices = results["validation"]["choices"]
+    assert {(t["user_tower"], t["item_to_item_share"]) for t in tried} == {
+        (tower, share) for tower in ("mean", "sequence") for share in ITEM_TO_ITEM_SHARES
+    }
+    best = max(t["served_hit_rate"] for t in tried)
+    kept = [
+        t
+        for t in tried
+        if (t["user_tower"], t["item_to_item_share"])
+        == (choices["user_tower"], choices["item_to_item_share"])
+    ]
+    assert kept[0]["served_hit_rate"] == best and kept[0]["ranker"] == choices["ranker"]
+    assert f"chosen on validation: {choices['user_tower']} user tower" in result.output

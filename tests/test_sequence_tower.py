@@ -2,13 +2,17 @@
 the candidate generator with the vector the torch model computes, and moved by the order
 of the user's items and by every new click without any training."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from service.artifacts import resolve_version
 from service.bundle import ModelBundle
+from service.cli import app
 from service.embeddings.recent_items import InMemoryRecentItems
 from service.pipeline.in_process import RecommendPipeline
 from service.schemas import RecommendRequest
@@ -79,3 +83,17 @@ def test_the_vector_follows_order_and_clicks(sequence_bundle, bundle):
     after = pipeline.generator.user_vector(user_id, now)[0]
     assert np.abs(after - before).max() > 1e-4
     np.testing.assert_allclose(after, torch_user_vector(sequence_bundle, user_id, now), atol=1e-5)
+
+
+def test_train_trains_the_tower_it_is_told_to(tmp_path):
+    out = tmp_path / "artifacts"
+    args = ["train", "--dataset", "synthetic:users=60,items=80,categories=3", "--out", str(out)]
+    args += ["--two-tower-epochs", "1", "--ranker-epochs", "1", "--no-validate"]
+    result = CliRunner().invoke(app, [*args, "--user-tower", "sequence"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((resolve_version(out) / "manifest.json").read_text())
+    assert manifest["models"]["two_tower"]["user_tower"] == "sequence"
+    assert manifest["models"]["two_tower"]["sequence_epochs"] == 1
+    assert "validation" not in manifest
+    refused = CliRunner().invoke(app, [*args, "--user-tower", "transformer"])
+    assert refused.exit_code == 2 and "transformer" in refused.output

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from service.artifact_tables import in_memory_store
-from service.artifacts import RankerChoice, ranker_serves
+from service.artifacts import RankerChoice, item_to_item_share, ranker_serves
 from service.bundle import ModelBundle, RankingParts
 from service.embeddings.recent_items import RecentItems
 from service.embeddings.store import EmbeddingStore
@@ -26,6 +26,7 @@ from service.pipeline.interface import (
 from service.ranking.models import ranker_name
 from service.ranking.ranker import Ranker
 from service.retrieval.candidates import (
+    SOURCE_ITEM_TO_ITEM,
     SOURCE_KNN_EMBED,
     SOURCE_POPULAR,
     SOURCE_TWO_TOWER,
@@ -52,6 +53,7 @@ class PipelineOptions:
     strategy: str = "two_tower"  # when a request names none
     knn_embed: MixtureKnobs = MixtureKnobs()
     ranker: RankerChoice = "auto"  # `service.artifacts.ranker_serves`
+    item_to_item_share: float | None = None  # `service.artifacts.item_to_item_share`
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "PipelineOptions":
@@ -63,6 +65,7 @@ class PipelineOptions:
                 settings.knn_alpha, settings.knn_components, settings.knn_reserved_share
             ),
             ranker=settings.ranker,
+            item_to_item_share=settings.item_to_item_share,
         )
 
 
@@ -115,6 +118,8 @@ class RecommendPipeline:
             recent,
             bundle.clusters,
             options.knn_embed,
+            bundle.neighbours,
+            item_to_item_share(bundle.manifest, options.item_to_item_share),
         )
         self.ranking = RankingStage(bundle.ranking_parts)
         self.ranker_info = self.ranking.ranker_info
@@ -153,7 +158,7 @@ class RecommendPipeline:
             )
         if all(s == SOURCE_POPULAR for s in candidates.sources):
             COLD_START.inc()
-        for source in (SOURCE_TWO_TOWER, SOURCE_KNN_EMBED, SOURCE_POPULAR):
+        for source in (SOURCE_TWO_TOWER, SOURCE_KNN_EMBED, SOURCE_ITEM_TO_ITEM, SOURCE_POPULAR):
             CANDIDATES.labels(source).observe(sum(s == source for s in candidates.sources))
         if candidates.degraded:
             DEGRADED.labels("embedding_store").inc()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 SOURCE_TWO_TOWER, SOURCE_KNN_EMBED, SOURCE_POPULAR = "two_tower", "knn_embed", "popular"
+SOURCE_ITEM_TO_ITEM = "item_to_item"
 STRATEGY_TWO_TOWER, STRATEGY_KNN_EMBED = "two_tower", "knn_embed"
 
 
@@ -47,13 +48,15 @@ class Candidates:
 
     def ranked(self) -> "Candidates":
         """Best score first, whatever found it (ties keep their order)."""
-        order = np.argsort(-self.scores, kind="stable")
+        return self.take(np.argsort(-self.scores, kind="stable"))
+
+    def take(self, index: np.ndarray) -> "Candidates":
         return Candidates(
-            self.item_ids[order],
-            self.scores[order],
-            self.sources[order],
+            self.item_ids[index],
+            self.scores[index],
+            self.sources[index],
             self.degraded,
-            self.components[order],
+            self.components[index],
         )
 
     def extended(self, more: "Candidates") -> "Candidates":

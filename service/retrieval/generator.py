@@ -1,7 +1,8 @@
 """Candidate generation for one request: user vector from the embedding table, FAISS
 search (single vector, or kNN-Embed's per-interest searches plus a reserved single-vector
-share), exclusion of what the user has seen (in the artifact's history and since), popular
-items for cold users and to fill up."""
+share), item-to-item candidates from the user's latest items interleaved at their share,
+exclusion of what the user has seen (in the artifact's history and since), popular items
+for cold users and to fill up."""
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from service.retrieval.candidates import (
     labels,
 )
 from service.retrieval.index import ItemIndex
+from service.retrieval.item_to_item import ItemNeighbours, interleaved, item_to_item_candidates
 from service.retrieval.knn_embed import ItemClusters, MixtureKnobs, smoothed_mixture, split_budget
 from service.retrieval.popular import PopularItems
 from service.retrieval.two_tower import TwoTower, UserTowerKernel
@@ -36,9 +38,12 @@ class CandidateGenerator:
         recent: RecentItems | None = None,
         clusters: ItemClusters | None = None,
         knobs: MixtureKnobs = MixtureKnobs(),
+        neighbours: ItemNeighbours | None = None,
+        item_to_item_share: float = 0.0,
     ):
         """`clusters`: kNN-Embed's item clusters (none: only the single-vector strategy);
-        `knobs`: its defaults, which a request may override."""
+        `knobs`: its defaults, which a request may override; `neighbours`: the item-to-item
+        source, which takes `item_to_item_share` of the candidates (0: none)."""
         self.user_tower = UserTowerKernel(two_tower)
         self.index = index
         self.clusters = clusters
@@ -48,6 +53,8 @@ class CandidateGenerator:
         self.popular = popular
         self.history_length = history_length
         self.recent = recent
+        self.neighbours = neighbours
+        self.item_to_item_share = item_to_item_share if neighbours is not None else 0.0
 
     def user_vector(self, user_id: int, history: np.ndarray) -> tuple[np.ndarray | None, bool]:
         """The user-tower output (None for a user the table and history know nothing of),
@@ -122,6 +129,22 @@ class CandidateGenerator:
             components=np.repeat(np.array(clusters.tolist(), dtype=object), taken),
         )
 
+    def with_item_to_item(
+        self,
+        found: Candidates,
+        vector: np.ndarray,
+        history: np.ndarray,
+        n: int,
+        excluded: np.ndarray,
+    ) -> Candidates:
+        """`found` with the item-to-item source's candidates interleaved at its share; those
+        scored by cosine with the user vector like every other, for the ranker's feature."""
+        ids, _ = self.neighbours.top(history[-self.history_length :], n, excluded)
+        if not len(ids):
+            return found
+        scores = self.index.reconstruct(ids) @ vector[0]
+        return interleaved(found, item_to_item_candidates(ids, scores), self.item_to_item_share, n)
+
     def generate(
         self,
         user_id: int,
@@ -153,6 +176,8 @@ class CandidateGenerator:
             result = result.extended(fill).ranked()
         else:  # FAISS ranked them already
             result = self.single_vector(vector, n, excluded)
+        if self.item_to_item_share > 0.0 and len(history):
+            result = self.with_item_to_item(result, vector, history, n, excluded)
         result.degraded = degraded
         if len(result) < n:  # a small catalog: fill up with popular items
             result = result.extended(

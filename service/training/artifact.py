@@ -12,6 +12,7 @@ from service.data.histories import UserHistories
 from service.data.schema import Dataset
 from service.ranking.models import trained_variant
 from service.retrieval.index import ItemIndex, SearchParams
+from service.retrieval.item_to_item import ItemNeighbours
 from service.retrieval.knn_embed import ItemClusters, KnnEmbedConfig, UserMixtures
 from service.retrieval.popular import PopularItems
 from service.retrieval.two_tower import (
@@ -33,6 +34,7 @@ class TrainConfig:
     knn_embed: KnnEmbedConfig = field(default_factory=KnnEmbedConfig)
     index_factory: str = "auto"
     nprobe: int = 32
+    item_neighbours: int = 50  # the item-to-item source: neighbours kept per item
 
 
 def train(dataset: Dataset, config: TrainConfig = TrainConfig()) -> tuple[ModelBundle, dict]:
@@ -89,6 +91,7 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig()) -> tuple[ModelB
             "", features.items.ids[order], (vectors[order] @ cold_user).astype(np.float32)
         ),
         manifest={},
+        neighbours=ItemNeighbours.build(interactions, features.items.ids, config.item_neighbours),
     )
     metrics = {
         "two_tower": two_tower_metrics,
