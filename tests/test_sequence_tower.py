@@ -14,6 +14,8 @@ from service.artifacts import resolve_version
 from service.bundle import ModelBundle
 from service.cli import app
 from service.embeddings.recent_items import InMemoryRecentItems
+from service.embeddings.store import Lookup
+from service.online.interests import padded_histories
 from service.pipeline.in_process import RecommendPipeline
 from service.schemas import RecommendRequest
 from service.training.artifact import train_and_save
@@ -97,3 +99,16 @@ def test_train_trains_the_tower_it_is_told_to(tmp_path):
     assert "validation" not in manifest
     refused = CliRunner().invoke(app, [*args, "--user-tower", "transformer"])
     assert refused.exit_code == 2 and "transformer" in refused.output
+
+
+def test_histories_are_left_padded_in_order_for_the_tower():
+    """Several users' looked-up rows, one after another, as the towers take them."""
+    vectors = np.arange(5 * 2, dtype=np.float32).reshape(5, 2)
+    found = np.array([True, True, True, False, True])
+    history, valid = padded_histories(Lookup(vectors, found), np.array([2, 0, 3]), 2)
+    assert history.shape == (3, 3, 2) and valid.shape == (3, 3)
+    np.testing.assert_array_equal(history[0, 1:], vectors[:2])  # the latest item last
+    assert valid[0].tolist() == [False, True, True]
+    assert not valid[1].any()
+    np.testing.assert_array_equal(history[2], vectors[2:])
+    assert valid[2].tolist() == [True, False, True]  # a row the table lacks stays masked
