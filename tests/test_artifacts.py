@@ -22,6 +22,7 @@ def test_manifest_records_config_schema_metrics_and_hashes(artifact_root):
         "popular.safetensors",
         "clusters.faiss",
         "interests.safetensors",
+        "item_neighbours.safetensors",
         "ranker.output_features.safetensors",
         "ranker.weight_svd.safetensors",
     }
