@@ -174,74 +174,104 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().numpy().astype(np.float32).copy()
 
 
-class _LayerNorm:
-    def __init__(self, norm: nn.LayerNorm):
-        self.weight, self.bias = _array(norm.weight), _array(norm.bias)
-        self.eps = np.float32(norm.eps)
+def _normalised(x: np.ndarray, eps: np.float32) -> np.ndarray:
+    """LayerNorm without its affine part (folded into the next layer's weights)."""
+    centred = x - np.add.reduce(x, axis=-1, keepdims=True) * np.float32(1.0 / x.shape[-1])
+    variance = np.add.reduce(centred * centred, axis=-1, keepdims=True) * np.float32(
+        1.0 / x.shape[-1]
+    )
+    return centred / np.sqrt(variance + eps)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        centred = x - x.mean(-1, keepdims=True)
-        variance = np.square(centred).mean(-1, keepdims=True)
-        return centred / np.sqrt(variance + self.eps) * self.weight + self.bias
+
+def _folded(norm: nn.LayerNorm, linear: nn.Linear, scale: np.ndarray | None = None):
+    """(weight, bias) of `linear` applied after `norm`'s affine: (x̂·γ + β)W + b = x̂(γW) + (βW + b);
+    `scale` multiplies output columns (the attention's 1/sqrt(d) on the queries)."""
+    gamma, beta = _array(norm.weight), _array(norm.bias)
+    weight, bias = _array(linear.weight).T, _array(linear.bias)
+    folded_weight, folded_bias = gamma[:, None] * weight, beta @ weight + bias
+    if scale is not None:
+        folded_weight, folded_bias = folded_weight * scale, folded_bias * scale
+    return np.ascontiguousarray(folded_weight, np.float32), folded_bias.astype(np.float32)
 
 
 class _SequenceKernel:
-    """`SequenceHistory` in numpy, for the latest position only."""
+    """`SequenceHistory` in numpy, for the latest position only, with each LayerNorm's
+    affine and the attention scale folded into the weights after it."""
 
     def __init__(self, history: SequenceHistory):
-        self.norm = _LayerNorm(history.norm)
         self.position = _array(history.position.weight)
-        self.blocks = [
-            {
-                "heads": block.heads,
-                "w_qkv": _array(block.qkv.weight).T.copy(),
-                "b_qkv": _array(block.qkv.bias),
-                "w_out": _array(block.attention_out.weight).T.copy(),
-                "b_out": _array(block.attention_out.bias),
-                "w_ff1": _array(block.feed[0].weight).T.copy(),
-                "b_ff1": _array(block.feed[0].bias),
-                "w_ff2": _array(block.feed[2].weight).T.copy(),
-                "b_ff2": _array(block.feed[2].bias),
-                "attention_norm": _LayerNorm(block.attention_norm),
-                "feed_norm": _LayerNorm(block.feed_norm),
-            }
-            for block in history.blocks
-        ]
+        self.eps = np.float32(history.norm.eps)
+        self.final = (_array(history.norm.weight), _array(history.norm.bias))
+        self.blocks = []
+        for block in history.blocks:
+            dim = block.qkv.in_features
+            scale = np.ones(3 * dim, np.float32)
+            scale[:dim] = (dim // block.heads) ** -0.5
+            w_qkv, b_qkv = _folded(block.attention_norm, block.qkv, scale)
+            w_ff1, b_ff1 = _folded(block.feed_norm, block.feed[0])
+            self.blocks.append(
+                {
+                    "heads": block.heads,
+                    "w_qkv": w_qkv,
+                    "b_qkv": b_qkv,
+                    "w_out": _array(block.attention_out.weight).T.copy(),
+                    "b_out": _array(block.attention_out.bias),
+                    "w_ff1": w_ff1,
+                    "b_ff1": b_ff1,
+                    "w_ff2": _array(block.feed[2].weight).T.copy(),
+                    "b_ff2": _array(block.feed[2].bias),
+                }
+            )
+        self._causal: dict[int, np.ndarray] = {}
+
+    def _causal_bias(self, length: int) -> np.ndarray:
+        """0 where a query may see a key (itself and earlier), -inf after: made once per length."""
+        bias = self._causal.get(length)
+        if bias is None:
+            bias = np.where(np.tri(length, dtype=bool), 0.0, -np.inf).astype(np.float32)
+            self._causal[length] = bias
+        return bias
 
     def __call__(self, vectors: np.ndarray, valid: np.ndarray) -> np.ndarray:
         batch, length, dim = vectors.shape
         if length == 0:  # no history: one invalid position, as a left-padded one
-            vectors, valid, length = (
-                np.zeros((batch, 1, dim), np.float32),
-                np.zeros((batch, 1), bool),
-                1,
-            )
-        x = vectors * valid[..., None] + self.position[-length:]
-        causal = np.tri(length, dtype=bool)
-        attend = causal & (valid[:, None, :] | np.eye(length, dtype=bool))
+            vectors = np.zeros((batch, 1, dim), np.float32)
+            valid, length = np.zeros((batch, 1), bool), 1
+        bias = self._causal_bias(length)[None]  # [1, L, L]
+        if valid.all():
+            x = vectors + self.position[-length:]
+        else:
+            x = vectors * valid[..., None] + self.position[-length:]
+            hidden = ~valid[:, None, :] & ~np.eye(length, dtype=bool)  # keys a query may not see
+            bias = np.where(hidden, -np.inf, bias).astype(np.float32)
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1  # its keys need every position, its queries one
-            x = self._block(x, attend[:, -1:] if last else attend, block, last)
-        return self.norm(x[:, -1])
+            x = self._block(x, bias[:, -1:] if last else bias, block, last)
+        weight, shift = self.final
+        return _normalised(x[:, -1], self.eps) * weight + shift
 
-    @staticmethod
-    def _block(x: np.ndarray, attend: np.ndarray, block: dict, last: bool) -> np.ndarray:
+    def _block(self, x: np.ndarray, bias: np.ndarray, block: dict, last: bool) -> np.ndarray:
         batch, length, dim = x.shape
         heads = block["heads"]
-        qkv = block["attention_norm"](x) @ block["w_qkv"] + block["b_qkv"]
-        q, k, v = (
-            part.reshape(batch, length, heads, dim // heads).transpose(0, 2, 1, 3)
-            for part in np.split(qkv, 3, axis=-1)
-        )
+        qkv = _normalised(x, self.eps) @ block["w_qkv"] + block["b_qkv"]
+        q, k, v = qkv[..., :dim], qkv[..., dim : 2 * dim], qkv[..., 2 * dim :]
         if last:
-            q, x = q[:, :, -1:], x[:, -1:]
-        scores = q @ k.transpose(0, 1, 3, 2) / np.float32((dim // heads) ** 0.5)
-        scores = np.where(attend[:, None], scores, -np.inf)
+            q, x = q[:, -1:], x[:, -1:]
+        queries = q.shape[1]
+        if heads > 1:
+            q, k, v = (
+                part.reshape(batch, -1, heads, dim // heads).transpose(0, 2, 1, 3)
+                for part in (q, k, v)
+            )
+            scores = q @ k.transpose(0, 1, 3, 2) + bias[:, None]
+        else:
+            scores = q @ k.transpose(0, 2, 1) + bias
         scores = np.exp(scores - scores.max(-1, keepdims=True))
-        weights = scores / scores.sum(-1, keepdims=True)
-        attended = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, x.shape[1], dim)
+        attended = (scores / scores.sum(-1, keepdims=True)) @ v
+        if heads > 1:
+            attended = attended.transpose(0, 2, 1, 3).reshape(batch, queries, dim)
         x = x + attended @ block["w_out"] + block["b_out"]
-        hidden = np.maximum(block["feed_norm"](x) @ block["w_ff1"] + block["b_ff1"], 0)
+        hidden = np.maximum(_normalised(x, self.eps) @ block["w_ff1"] + block["b_ff1"], 0.0)
         return x + hidden @ block["w_ff2"] + block["b_ff2"]
 
 
