@@ -3,9 +3,10 @@ two-tower single vector, kNN-Embed interests without smoothing (alpha = 0), kNN-
 the `implicit` library's ALS (64 factors) as the peer, on one temporal split.
 
     python bench/retrieval_quality.py [--quick] [--json PATH] [--dataset synthetic|movielens-100k:PATH]
+                                      [--user-tower mean|sequence]
 
-Trains one artifact on each user's first 80% of interactions (default configuration, seed
-0) and asks every strategy for each user's top-K, K in {50, 100, 200}, with the user's
+Trains one artifact on each user's first 80% of interactions (default configuration with
+the given user tower, seed 0) and asks every strategy for each user's top-K, K in {50, 100, 200}, with the user's
 training items left out. ALS needs the bench extra (`pip install -e .[bench]`); without it
 its row is skipped with a note.
 """
@@ -28,6 +29,7 @@ from service.data.split import temporal_split
 from service.evaluation import RetrievalEvaluator, format_retrieval_table, pipeline_retrievers
 from service.pipeline.in_process import RecommendPipeline
 from service.retrieval.knn_embed import MixtureKnobs
+from service.retrieval.two_tower import USER_TOWERS
 from service.training.artifact import TrainConfig, train
 
 
@@ -68,6 +70,7 @@ def main() -> None:
         "--quick", action="store_true", help="a small synthetic set and short training"
     )
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--user-tower", choices=USER_TOWERS, default="mean")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -78,10 +81,11 @@ def main() -> None:
     )
     train_part, test = temporal_split(dataset, 0.2)
     config = TrainConfig()
+    config = replace(config, two_tower=replace(config.two_tower, user_tower=args.user_tower))
     if args.quick:
         config = replace(
             config,
-            two_tower=replace(config.two_tower, epochs=4),
+            two_tower=replace(config.two_tower, epochs=4, sequence_epochs=8),
             ranker=replace(config.ranker, epochs=1),
         )
     started = time.perf_counter()
@@ -98,6 +102,7 @@ def main() -> None:
     results = RetrievalEvaluator(bundle, test).evaluate(strategies)
     results.update(
         dataset=dataset.name,
+        user_tower=args.user_tower,
         knobs=knobs.__dict__,
         knn_embed=config.knn_embed.__dict__,
         train_seconds=round(train_seconds, 1),
