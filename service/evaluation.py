@@ -401,7 +401,7 @@ def pipeline_retrievers(pipeline: RecommendPipeline, knobs: MixtureKnobs) -> dic
     no_exclusions = np.empty(0, np.uint64)
 
     def most_popular(user_id: int, k: int) -> list[int]:
-        return generator.popular.top(k, generator.history(user_id)[0]).item_ids.tolist()
+        return generator.popular.top(k, np.unique(generator.history(user_id)[0])).item_ids.tolist()
 
     def strategy(name: str, strategy_knobs: MixtureKnobs) -> Retriever:
         return lambda user_id, k: generator.generate(

@@ -14,10 +14,12 @@ from service.evaluation import (
     ITEM_TO_ITEM_SHARES,
     evaluate_leave_last_out,
     hit_and_ndcg,
+    pipeline_retrievers,
     recall_at,
     validate,
 )
 from service.pipeline.in_process import PipelineOptions, RecommendPipeline
+from service.retrieval.knn_embed import MixtureKnobs
 from service.training.artifact import TrainConfig, train
 from tests.conftest import MOVIELENS
 
@@ -193,3 +195,12 @@ def test_validated_choices_lift_the_held_out_answers_on_the_synthetic_set():
     assert validation["choices"]["item_to_item_share"] > 0.0
     assert served >= 1.1 * hit_rate(vector_only, "candidate_generation")
     assert served >= 5 * hit_rate(vector_only, "most_popular")
+
+
+def test_no_retriever_of_the_benchmarks_recommends_a_seen_item(pipeline, bundle):
+    retrievers = pipeline_retrievers(pipeline, MixtureKnobs())
+    for user_id in bundle.features.users.ids[:20].tolist():
+        seen = set(bundle.histories.get(user_id).tolist())
+        for name, retrieve in retrievers.items():
+            listed = retrieve(user_id, 50)
+            assert len(listed) == 50 and not seen & set(listed), name
