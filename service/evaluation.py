@@ -147,6 +147,7 @@ VALIDATION_CUTOFF = 10
 
 
 ITEM_TO_ITEM_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the item-to-item source's shares tried
+CHOICE_TOLERANCE = 0.01  # relative: within 1% of the best validation figure counts as a tie
 
 
 def validate(
@@ -165,8 +166,10 @@ def validate(
     - For each, the ranker serves only when its order validates at least as well as
       retrieval order (HR@10, ties to the ranker): on some data it cannot add what
       retrieval lacks, and then answers are never made worse by it.
-    - The combination whose served answers (ranked or not, as just chosen) validate best is
-      kept; ties to the first, so to the simpler tower and the smaller share."""
+    - The first combination (the mean tower before the sequence one, smaller shares before
+      larger) whose served answers (ranked or not, as just chosen) validate within
+      `CHOICE_TOLERANCE` of the best is kept: a more costly choice has to earn more than
+      the noise of a few users."""
     fit_part, held_out = leave_last_out(dataset)
     if len(held_out) > max_users:
         held_out = held_out.sample(max_users, random_state=0).sort_values("user_id")
@@ -200,7 +203,8 @@ def validate(
                     "figures": figures,
                 }
             )
-    chosen = max(tried, key=lambda t: t["served_hit_rate"])  # the first on ties
+    best = max(t["served_hit_rate"] for t in tried)
+    chosen = next(t for t in tried if t["served_hit_rate"] >= best * (1 - CHOICE_TOLERANCE))
     log.info(
         "validation chose the %s user tower, item-to-item share %.2f, the ranker %s",
         chosen["user_tower"],

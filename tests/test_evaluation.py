@@ -11,6 +11,7 @@ from service.data.files import load_dataset
 from service.data.schema import Dataset
 from service.data.split import leave_last_out, temporal_split
 from service.evaluation import (
+    CHOICE_TOLERANCE,
     ITEM_TO_ITEM_SHARES,
     evaluate_leave_last_out,
     hit_and_ndcg,
@@ -167,7 +168,12 @@ def test_eval_leave_last_out_reports_hr_and_ndcg_for_every_row(tmp_path):
         if (t["user_tower"], t["item_to_item_share"])
         == (choices["user_tower"], choices["item_to_item_share"])
     ]
-    assert kept[0]["served_hit_rate"] == best and kept[0]["ranker"] == choices["ranker"]
+    # The first within the tolerance of the best, in the order tried (simpler first).
+    assert kept[0]["served_hit_rate"] >= best * (1 - CHOICE_TOLERANCE)
+    assert all(
+        t["served_hit_rate"] < best * (1 - CHOICE_TOLERANCE) for t in tried[: tried.index(kept[0])]
+    )
+    assert kept[0]["ranker"] == choices["ranker"]
     assert f"chosen on validation: {choices['user_tower']} user tower" in result.output
 
 
