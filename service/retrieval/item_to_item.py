@@ -5,7 +5,7 @@ co-occurrence (users who interacted with both, over the square root of each one'
 count: item-kNN, Sarwar et al. 2001; Linden et al. 2003). A request sums the similarities
 of the neighbours of the user's latest items and takes the best it has not seen. It
 answers where co-occurrence says more than the learned vectors: sparse catalogues, items
-bought together. Numpy and scipy only.
+bought together. Numpy only when serving; scipy's sparse products build it.
 """
 
 import logging
@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file as load_arrays
 from safetensors.numpy import save_file as save_arrays
-from scipy import sparse
 from tqdm import tqdm
 
 from service.retrieval.candidates import SOURCE_ITEM_TO_ITEM, Candidates, is_in_sorted, labels
@@ -38,6 +37,8 @@ class ItemNeighbours:
         cls, interactions: pd.DataFrame, item_ids: np.ndarray, neighbours: int = 50
     ) -> "ItemNeighbours":
         """From interactions sorted by user, time; `item_ids` sorted, holding every item."""
+        from scipy import sparse  # training only: serving processes start without scipy
+
         latest = interactions.groupby("user_id", sort=False).tail(PAIRS_PER_USER)
         users = pd.factorize(latest["user_id"])[0]
         items = np.searchsorted(item_ids, latest["item_id"].to_numpy(np.uint64))
