@@ -278,22 +278,19 @@ def ranker_line(results: dict) -> str:
 
 
 def choices_line(results: dict) -> list[str]:
-    """What validation chose among several candidates, with the best figure of each."""
+    """What validation chose among several combinations, with each one's figure."""
     validation = results.get("validation", {})
     tried = validation.get("tried", [])
     if len(tried) < 2:
         return []
     choices = validation["choices"]
-    lines = [
+    figures = ", ".join(
+        f"{t['user_tower']}/{t['item_to_item_share']:.2f} {t['served_hit_rate']:.4f}" for t in tried
+    )
+    return [
         f"chosen on validation: {choices['user_tower']} user tower, item-to-item share "
-        f"{choices['item_to_item_share']:.2f} (served HR@{VALIDATION_CUTOFF}: "
-        + ", ".join(
-            f"{t['user_tower']}/{t['item_to_item_share']:.2f} {t['served_hit_rate']:.4f}"
-            for t in tried
-        )
-        + ")"
+        f"{choices['item_to_item_share']:.2f} (served HR@{VALIDATION_CUTOFF}: {figures})"
     ]
-    return lines
 
 
 def format_leave_last_out_table(results: dict) -> str:
