@@ -191,15 +191,20 @@ def run_protocol(
     started = time.perf_counter()
     # As `recsys train --user-tower auto` does: validation on the training part chooses.
     validation = validate(train_part, config, USER_TOWERS) if validated else None
-    choices = validation["choices"] if validation else {"user_tower": "mean", "ranker": True}
+    choices = (
+        validation.figures["choices"] if validation else {"user_tower": "mean", "ranker": True}
+    )
     pipelines = {}
     for tower in USER_TOWERS:
+        chosen = tower == choices["user_tower"]
         bundle, _ = train(
-            train_part, replace(config, two_tower=replace(config.two_tower, user_tower=tower))
+            train_part,
+            replace(config, two_tower=replace(config.two_tower, user_tower=tower)),
+            validation.ranker_lists if validation and chosen else None,
         )
         bundle.manifest = {"models": {"knn_embed": {}}}
-        if tower == choices["user_tower"]:
-            bundle.manifest["validation"] = validation or {}
+        if chosen:
+            bundle.manifest["validation"] = validation.figures if validation else {}
             served = bundle
         pipelines[f"two_tower_{tower}"] = RecommendPipeline(
             bundle, options=PipelineOptions(item_to_item_share=0.0, ranker="off")

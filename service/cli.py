@@ -130,7 +130,7 @@ def _train_and_save(
     towers = ("mean", "sequence") if user_tower == UserTower.auto else ()
     validation = validated_choices(data, config, towers) if validate else None
     if validation is not None:
-        chosen = validation["choices"]["user_tower"]
+        chosen = validation.figures["choices"]["user_tower"]
         config = replace(config, two_tower=replace(config.two_tower, user_tower=chosen))
     return train_and_save(data, str(out), config, validation)
 

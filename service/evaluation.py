@@ -12,14 +12,17 @@ from tqdm import tqdm
 
 from service.artifacts import ranker_serves
 from service.bundle import ModelBundle
+from service.data.context import context_rows
 from service.data.schema import Dataset
 from service.data.split import leave_last_out
 from service.pipeline.in_process import PipelineOptions, RecommendPipeline
+from service.ranking.encoder import RankingEncoder
 from service.retrieval.candidates import STRATEGY_KNN_EMBED, STRATEGY_TWO_TOWER
 from service.retrieval.knn_embed import MixtureKnobs
 from service.retrieval.two_tower import item_vectors
 from service.schemas import RecommendRequest
-from service.training.artifact import TrainConfig, train
+from service.training.artifact import TrainConfig, Validation, train
+from service.training.ranker import CandidateLists, ranked_places, train_listwise_ranker
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +147,74 @@ def evaluate_leave_last_out(
 
 VALIDATION_USERS = 2000  # held-out users scored at most: a bounded budget on large sets
 VALIDATION_CUTOFF = 10
+RANKED_CANDIDATES = 200  # what validation retrieves for the ranker, as `evaluate_*` rank
 
 
 ITEM_TO_ITEM_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the item-to-item source's shares tried
 CHOICE_TOLERANCE = 0.01  # relative: within 1% of the best validation figure counts as a tie
+
+
+def candidate_lists(
+    pipeline: RecommendPipeline, held_out: pd.DataFrame, depth: int = RANKED_CANDIDATES
+) -> CandidateLists:
+    """Each held-out interaction's candidates from `pipeline`'s retrieval, in its order, and
+    where the interacted item is among them; hour and weekday of the interaction's time."""
+    rows = list(zip(*(held_out[c].tolist() for c in ("user_id", "item_id"))))
+    ids = np.zeros((len(rows), depth), np.uint64)
+    scores = np.zeros((len(rows), depth), np.float32)
+    present = np.zeros((len(rows), depth), bool)
+    targets = np.full(len(rows), -1)
+    for n, (user_id, item_id) in enumerate(
+        tqdm(rows, desc="candidate lists", unit="user", mininterval=2)
+    ):
+        found = pipeline.retrieve(
+            RecommendRequest(user_id=user_id, k=VALIDATION_CUTOFF, candidates=depth)
+        )
+        length = len(found)
+        ids[n, :length], scores[n, :length], present[n, :length] = (
+            found.item_ids,
+            found.scores,
+            True,
+        )
+        hit = np.flatnonzero(found.item_ids == item_id)
+        targets[n] = hit[0] if len(hit) else -1
+    hour, weekday = context_rows(held_out["timestamp"].to_numpy())
+    return CandidateLists(
+        held_out["user_id"].to_numpy(np.uint64), ids, present, scores, targets, hour, weekday
+    )
+
+
+def hit_and_ndcg_of_places(places: np.ndarray, cutoffs=LEAVE_LAST_OUT_CUTOFFS) -> dict:
+    """HR@K and NDCG@K (dicts by "@K") of held-out items at `places` (0 = first, -1 = absent)."""
+    found = places >= 0
+    gain = np.where(found, 1.0 / np.log2(np.maximum(places, 0) + 2), 0.0)
+    return {
+        "hit_rate": {f"@{k}": round(float((found & (places < k)).mean()), 4) for k in cutoffs},
+        "ndcg": {f"@{k}": round(float(np.where(places < k, gain, 0.0).mean()), 4) for k in cutoffs},
+    }
+
+
+def cross_fitted_places(
+    lists: CandidateLists, features, config: TrainConfig, folds: int = 2
+) -> np.ndarray:
+    """Where a ranker trained on the other folds' lists (by user, seeded) puts each list's
+    held-out item: the ranker's validation figure, on lists it never trained on."""
+    fold = np.random.default_rng(config.ranker.seed).permutation(len(lists)) % folds
+    places = np.full(len(lists), -1)
+    for k in range(folds):
+        model, _, _ = train_listwise_ranker(
+            lists.take(np.flatnonzero(fold != k)),
+            features,
+            config.ranker,
+            1.0 / config.two_tower.temperature,
+        )
+        this = np.flatnonzero(fold == k)
+        places[this] = ranked_places(
+            model,
+            RankingEncoder(features, 1.0 / config.two_tower.temperature),
+            lists.take(this),
+        )
+    return places
 
 
 def validate(
@@ -156,73 +223,93 @@ def validate(
     user_towers: tuple[str, ...] = (),
     max_users: int = VALIDATION_USERS,
     item_to_item_shares: tuple[float, ...] = ITEM_TO_ITEM_SHARES,
-) -> dict:
-    """What `recsys train` chooses, and the figures behind it: the configuration trained on
-    each user's history but the last interaction, then that interaction of up to `max_users`
-    users (seeded sample) ranked through the serving code.
+) -> Validation:
+    """What `recsys train` chooses, the figures behind it, and the lists its ranker learns
+    from: the configuration trained on each user's history but the last interaction, then
+    that interaction of up to `max_users` users (seeded sample) retrieved for through the
+    serving code.
 
     - Each of `user_towers` is trained (none: the configuration's own), and each is served
       with each of `item_to_item_shares` of the candidates from the item-to-item source.
-    - For each, the ranker serves only when its order validates at least as well as
-      retrieval order (HR@10, ties to the ranker): on some data it cannot add what
-      retrieval lacks, and then answers are never made worse by it.
     - The first combination (the mean tower before the sequence one, smaller shares before
-      larger) whose served answers (ranked or not, as just chosen) validate within
-      `CHOICE_TOLERANCE` of the best is kept: a more costly choice has to earn more than
-      the noise of a few users."""
+      larger) whose retrieval validates (HR@10) within `CHOICE_TOLERANCE` of the best is
+      kept: a more costly choice has to earn more than the noise of a few users.
+    - The ranker learns from that combination's candidate lists, and serves only if, cross-
+      fitted (trained on half the users, placing the other half's items), it beats retrieval
+      order by more than `CHOICE_TOLERANCE`: on some data it cannot add what retrieval
+      lacks, and then answers are never made worse by it."""
     fit_part, held_out = leave_last_out(dataset)
     if len(held_out) > max_users:
         held_out = held_out.sample(max_users, random_state=0).sort_values("user_id")
     at = f"@{VALIDATION_CUTOFF}"
-    tried = []
+    tried, lists, features = [], [], []
     for tower in user_towers or (config.two_tower.user_tower,):
         tower_config = replace(config, two_tower=replace(config.two_tower, user_tower=tower))
         bundle, _ = train(fit_part, tower_config)
         for share in item_to_item_shares:
-            pipeline = RecommendPipeline(bundle, options=PipelineOptions(item_to_item_share=share))
-            figures = evaluate_leave_last_out(pipeline, held_out, strategies=(STRATEGY_TWO_TOWER,))
-            hits = figures["hit_rate"]
-            ranker = hits["pipeline"][at] >= hits["candidate_generation"][at]
-            served = hits["pipeline" if ranker else "candidate_generation"][at]
+            pipeline = RecommendPipeline(
+                bundle, options=PipelineOptions(item_to_item_share=share, ranker="off")
+            )
+            found = candidate_lists(pipeline, held_out)
+            figures = hit_and_ndcg_of_places(found.targets)
             log.info(
-                "validation, %s user tower, item-to-item share %.2f, %d users: HR%s ranked "
-                "%.4f, retrieval order %.4f",
+                "validation, %s user tower, item-to-item share %.2f, %d users: retrieval HR%s %.4f",
                 tower,
                 share,
-                figures["users"],
+                len(found),
                 at,
-                hits["pipeline"][at],
-                hits["candidate_generation"][at],
+                figures["hit_rate"][at],
             )
             tried.append(
                 {
                     "user_tower": tower,
                     "item_to_item_share": share,
-                    "ranker": ranker,
-                    "served_hit_rate": served,
-                    "figures": figures,
+                    "retrieval_hit_rate": figures["hit_rate"][at],
                 }
             )
-    best = max(t["served_hit_rate"] for t in tried)
-    chosen = next(t for t in tried if t["served_hit_rate"] >= best * (1 - CHOICE_TOLERANCE))
-    log.info(
-        "validation chose the %s user tower, item-to-item share %.2f, the ranker %s",
-        chosen["user_tower"],
-        chosen["item_to_item_share"],
-        "on" if chosen["ranker"] else "off (it does not lift)",
+            lists.append(found)
+            features.append(bundle.features)
+    best = max(t["retrieval_hit_rate"] for t in tried)
+    chosen = next(
+        n for n, t in enumerate(tried) if t["retrieval_hit_rate"] >= best * (1 - CHOICE_TOLERANCE)
     )
-    return {
-        "protocol": "leave-last-out on the training data",
-        "users": chosen["figures"]["users"],
-        "hit_rate": chosen["figures"]["hit_rate"],
-        "ndcg": chosen["figures"]["ndcg"],
-        "tried": [{k: v for k, v in t.items() if k != "figures"} for t in tried],
-        "choices": {
-            "ranker": chosen["ranker"],
-            "user_tower": chosen["user_tower"],
-            "item_to_item_share": chosen["item_to_item_share"],
+    tower_config = replace(
+        config, two_tower=replace(config.two_tower, user_tower=tried[chosen]["user_tower"])
+    )
+    retrieval = hit_and_ndcg_of_places(lists[chosen].targets)
+    ranked = hit_and_ndcg_of_places(
+        cross_fitted_places(lists[chosen], features[chosen], tower_config)
+    )
+    ranker = ranked["hit_rate"][at] > retrieval["hit_rate"][at] * (1 + CHOICE_TOLERANCE)
+    log.info(
+        "validation chose the %s user tower, item-to-item share %.2f, the ranker %s "
+        "(cross-fitted HR%s %.4f, retrieval order %.4f)",
+        tried[chosen]["user_tower"],
+        tried[chosen]["item_to_item_share"],
+        "on" if ranker else "off (it does not lift)",
+        at,
+        ranked["hit_rate"][at],
+        retrieval["hit_rate"][at],
+    )
+    return Validation(
+        {
+            "protocol": "leave-last-out on the training data",
+            "users": len(lists[chosen]),
+            "ranker": "cross-fitted on 2 folds of the users, trained on their candidate lists",
+            "hit_rate": {
+                "pipeline": ranked["hit_rate"],
+                "candidate_generation": retrieval["hit_rate"],
+            },
+            "ndcg": {"pipeline": ranked["ndcg"], "candidate_generation": retrieval["ndcg"]},
+            "tried": tried,
+            "choices": {
+                "ranker": bool(ranker),
+                "user_tower": tried[chosen]["user_tower"],
+                "item_to_item_share": tried[chosen]["item_to_item_share"],
+            },
         },
-    }
+        lists[chosen],
+    )
 
 
 def evaluate_artifact(folder: str | Path, test: pd.DataFrame, protocol: str = "temporal") -> dict:
@@ -237,6 +324,10 @@ def evaluate_artifact(folder: str | Path, test: pd.DataFrame, protocol: str = "t
     if "validation" in bundle.manifest:
         results["validation"] = bundle.manifest["validation"]
     results["ranker_val_auc"] = bundle.manifest["metrics"]["ranker"]["val_auc"]
+    results["ranker_training"] = bundle.manifest["metrics"]["ranker"].get(
+        "training",
+        "pointwise, on the training interactions",  # artifacts from before lists
+    )
     results["train_seconds"] = bundle.manifest["metrics"]["train_seconds"]
     return results
 
@@ -268,7 +359,7 @@ def ranker_line(results: dict) -> str:
         return "pipeline: ranked (the artifact was trained without validation)"
     hits = validation["hit_rate"]
     figures = (
-        f"validation HR@{VALIDATION_CUTOFF} on {validation['users']} users: ranked "
+        f"validation HR@{VALIDATION_CUTOFF} on {validation['users']} users: ranked (cross-fitted) "
         f"{hits['pipeline'][f'@{VALIDATION_CUTOFF}']:.4f}, retrieval order "
         f"{hits['candidate_generation'][f'@{VALIDATION_CUTOFF}']:.4f}"
     )
@@ -285,11 +376,12 @@ def choices_line(results: dict) -> list[str]:
         return []
     choices = validation["choices"]
     figures = ", ".join(
-        f"{t['user_tower']}/{t['item_to_item_share']:.2f} {t['served_hit_rate']:.4f}" for t in tried
+        f"{t['user_tower']}/{t['item_to_item_share']:.2f} {t['retrieval_hit_rate']:.4f}"
+        for t in tried
     )
     return [
         f"chosen on validation: {choices['user_tower']} user tower, item-to-item share "
-        f"{choices['item_to_item_share']:.2f} (served HR@{VALIDATION_CUTOFF}: {figures})"
+        f"{choices['item_to_item_share']:.2f} (retrieval HR@{VALIDATION_CUTOFF}: {figures})"
     ]
 
 

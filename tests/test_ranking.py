@@ -82,6 +82,16 @@ def test_ranker_takes_unknown_ids_and_missing_context(bundle):
     assert ranker.score(1, np.empty(0, np.uint64), np.empty(0, np.float32)).shape == (0,)
 
 
+def test_a_ranker_built_with_fewer_numeric_fields_reads_only_those(bundle):
+    """An artifact trained before the candidate's place was a field still serves."""
+    config = bundle.ranker.config
+    older = DeepFM(DeepFMConfig(config.field_sizes, config.attribute_size, 2, config.dim))
+    ranker = Ranker(older, bundle.features, 1.0 / bundle.two_tower.config.temperature)
+    items = bundle.features.items.ids[:3]
+    assert ranker.encoder.encode_request(1, items, np.zeros(3), None, None).numeric.shape == (3, 2)
+    assert ranker.score(1, items, np.zeros(3, np.float32)).shape == (3,)
+
+
 def test_ranker_beats_chance_and_is_calibrated_on_validation(bundle):
     metrics = bundle.manifest["metrics"]["ranker"]
     assert metrics["val_auc"] > 0.6

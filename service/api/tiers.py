@@ -4,7 +4,10 @@ A tier is a gRPC server (its service, grpc.health.v1, reflection) plus /metrics,
 `service.api.process.run_until_stopped`: health says NOT_SERVING until the models and index
 are loaded, so readiness means "can answer", not "Redis is up"; on SIGTERM or SIGINT it says
 NOT_SERVING and keeps answering for `SHUTDOWN_NOTICE_SECONDS`, then drains for
-`SHUTDOWN_GRACE_SECONDS`. The online trainer answers health and reflection only (SERVING
+`SHUTDOWN_GRACE_SECONDS`. Before it says SERVING, a tier answers one request of its own
+(`warm_up_*`): the first search, forward pass and store read pay for lazy set-up (thread
+pools, allocations, connections), and a replica rolled in under load would otherwise spend
+that on its first callers' deadlines. The online trainer answers health and reflection only (SERVING
 once it is in its event group) and learns from the stream until stopped.
 """
 
@@ -12,6 +15,7 @@ import logging
 import threading
 from typing import Literal
 
+import numpy as np
 import torch
 
 from service.api.admin import AdminServicer
@@ -24,7 +28,7 @@ from service.bundle import ModelBundle, RankingParts
 from service.metrics import MODEL_INFO
 from service.online.parts import open_online
 from service.online.runtime import make_trainer
-from service.pipeline.in_process import RankingStage
+from service.pipeline.in_process import RankingStage, RecommendPipeline
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,15 +39,34 @@ TRAINER_GRPC_WORKERS = 2  # health and reflection only
 TierName = Literal["retrieval", "ranking", "online-train"]
 
 
+WARM_UP_CANDIDATES = 200  # about what one request retrieves and ranks
+
+
+def warm_up_retrieval(pipeline: RecommendPipeline) -> None:
+    """One candidate generation for a user of the artifact (below the request metrics)."""
+    users = pipeline.bundle.features.users.ids
+    if len(users):
+        pipeline.generator.generate(int(users[0]), WARM_UP_CANDIDATES, np.empty(0, np.uint64))
+
+
+def warm_up_ranking(ranking: RankingStage, parts: RankingParts) -> None:
+    """One forward pass over as many candidates as a request ranks (below the metrics)."""
+    items = parts.features.items.ids[:WARM_UP_CANDIDATES]
+    ranking.ranker.score(0, items, np.zeros(len(items), np.float32))
+
+
 def load_retrieval(settings: Settings) -> Served:
     # The trainer runs as its own process (`recsys serve online-train`) beside the tiers.
-    return load_embedded(settings.model_copy(update={"online_trainer": "off"}))
+    served = load_embedded(settings.model_copy(update={"online_trainer": "off"}))
+    warm_up_retrieval(served.pipeline)
+    return served
 
 
 def load_ranking(settings: Settings) -> Served:
     torch.set_num_threads(settings.torch_threads)
     parts = RankingParts.load(settings.artifacts, settings.ranker_variant)
     ranking = RankingStage(parts)
+    warm_up_ranking(ranking, parts)
     MODEL_INFO.info(
         {
             "version": parts.version,

@@ -12,7 +12,7 @@ class Ranker:
     def __init__(self, model: nn.Module, features: FeatureSpace, score_scale: float):
         """`model`: DeepFM or DCN-v2 (`service.ranking.models`)."""
         self.model = model.eval()
-        self.encoder = RankingEncoder(features, score_scale)
+        self.encoder = RankingEncoder(features, score_scale, model.fields.layout.numeric_fields)
 
     def score(
         self,
@@ -22,7 +22,9 @@ class Ranker:
         hour: int | None = None,
         weekday: int | None = None,
     ) -> np.ndarray:
-        """Click probabilities (float32), aligned with `item_ids`."""
+        """Scores (float32, higher first), aligned with `item_ids`, which come in retrieval
+        order. A ranker trained on validation's lists orders them; one trained pointwise
+        (without validation) gives click probabilities."""
         if len(item_ids) == 0:
             return np.empty(0, dtype=np.float32)
         batch = self.encoder.encode_request(user_id, item_ids, retrieval_scores, hour, weekday)

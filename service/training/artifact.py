@@ -22,7 +22,14 @@ from service.retrieval.two_tower import (
     train_two_tower,
     user_vectors,
 )
-from service.training.ranker import RankerTrainConfig, build_rows, compress_ranker, train_ranker
+from service.training.ranker import (
+    CandidateLists,
+    RankerTrainConfig,
+    build_rows,
+    compress_ranker,
+    train_listwise_ranker,
+    train_ranker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +44,16 @@ class TrainConfig:
     item_neighbours: int = 50  # the item-to-item source: neighbours kept per item
 
 
-def train(dataset: Dataset, config: TrainConfig = TrainConfig()) -> tuple[ModelBundle, dict]:
-    """Returns the (unsaved) bundle and the metrics to record in its manifest."""
+def train(
+    dataset: Dataset,
+    config: TrainConfig = TrainConfig(),
+    ranker_lists: CandidateLists | None = None,
+) -> tuple[ModelBundle, dict]:
+    """Returns the (unsaved) bundle and the metrics to record in its manifest.
+
+    `ranker_lists`: validation's candidate lists (`service.evaluation.validate`), which the
+    ranker is trained on; without them it is trained on rows built from the training
+    interactions, which the retriever has fitted."""
     started = time.perf_counter()
     features = FeatureSpace.build(dataset)
     interactions = dataset.interactions
@@ -62,13 +77,15 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig()) -> tuple[ModelB
     histories = UserHistories.from_interactions(interactions)
     clusters, mixtures = build_interests(two_tower, features, histories, vectors, config.knn_embed)
 
-    rows = build_rows(interactions, features, two_tower, index, vectors, config.ranker)
-    ranker, ranker_metrics = train_ranker(
-        rows, features, config.ranker, 1.0 / config.two_tower.temperature
-    )
-    compressed = compress_ranker(
-        ranker, rows, features, config.ranker, 1.0 / config.two_tower.temperature
-    )
+    score_scale = 1.0 / config.two_tower.temperature
+    if ranker_lists is not None:
+        ranker, ranker_metrics, rows = train_listwise_ranker(
+            ranker_lists, features, config.ranker, score_scale
+        )
+    else:
+        rows = build_rows(interactions, features, two_tower, index, vectors, config.ranker)
+        ranker, ranker_metrics = train_ranker(rows, features, config.ranker, score_scale)
+    compressed = compress_ranker(ranker, rows, features, config.ranker, score_scale)
     ranker_metrics["variants"] = {method: variant.metrics for method, variant in compressed.items()}
 
     counts = features.item_counts[1:]
@@ -123,12 +140,28 @@ def build_interests(
     return clusters, mixtures
 
 
+@dataclass
+class Validation:
+    """What `service.evaluation.validate` found: `figures`, the choices and the figures
+    behind them, recorded in the manifest (serving follows its choices); `ranker_lists`,
+    the chosen retrieval's candidate lists for the held-out interactions, which the
+    served ranker is trained on."""
+
+    figures: dict
+    ranker_lists: CandidateLists
+
+
 def train_and_save(
-    dataset: Dataset, out: str, config: TrainConfig = TrainConfig(), validation: dict | None = None
+    dataset: Dataset,
+    out: str,
+    config: TrainConfig = TrainConfig(),
+    validation: Validation | None = None,
 ):
-    """`validation`: the figures and choices of `service.evaluation.validate`, recorded in
-    the manifest (serving follows its choices)."""
-    bundle, metrics = train(dataset, config)
+    bundle, metrics = train(dataset, config, validation and validation.ranker_lists)
     return bundle.save(
-        out, config=asdict(config), schema=dataset.schema(), metrics=metrics, validation=validation
+        out,
+        config=asdict(config),
+        schema=dataset.schema(),
+        metrics=metrics,
+        validation=validation and validation.figures,
     )

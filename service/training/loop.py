@@ -37,8 +37,8 @@ class LoopConfig:
 
 
 class EarlyStopping:
-    """Keeps the weights of the epoch with the best validation AUC and says when `patience`
-    epochs in a row have not beaten it."""
+    """Keeps the weights of the epoch with the best validation figure (AUC, or any figure
+    where higher is better) and says when `patience` epochs in a row have not beaten it."""
 
     def __init__(self, patience: int):
         self.patience = patience

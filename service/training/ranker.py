@@ -1,11 +1,18 @@
-"""Training data and training loop for the ranker.
+"""Training data and training loops for the ranker.
 
-Positives are observed interactions. Each positive gets negatives for the same user and
-context: some drawn from what retrieval would put in front of that user at that time
-(hard negatives: the ranker's job is to reorder retrieval's candidates) and some uniform.
-The retrieval score of every row comes from the user vector as of the positive's
-timestamp, so training sees what serving sees. Validation rows are each user's latest
-interactions, so early stopping measures the future the ranker will serve.
+Served from validation (`train_listwise_ranker`): the ranker learns on candidate lists that
+retrieval made for interactions its model never trained on (each user's latest interaction,
+held out by `recsys train`'s validation), with a softmax over each list. That is what it
+serves: reorder retrieval's candidates for a moment the retriever has not seen. Trained on
+interactions the retriever fitted, a ranker learns from retrieval scores that are better
+than they will ever be at serving time, and makes answers worse.
+
+Without validation (`build_rows` + `train_ranker`), positives are observed interactions.
+Each positive gets negatives for the same user and context: some drawn from what retrieval
+would put in front of that user at that time (hard negatives) and some uniform. The
+retrieval score of every row comes from the user vector as of the positive's timestamp.
+Validation rows are each user's latest interactions, so early stopping measures the
+future the ranker will serve.
 """
 
 import logging
@@ -15,6 +22,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
 from service.data.context import context_rows
 from service.data.feature_space import FeatureSpace
@@ -24,11 +33,17 @@ from service.ranking.compression import (
     compress,
     model_bytes,
 )
-from service.ranking.encoder import NUMERIC_FIELDS, RankingEncoder, field_sizes
+from service.ranking.encoder import NUMERIC_FIELDS, RANK_SCALE, RankingEncoder, field_sizes
 from service.ranking.models import RankerVariant, build_ranker
 from service.retrieval.index import ItemIndex
 from service.retrieval.two_tower import TwoTower, history_before
-from service.training.loop import LoopConfig, binary_metrics, fit_binary, log_odds
+from service.training.loop import (
+    EarlyStopping,
+    LoopConfig,
+    binary_metrics,
+    fit_binary,
+    log_odds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +71,7 @@ class RankerTrainConfig:
         4096  # training rows whose layer outputs output-feature compression reads
     )
     seed: int = 0
+    lists_per_batch: int = 32  # listwise training: candidate lists per step
 
 
 @dataclass
@@ -65,6 +81,7 @@ class RankingRows:
     hour_rows: np.ndarray
     weekday_rows: np.ndarray
     scores: np.ndarray
+    ranks: np.ndarray  # the candidate's place in retrieval's list, 0 = first
     labels: np.ndarray
     validation: np.ndarray  # bool: the row belongs to one of the user's latest positives
 
@@ -104,7 +121,7 @@ def build_rows(
             ]
         ).numpy()
     n = len(user_rows)
-    _, pool_ids = index.search(user_vectors, config.hard_pool)
+    pool_scores, pool_ids = index.search(user_vectors, config.hard_pool)
     pool_rows = features.items.rows(pool_ids.reshape(-1)).reshape(n, -1)
     picks = rng.integers(0, pool_rows.shape[1], size=(n, config.hard_negatives))
     hard = np.take_along_axis(pool_rows, picks, axis=1)
@@ -130,6 +147,14 @@ def build_rows(
     scores = np.einsum(
         "nd,nkd->nk", user_vectors, item_vectors[np.maximum(all_items - 1, 0)]
     ).reshape(-1)
+    # Each row's place in the user's retrieved list: the pool items scoring above it.
+    by_row = scores.reshape(n, per_row)
+    ranks = np.concatenate(
+        [
+            (pool_scores[s : s + 8192, None, :] > by_row[s : s + 8192, :, None]).sum(2)
+            for s in range(0, n, 8192)
+        ]
+    )
     labels = np.tile(np.r_[1.0, np.zeros(per_row - 1)], n).astype(np.float32)
     rows = RankingRows(
         flat_users,
@@ -137,10 +162,17 @@ def build_rows(
         np.repeat(hour, per_row),
         np.repeat(weekday, per_row),
         scores.astype(np.float32),
+        ranks.reshape(-1),
         labels,
         np.repeat(latest, per_row),
     )
     return rows.take(np.flatnonzero(all_valid))
+
+
+def _encode(encoder: RankingEncoder, rows: RankingRows):
+    return encoder.encode_rows(
+        rows.user_rows, rows.item_rows, rows.hour_rows, rows.weekday_rows, rows.scores, rows.ranks
+    )
 
 
 def _predict(
@@ -151,22 +183,16 @@ def _predict(
     with torch.inference_mode():
         for s in range(0, len(rows.labels), batch_size):
             part = rows.take(np.arange(s, min(s + batch_size, len(rows.labels))))
-            batch = encoder.encode_rows(
-                part.user_rows, part.item_rows, part.hour_rows, part.weekday_rows, part.scores
-            )
+            batch = _encode(encoder, part)
             out.append(
                 torch.sigmoid(model(batch.categorical, batch.attributes, batch.numeric)).numpy()
             )
     return np.concatenate(out)
 
 
-def train_ranker(
-    rows: RankingRows, features: FeatureSpace, config: RankerTrainConfig, score_scale: float
-) -> tuple[torch.nn.Module, dict]:
-    """`score_scale` turns retrieval cosines into two-tower logits (1 / temperature)."""
+def _new_ranker(features: FeatureSpace, config: RankerTrainConfig) -> torch.nn.Module:
     torch.manual_seed(config.seed)  # the initial weights
-    encoder = RankingEncoder(features, score_scale)
-    model = build_ranker(
+    return build_ranker(
         config.model,
         {
             "field_sizes": field_sizes(features),
@@ -177,6 +203,14 @@ def train_ranker(
         },
         start_from_numeric=NUMERIC_FIELDS.index("retrieval_score"),
     )
+
+
+def train_ranker(
+    rows: RankingRows, features: FeatureSpace, config: RankerTrainConfig, score_scale: float
+) -> tuple[torch.nn.Module, dict]:
+    """`score_scale` turns retrieval cosines into two-tower logits (1 / temperature)."""
+    encoder = RankingEncoder(features, score_scale)
+    model = _new_ranker(features, config)
     validation, train = (
         rows.take(np.flatnonzero(rows.validation)),
         rows.take(np.flatnonzero(~rows.validation)),
@@ -184,9 +218,7 @@ def train_ranker(
 
     def batch_of(index: np.ndarray) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         part = train.take(index)
-        batch = encoder.encode_rows(
-            part.user_rows, part.item_rows, part.hour_rows, part.weekday_rows, part.scores
-        )
+        batch = _encode(encoder, part)
         return (batch.categorical, batch.attributes, batch.numeric), torch.from_numpy(part.labels)
 
     # The retrieval score starts as the only signal: the bias offsets its mean logit.
@@ -213,6 +245,7 @@ def train_ranker(
     ]
     best = max(history, key=lambda e: e["val_auc"])
     metrics = {
+        "training": "pointwise, on the training interactions",
         "val_auc": best["val_auc"],
         "val_logloss": best["val_logloss"],
         "val_mean_prediction": best["val_mean_prediction"],
@@ -243,9 +276,7 @@ def compress_ranker(
             train, min(config.calibration_rows, len(train)), replace=False
         )
     )
-    batch = encoder.encode_rows(
-        picked.user_rows, picked.item_rows, picked.hour_rows, picked.weekday_rows, picked.scores
-    )
+    batch = _encode(encoder, picked)
     calibration = (batch.categorical, batch.attributes, batch.numeric)
     variants, trained_bytes = {}, model_bytes(model)["total"]
     for method in METHODS:
@@ -264,3 +295,156 @@ def compress_ranker(
         )
         variants[method] = RankerVariant(compact, plan, metrics)
     return variants
+
+
+@dataclass
+class CandidateLists:
+    """Retrieval's candidate lists, one per held-out interaction, as the ranker gets them:
+    item ids in retrieval order (`present` marks the filled places of shorter lists), their
+    retrieval scores, and the place of the interacted item (-1: retrieval missed it). Ids,
+    not rows: the lists come from a model of part of the data, the ranker from all of it."""
+
+    user_ids: np.ndarray  # (N,) uint64
+    item_ids: np.ndarray  # (N, L) uint64
+    present: np.ndarray  # (N, L) bool
+    scores: np.ndarray  # (N, L) float32
+    targets: np.ndarray  # (N,)
+    hour_rows: np.ndarray  # (N,) 0 = unknown
+    weekday_rows: np.ndarray  # (N,)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def take(self, index: np.ndarray) -> "CandidateLists":
+        return CandidateLists(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
+    def rows(self, features: FeatureSpace, validation: np.ndarray) -> RankingRows:
+        """One row per candidate, labelled 1 for the interacted item; `validation` (N,) bool
+        marks the lists whose rows are validation rows."""
+        n, length = self.item_ids.shape
+        labels = np.arange(length)[None, :] == self.targets[:, None]
+        keep = np.flatnonzero(self.present.reshape(-1))
+        return RankingRows(
+            np.repeat(features.users.rows(self.user_ids), length),
+            features.items.rows(self.item_ids.reshape(-1)),
+            np.repeat(self.hour_rows, length),
+            np.repeat(self.weekday_rows, length),
+            self.scores.reshape(-1),
+            np.tile(np.arange(length), n),
+            labels.reshape(-1).astype(np.float32),
+            np.repeat(validation, length),
+        ).take(keep)
+
+
+def list_logits(
+    model: torch.nn.Module, encoder: RankingEncoder, lists: CandidateLists
+) -> torch.Tensor:
+    """(N, L) ranker logits, the empty places at -inf."""
+    rows = lists.rows(encoder.features, np.zeros(len(lists), bool))
+    present = torch.from_numpy(lists.present.reshape(-1))
+    logits = torch.full((present.numel(),), -torch.inf)
+    batch = _encode(encoder, rows)
+    logits[present] = model(batch.categorical, batch.attributes, batch.numeric)
+    return logits.view(lists.present.shape)
+
+
+def ranked_places(
+    model: torch.nn.Module, encoder: RankingEncoder, lists: CandidateLists
+) -> np.ndarray:
+    """(N,) the place the ranker gives each list's interacted item (0 = first; -1: not in
+    the list); ties keep retrieval order, as serving's stable sort does."""
+    model.eval()
+    with torch.inference_mode():
+        logits = torch.cat(
+            [
+                list_logits(model, encoder, lists.take(np.arange(s, min(s + 256, len(lists)))))
+                for s in range(0, len(lists), 256)
+            ]
+        ).numpy()
+    at = np.maximum(lists.targets, 0)
+    target = logits[np.arange(len(lists)), at][:, None]
+    before = np.arange(logits.shape[1])[None, :] < at[:, None]
+    places = (logits > target).sum(1) + ((logits == target) & before).sum(1)
+    return np.where(lists.targets >= 0, places, -1)
+
+
+def train_listwise_ranker(
+    lists: CandidateLists, features: FeatureSpace, config: RankerTrainConfig, score_scale: float
+) -> tuple[torch.nn.Module, dict, RankingRows]:
+    """The ranker trained on `lists` with a softmax over each list's candidates (the lists
+    retrieval missed the item in teach reordering nothing and are left out). It starts as
+    retrieval order (its place's weight alone, the deep part's output 0), and early
+    stopping on the cross-entropy of a seeded `validation_fraction` of the lists keeps the
+    best epoch, the start included: where nothing it sees predicts better than retrieval,
+    it stays retrieval order. Returns the model, its metrics, and the lists as rows (those
+    of the validation lists marked) for `compress_ranker`."""
+    encoder = RankingEncoder(features, score_scale)
+    model = _new_ranker(features, config)
+    with torch.no_grad():  # retrieval order, whatever sources it interleaves: p ~ 1 / (1 + place)
+        model.mlp[-1].weight.zero_()
+        model.mlp[-1].bias.zero_()
+        model.fields.numeric_linear.zero_()
+        model.fields.numeric_linear[NUMERIC_FIELDS.index("retrieval_rank")] = -RANK_SCALE
+    rng = np.random.default_rng(config.seed)
+    usable = rng.permutation(np.flatnonzero(lists.targets >= 0))
+    held = max(1, int(round(len(usable) * config.validation_fraction)))
+    validation, train = lists.take(usable[:held]), lists.take(usable[held:])
+    # Some requests come without a context: the ranker learns the unknown rows too.
+    drop = rng.random(len(train)) < config.context_dropout
+    train.hour_rows = np.where(drop, 0, train.hour_rows)
+    train.weekday_rows = np.where(drop, 0, train.weekday_rows)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+
+    def loss_of(part: CandidateLists) -> torch.Tensor:
+        return F.cross_entropy(list_logits(model, encoder, part), torch.from_numpy(part.targets))
+
+    def validation_loss() -> float:
+        model.eval()
+        with torch.inference_mode():
+            return float(loss_of(validation))
+
+    steps = max(1, len(train) // config.lists_per_batch)
+    stopping = EarlyStopping(config.patience)  # on minus the loss: higher is better
+    history = [{"epoch": 0, "val_list_loss": validation_loss()}]
+    stopping.should_stop(model, -history[0]["val_list_loss"])  # the start is a candidate
+    with tqdm(total=config.epochs * steps, desc="ranker", unit="batch", mininterval=2) as bar:
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            order = rng.permutation(len(train))
+            for step in range(steps):
+                part = train.take(
+                    order[step * config.lists_per_batch : (step + 1) * config.lists_per_batch]
+                )
+                loss = loss_of(part)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                bar.update()
+            measured = validation_loss()
+            history.append({"epoch": epoch, "val_list_loss": measured})
+            bar.set_postfix(epoch=epoch, val_loss=f"{measured:.4f}")
+            log.info("ranker epoch %d/%d validation list loss %.4f", epoch, config.epochs, measured)
+            if stopping.should_stop(model, -measured):
+                break
+    stopping.restore_best(model)
+    best = min(history, key=lambda e: e["val_list_loss"])
+    rows = lists.take(usable).rows(features, np.arange(len(usable)) < held)
+    measured = binary_metrics(
+        rows.labels[rows.validation],
+        _predict(model, encoder, rows.take(np.flatnonzero(rows.validation))),
+    )
+    metrics = {
+        "training": "listwise, on validation's candidate lists",
+        "lists": int(len(usable)),
+        "best_epoch": best["epoch"],
+        "val_list_loss": best["val_list_loss"],
+        "val_auc": measured["auc"],
+        "val_logloss": measured["logloss"],
+        "epochs": history,
+        "rows": int(len(rows.labels)),
+        "bytes": model_bytes(model),
+        "config": asdict(config),
+    }
+    return model, metrics, rows
