@@ -100,8 +100,8 @@ RankerChoice = Literal["auto", "on", "off"]  # auto: as the artifact's validatio
 
 def ranker_serves(manifest: dict, choice: RankerChoice = "auto") -> bool:
     """Whether answers are ranked by the artifact's ranker or left in retrieval order: "on" and
-    "off" say so; "auto" follows `recsys train`'s validation (the ranker serves unless ranked
-    order validated below retrieval order; an artifact trained without validation ranks)."""
+    "off" say so; "auto" follows `recsys train`'s validation (the ranker serves where ranked
+    order validated above retrieval order; an artifact trained without validation ranks)."""
     if choice != "auto":
         return choice == "on"
     return bool(manifest.get("validation", {}).get("choices", {}).get("ranker", True))

@@ -98,8 +98,9 @@ def _train_config(
 ValidateOption = Annotated[
     bool,
     typer.Option(
-        help="First train on each user's history but the last interaction and rank those held "
-        "out: the ranker serves only if it beats retrieval order there (about doubles the time)."
+        help="First train on each user's history but the last interaction and retrieve for "
+        "those held out: choose the user tower and the item-to-item share there, and train the "
+        "ranker on those candidate lists (it serves only if it beats retrieval order there)."
     ),
 ]
 

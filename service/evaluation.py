@@ -152,6 +152,7 @@ RANKED_CANDIDATES = 200  # what validation retrieves for the ranker, as `evaluat
 
 ITEM_TO_ITEM_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the item-to-item source's shares tried
 CHOICE_TOLERANCE = 0.01  # relative: within 1% of the best validation figure counts as a tie
+MIN_RANKER_LISTS = 20  # lists that hold the item: fewer teach a ranker nothing it can show
 
 
 def candidate_lists(
@@ -277,9 +278,15 @@ def validate(
         config, two_tower=replace(config.two_tower, user_tower=tried[chosen]["user_tower"])
     )
     retrieval = hit_and_ndcg_of_places(lists[chosen].targets)
-    ranked = hit_and_ndcg_of_places(
-        cross_fitted_places(lists[chosen], features[chosen], tower_config)
-    )
+    usable = int((lists[chosen].targets >= 0).sum())
+    if usable >= MIN_RANKER_LISTS:
+        ranked = hit_and_ndcg_of_places(
+            cross_fitted_places(lists[chosen], features[chosen], tower_config)
+        )
+        ranker_training = "cross-fitted on 2 folds of the users, trained on their candidate lists"
+    else:  # nothing to learn reordering from: the pointwise ranker is trained, not served
+        ranked = retrieval
+        ranker_training = f"not trained: {usable} candidate lists held the item"
     ranker = ranked["hit_rate"][at] > retrieval["hit_rate"][at] * (1 + CHOICE_TOLERANCE)
     log.info(
         "validation chose the %s user tower, item-to-item share %.2f, the ranker %s "
@@ -295,7 +302,7 @@ def validate(
         {
             "protocol": "leave-last-out on the training data",
             "users": len(lists[chosen]),
-            "ranker": "cross-fitted on 2 folds of the users, trained on their candidate lists",
+            "ranker": ranker_training,
             "hit_rate": {
                 "pipeline": ranked["hit_rate"],
                 "candidate_generation": retrieval["hit_rate"],
@@ -308,7 +315,7 @@ def validate(
                 "item_to_item_share": tried[chosen]["item_to_item_share"],
             },
         },
-        lists[chosen],
+        lists[chosen] if usable >= MIN_RANKER_LISTS else None,
     )
 
 

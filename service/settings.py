@@ -72,8 +72,8 @@ class Settings(BaseSettings):
     ranker: Annotated[
         RankerChoice,
         Field(
-            description="auto: rank unless `recsys train`'s validation found ranked order below "
-            "retrieval order (then answers keep retrieval order, `ranker` null); on; off."
+            description="auto: rank where `recsys train`'s validation found ranked order above "
+            "retrieval order (else answers keep retrieval order, `ranker` null); on; off."
         ),
     ] = "auto"
     item_to_item_share: Annotated[

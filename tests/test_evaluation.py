@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from service.bundle import ModelBundle
 from service.cli import app
 from service.data.files import load_dataset
 from service.data.schema import Dataset
@@ -13,6 +14,7 @@ from service.data.split import leave_last_out, temporal_split
 from service.evaluation import (
     CHOICE_TOLERANCE,
     ITEM_TO_ITEM_SHARES,
+    MIN_RANKER_LISTS,
     evaluate_leave_last_out,
     hit_and_ndcg,
     pipeline_retrievers,
@@ -21,8 +23,8 @@ from service.evaluation import (
 )
 from service.pipeline.in_process import PipelineOptions, RecommendPipeline
 from service.retrieval.knn_embed import MixtureKnobs
-from service.training.artifact import TrainConfig, train
-from tests.conftest import MOVIELENS
+from service.training.artifact import TrainConfig, train, train_and_save
+from tests.conftest import MOVIELENS, tiny_train_config
 
 
 def test_recall_at_cutoffs():
@@ -211,6 +213,26 @@ def test_validated_choices_lift_the_held_out_answers_on_the_synthetic_set():
     assert choices["item_to_item_share"] > 0.0
     assert served >= 1.1 * hit_rate(vector_only, "candidate_generation")
     assert served >= 5 * hit_rate(vector_only, "most_popular")
+
+
+def test_validation_with_too_few_lists_to_learn_from_keeps_the_ranker_off(tiny_dataset, tmp_path):
+    validation = validate(
+        tiny_dataset,
+        tiny_train_config(),
+        max_users=MIN_RANKER_LISTS - 1,
+        item_to_item_shares=(0.0,),
+    )
+    assert validation.ranker_lists is None
+    assert validation.figures["choices"]["ranker"] is False
+    assert validation.figures["ranker"].startswith("not trained")
+    assert (
+        validation.figures["hit_rate"]["pipeline"]
+        == validation.figures["hit_rate"]["candidate_generation"]
+    )
+    folder = train_and_save(tiny_dataset, str(tmp_path), tiny_train_config(), validation)
+    bundle = ModelBundle.load(folder)
+    assert bundle.manifest["metrics"]["ranker"]["training"].startswith("pointwise")
+    assert RecommendPipeline(bundle).ranks is False
 
 
 def test_no_retriever_of_the_benchmarks_recommends_a_seen_item(pipeline, bundle):

@@ -145,10 +145,10 @@ class Validation:
     """What `service.evaluation.validate` found: `figures`, the choices and the figures
     behind them, recorded in the manifest (serving follows its choices); `ranker_lists`,
     the chosen retrieval's candidate lists for the held-out interactions, which the
-    served ranker is trained on."""
+    served ranker is trained on (None where too few held the item)."""
 
     figures: dict
-    ranker_lists: CandidateLists
+    ranker_lists: CandidateLists | None
 
 
 def train_and_save(
