@@ -13,6 +13,7 @@ from tqdm import tqdm
 from service.artifacts import ranker_serves
 from service.bundle import ModelBundle
 from service.data.context import context_rows
+from service.data.feature_space import FeatureSpace
 from service.data.schema import Dataset
 from service.data.split import leave_last_out
 from service.pipeline.in_process import PipelineOptions, RecommendPipeline
@@ -196,7 +197,7 @@ def hit_and_ndcg_of_places(places: np.ndarray, cutoffs=LEAVE_LAST_OUT_CUTOFFS) -
 
 
 def cross_fitted_places(
-    lists: CandidateLists, features, config: TrainConfig, folds: int = 2
+    lists: CandidateLists, features: FeatureSpace, config: TrainConfig, folds: int = 2
 ) -> np.ndarray:
     """Where a ranker trained on the other folds' lists (by user, seeded) puts each list's
     held-out item: the ranker's validation figure, on lists it never trained on."""
