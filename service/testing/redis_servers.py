@@ -116,12 +116,14 @@ class RedisServer:
         cluster: bool = False,
         password: str | None = None,
         tls: TlsFiles | None = None,
+        parent: Path | None = None,
     ):
-        """`tls`: serve TLS only, on `port` (the plain port is off)."""
+        """`tls`: serve TLS only, on `port` (the plain port is off); `parent`: where its data
+        folder goes (default: the system's temporary folder)."""
         self.port = port or free_port(cluster_bus=cluster)
         self.password = password
         self.tls = tls
-        self.dir = Path(tempfile.mkdtemp(prefix="recsys-redis-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="recsys-redis-", dir=parent))
         listen = (
             ["--port", str(self.port)]
             if tls is None

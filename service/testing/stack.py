@@ -147,10 +147,11 @@ class LocalStack:
         *redis_args: str,
         admin_token: str | None = None,
         env: dict | None = None,
+        redis_parent: Path | None = None,
     ):
         self.artifacts = Path(artifacts)
         self.folder = Path(tempfile.mkdtemp(prefix="recsys-stack-"))
-        self.redis = RedisServer(*redis_args)
+        self.redis = RedisServer(*redis_args, parent=redis_parent)
         self.namespace = uuid.uuid4().hex[:8]
         self.events_stream = f"events-{self.namespace}"
         self.event_group = f"trainer.{self.namespace}"
