@@ -247,7 +247,7 @@ def validate(
     tried, lists, features = [], [], []
     for tower in user_towers or (config.two_tower.user_tower,):
         tower_config = replace(config, two_tower=replace(config.two_tower, user_tower=tower))
-        bundle, _ = train(fit_part, tower_config)
+        bundle, _ = train(fit_part, tower_config, ranker=False)  # its lists teach the ranker
         for share in item_to_item_shares:
             pipeline = RecommendPipeline(
                 bundle, options=PipelineOptions(item_to_item_share=share, ranker="off")

@@ -27,6 +27,7 @@ from service.training.ranker import (
     RankerTrainConfig,
     build_rows,
     compress_ranker,
+    new_ranker,
     train_listwise_ranker,
     train_ranker,
 )
@@ -48,12 +49,14 @@ def train(
     dataset: Dataset,
     config: TrainConfig = TrainConfig(),
     ranker_lists: CandidateLists | None = None,
+    ranker: bool = True,
 ) -> tuple[ModelBundle, dict]:
     """Returns the (unsaved) bundle and the metrics to record in its manifest.
 
     `ranker_lists`: validation's candidate lists (`service.evaluation.validate`), which the
     ranker is trained on; without them it is trained on rows built from the training
-    interactions, which the retriever has fitted."""
+    interactions, which the retriever has fitted. `ranker=False`: the ranker is left
+    untrained (validation's own models, which only retrieve)."""
     started = time.perf_counter()
     features = FeatureSpace.build(dataset)
     interactions = dataset.interactions
@@ -78,14 +81,18 @@ def train(
     clusters, mixtures = build_interests(two_tower, features, histories, vectors, config.knn_embed)
 
     score_scale = 1.0 / config.two_tower.temperature
-    if ranker_lists is not None:
-        ranker, ranker_metrics, rows = train_listwise_ranker(
-            ranker_lists, features, config.ranker, score_scale
-        )
+    if not ranker:
+        model, ranker_metrics, compressed = new_ranker(features, config.ranker), {}, {}
+        ranker_metrics["training"] = "none"
     else:
-        rows = build_rows(interactions, features, two_tower, index, vectors, config.ranker)
-        ranker, ranker_metrics = train_ranker(rows, features, config.ranker, score_scale)
-    compressed = compress_ranker(ranker, rows, features, config.ranker, score_scale)
+        if ranker_lists is not None:
+            model, ranker_metrics, rows = train_listwise_ranker(
+                ranker_lists, features, config.ranker, score_scale
+            )
+        else:
+            rows = build_rows(interactions, features, two_tower, index, vectors, config.ranker)
+            model, ranker_metrics = train_ranker(rows, features, config.ranker, score_scale)
+        compressed = compress_ranker(model, rows, features, config.ranker, score_scale)
     ranker_metrics["variants"] = {method: variant.metrics for method, variant in compressed.items()}
 
     counts = features.item_counts[1:]
@@ -98,7 +105,7 @@ def train(
         features=features,
         two_tower=two_tower,
         index=index,
-        ranker=ranker,
+        ranker=model,
         ranker_variant=trained_variant(config.ranker.rank),
         compressed_rankers=compressed,
         histories=histories,

@@ -190,7 +190,8 @@ def _predict(
     return np.concatenate(out)
 
 
-def _new_ranker(features: FeatureSpace, config: RankerTrainConfig) -> torch.nn.Module:
+def new_ranker(features: FeatureSpace, config: RankerTrainConfig) -> torch.nn.Module:
+    """An untrained ranker of `config.model` over `features`' fields."""
     torch.manual_seed(config.seed)  # the initial weights
     return build_ranker(
         config.model,
@@ -210,7 +211,7 @@ def train_ranker(
 ) -> tuple[torch.nn.Module, dict]:
     """`score_scale` turns retrieval cosines into two-tower logits (1 / temperature)."""
     encoder = RankingEncoder(features, score_scale)
-    model = _new_ranker(features, config)
+    model = new_ranker(features, config)
     validation, train = (
         rows.take(np.flatnonzero(rows.validation)),
         rows.take(np.flatnonzero(~rows.validation)),
@@ -379,7 +380,7 @@ def train_listwise_ranker(
     it stays retrieval order. Returns the model, its metrics, and the lists as rows (those
     of the validation lists marked) for `compress_ranker`."""
     encoder = RankingEncoder(features, score_scale)
-    model = _new_ranker(features, config)
+    model = new_ranker(features, config)
     with torch.no_grad():  # retrieval order, whatever sources it interleaves: p ~ 1 / (1 + place)
         model.mlp[-1].weight.zero_()
         model.mlp[-1].bias.zero_()
