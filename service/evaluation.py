@@ -161,7 +161,7 @@ def candidate_lists(
 ) -> CandidateLists:
     """Each held-out interaction's candidates from `pipeline`'s retrieval, in its order, and
     where the interacted item is among them; hour and weekday of the interaction's time."""
-    rows = list(zip(*(held_out[c].tolist() for c in ("user_id", "item_id"))))
+    rows = list(zip(held_out["user_id"].tolist(), held_out["item_id"].tolist()))
     ids = np.zeros((len(rows), depth), np.uint64)
     scores = np.zeros((len(rows), depth), np.float32)
     present = np.zeros((len(rows), depth), bool)
@@ -201,21 +201,15 @@ def cross_fitted_places(
 ) -> np.ndarray:
     """Where a ranker trained on the other folds' lists (by user, seeded) puts each list's
     held-out item: the ranker's validation figure, on lists it never trained on."""
+    score_scale = 1.0 / config.two_tower.temperature
     fold = np.random.default_rng(config.ranker.seed).permutation(len(lists)) % folds
     places = np.full(len(lists), -1)
     for k in range(folds):
         model, _, _ = train_listwise_ranker(
-            lists.take(np.flatnonzero(fold != k)),
-            features,
-            config.ranker,
-            1.0 / config.two_tower.temperature,
+            lists.take(np.flatnonzero(fold != k)), features, config.ranker, score_scale
         )
         this = np.flatnonzero(fold == k)
-        places[this] = ranked_places(
-            model,
-            RankingEncoder(features, 1.0 / config.two_tower.temperature),
-            lists.take(this),
-        )
+        places[this] = ranked_places(model, RankingEncoder(features, score_scale), lists.take(this))
     return places
 
 
@@ -244,7 +238,7 @@ def validate(
     if len(held_out) > max_users:
         held_out = held_out.sample(max_users, random_state=0).sort_values("user_id")
     at = f"@{VALIDATION_CUTOFF}"
-    tried, lists, features = [], [], []
+    tried, found_by_combination = [], []  # (candidate lists, their feature space), as tried
     for tower in user_towers or (config.two_tower.user_tower,):
         tower_config = replace(config, two_tower=replace(config.two_tower, user_tower=tower))
         bundle, _ = train(fit_part, tower_config, ranker=False)  # its lists teach the ranker
@@ -269,8 +263,7 @@ def validate(
                     "retrieval_hit_rate": figures["hit_rate"][at],
                 }
             )
-            lists.append(found)
-            features.append(bundle.features)
+            found_by_combination.append((found, bundle.features))
     best = max(t["retrieval_hit_rate"] for t in tried)
     chosen = next(
         n for n, t in enumerate(tried) if t["retrieval_hit_rate"] >= best * (1 - CHOICE_TOLERANCE)
@@ -278,12 +271,11 @@ def validate(
     tower_config = replace(
         config, two_tower=replace(config.two_tower, user_tower=tried[chosen]["user_tower"])
     )
-    retrieval = hit_and_ndcg_of_places(lists[chosen].targets)
-    usable = int((lists[chosen].targets >= 0).sum())
+    lists, features = found_by_combination[chosen]
+    retrieval = hit_and_ndcg_of_places(lists.targets)
+    usable = int((lists.targets >= 0).sum())
     if usable >= MIN_RANKER_LISTS:
-        ranked = hit_and_ndcg_of_places(
-            cross_fitted_places(lists[chosen], features[chosen], tower_config)
-        )
+        ranked = hit_and_ndcg_of_places(cross_fitted_places(lists, features, tower_config))
         ranker_training = "cross-fitted on 2 folds of the users, trained on their candidate lists"
     else:  # nothing to learn reordering from: the pointwise ranker is trained, not served
         ranked = retrieval
@@ -302,7 +294,7 @@ def validate(
     return Validation(
         {
             "protocol": "leave-last-out on the training data",
-            "users": len(lists[chosen]),
+            "users": len(lists),
             "ranker": ranker_training,
             "hit_rate": {
                 "pipeline": ranked["hit_rate"],
@@ -316,7 +308,7 @@ def validate(
                 "item_to_item_share": tried[chosen]["item_to_item_share"],
             },
         },
-        lists[chosen] if usable >= MIN_RANKER_LISTS else None,
+        lists if usable >= MIN_RANKER_LISTS else None,
     )
 
 

@@ -49,9 +49,9 @@ def warm_up_retrieval(pipeline: RecommendPipeline) -> None:
         pipeline.generator.generate(int(users[0]), WARM_UP_CANDIDATES, np.empty(0, np.uint64))
 
 
-def warm_up_ranking(ranking: RankingStage, parts: RankingParts) -> None:
+def warm_up_ranking(ranking: RankingStage) -> None:
     """One forward pass over as many candidates as a request ranks (below the metrics)."""
-    items = parts.features.items.ids[:WARM_UP_CANDIDATES]
+    items = ranking.ranker.encoder.features.items.ids[:WARM_UP_CANDIDATES]
     ranking.ranker.score(0, items, np.zeros(len(items), np.float32))
 
 
@@ -66,7 +66,7 @@ def load_ranking(settings: Settings) -> Served:
     torch.set_num_threads(settings.torch_threads)
     parts = RankingParts.load(settings.artifacts, settings.ranker_variant)
     ranking = RankingStage(parts)
-    warm_up_ranking(ranking, parts)
+    warm_up_ranking(ranking)
     MODEL_INFO.info(
         {
             "version": parts.version,

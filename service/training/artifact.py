@@ -82,8 +82,8 @@ def train(
 
     score_scale = 1.0 / config.two_tower.temperature
     if not ranker:
-        model, ranker_metrics, compressed = new_ranker(features, config.ranker), {}, {}
-        ranker_metrics["training"] = "none"
+        model, ranker_metrics = new_ranker(features, config.ranker), {"training": "none"}
+        compressed = {}
     else:
         if ranker_lists is not None:
             model, ranker_metrics, rows = train_listwise_ranker(
