@@ -22,14 +22,21 @@ interaction held out; never the test part), picked by HR@20 there:
 - ALS: factors in {32, 64, 128}, regularisation 0.05, 15 iterations (needs the bench extra,
   `pip install -e .[bench]`; without it the row is skipped with a note).
 
-A SASRec peer (rectools) is not part of the run: rectools 0.19 requires numpy < 2, which the
-service does not run on.
+- SASRec (rectools 0.19's `SASRecModel`, `bench/sasrec_peer.py`): the configuration its
+  MovieLens-100K figure was published with (64 dims, 2 blocks, 2 heads, the latest 50
+  items, dropout 0.2, 100 epochs), untuned. rectools requires numpy < 2, which the service
+  does not run on, so it runs in its own interpreter (`--sasrec-python`, by default
+  `.venv-sasrec/bin/python`, which `scripts/sasrec-env.sh` makes); without it the row is
+  skipped with a note.
 """
 
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -60,6 +67,9 @@ from service.training.artifact import TrainConfig, train
 EASE_L2 = (50.0, 200.0, 500.0, 1000.0, 3000.0)
 ALS_FACTORS = (32, 64, 128)
 MAX_EASE_ITEMS = 20_000  # P is items x items, dense
+ROOT = Path(__file__).resolve().parents[1]
+SASREC_PYTHON = ROOT / ".venv-sasrec" / "bin" / "python"
+PEERS = ("most_popular", "ease", "als_implicit", "sasrec")
 
 
 class Interactions:
@@ -149,7 +159,31 @@ def tuned(train_part: Dataset, name: str, build, grid) -> tuple[object, dict]:
     return build(Interactions(train_part), best), {"grid": scores, "chosen": best}
 
 
-def peers(train_part: Dataset, notes: list[str]) -> tuple[dict, dict]:
+def sasrec(train_part: Dataset, users: list[int], depth: int, python: Path, epochs: int):
+    """SASRec fitted on the training part in `python` (which has rectools); a retriever of
+    (user id, k) -> item ids over the top `depth` it wrote for `users`."""
+    with tempfile.TemporaryDirectory() as folder:
+        train_csv, users_txt, out = (
+            Path(folder) / n for n in ("train.csv", "users.txt", "top.json")
+        )
+        train_part.interactions[["user_id", "item_id", "timestamp"]].to_csv(train_csv, index=False)
+        users_txt.write_text("\n".join(str(u) for u in users))
+        command = [str(python), str(ROOT / "bench" / "sasrec_peer.py"), "--train", str(train_csv)]
+        command += ["--users", str(users_txt), "--k", str(depth), "--out", str(out)]
+        # In the scratch folder: lightning writes its logs where it runs. Its progress shows.
+        subprocess.run(command + ["--epochs", str(epochs)], check=True, cwd=folder)
+        top = json.loads(out.read_text())
+    return lambda user_id, k: top.get(str(user_id), [])[:k]
+
+
+def peers(
+    train_part: Dataset,
+    notes: list[str],
+    users: list[int],
+    depth: int,
+    sasrec_python: Path,
+    sasrec_epochs: int,
+) -> tuple[dict, dict]:
     retrievers, tuning = {}, {}
     if len(np.unique(train_part.interactions["item_id"])) <= MAX_EASE_ITEMS:
         retrievers["ease"], tuning["ease"] = tuned(train_part, "EASE", ease, EASE_L2)
@@ -161,6 +195,17 @@ def peers(train_part: Dataset, notes: list[str]) -> tuple[dict, dict]:
         )
     except ImportError:
         notes.append("ALS skipped: `implicit` is not installed (pip install -e .[bench])")
+    if sasrec_python.exists():
+        started = time.perf_counter()
+        retrievers["sasrec"] = sasrec(train_part, users, depth, sasrec_python, sasrec_epochs)
+        tuning["sasrec"] = {
+            "epochs": sasrec_epochs,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    else:
+        notes.append(
+            f"SASRec skipped: no {sasrec_python} (scripts/sasrec-env.sh makes .venv-sasrec)"
+        )
     return retrievers, tuning
 
 
@@ -182,7 +227,13 @@ def pipeline_lists(
 
 
 def run_protocol(
-    dataset: Dataset, protocol: str, config: TrainConfig, notes: list[str], validated: bool
+    dataset: Dataset,
+    protocol: str,
+    config: TrainConfig,
+    notes: list[str],
+    validated: bool,
+    sasrec_python: Path,
+    sasrec_epochs: int,
 ) -> dict:
     if protocol == "leave-last-out":
         (train_part, test), cutoffs = leave_last_out(dataset), LEAVE_LAST_OUT_CUTOFFS
@@ -215,9 +266,11 @@ def run_protocol(
     )
     pipelines["ranker_always_on"] = RecommendPipeline(served, options=PipelineOptions(ranker="on"))
     train_seconds = round(time.perf_counter() - started, 1)
-    retrievers, tuning = peers(train_part, notes)
     truth = test.groupby("user_id")["item_id"].agg(list)
     depth, sums = max(cutoffs), {}
+    retrievers, tuning = peers(
+        train_part, notes, truth.index.tolist(), depth, sasrec_python, sasrec_epochs
+    )
     for user_id, items in tqdm(
         truth.items(), total=len(truth), desc=f"eval {protocol}", unit="user"
     ):
@@ -251,7 +304,7 @@ def table(protocol: str, results: dict) -> str:
     rows = results["rows"]
     metrics = list(next(iter(rows.values())))
     headline = metrics[0]
-    peer_names = [n for n in rows if n in ("most_popular", "ease", "als_implicit")]
+    peer_names = [n for n in rows if n in PEERS]
     choices = results["choices"]
     best_peer = max(peer_names, key=lambda n: rows[n][headline])
     lines = [
@@ -271,6 +324,12 @@ def table(protocol: str, results: dict) -> str:
         f"served: {choices['user_tower']} user tower, item-to-item share "
         f"{choices.get('item_to_item_share', 0.0):.2f}, ranker {'on' if choices['ranker'] else 'off'}"
     )
+    if "knn_embed" in choices:
+        knobs = choices["knn_embed"]
+        lines.append(
+            f"kNN-Embed (validated): alpha {knobs['alpha']:.2f}, reserved share "
+            f"{knobs['reserved_share']:.2f}"
+        )
     if results["validation_hit_rate"]:
         hits = results["validation_hit_rate"]
         lines.append(
@@ -293,6 +352,12 @@ def main() -> None:
         action="store_true",
         help="serve the mean tower, ranked, no item-to-item source, instead of validating",
     )
+    parser.add_argument(
+        "--sasrec-python",
+        type=Path,
+        default=Path(os.environ.get("RECSYS_SASREC_PYTHON", SASREC_PYTHON)),
+        help="an interpreter with rectools[torch] 0.19 (scripts/sasrec-env.sh)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     spec = (
@@ -312,7 +377,13 @@ def main() -> None:
     results = {"dataset": dataset.name, "protocols": {}}
     for protocol in args.protocol or ("temporal", "leave-last-out"):
         results["protocols"][protocol] = run_protocol(
-            dataset, protocol, config, notes, not args.no_validate
+            dataset,
+            protocol,
+            config,
+            notes,
+            not args.no_validate,
+            args.sasrec_python,
+            3 if args.quick else 100,
         )
         print(table(protocol, results["protocols"][protocol]), flush=True)
     results["notes"] = sorted(set(notes))

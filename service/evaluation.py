@@ -154,6 +154,10 @@ RANKED_CANDIDATES = 200  # what validation retrieves for the ranker, as `evaluat
 ITEM_TO_ITEM_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the item-to-item source's shares tried
 CHOICE_TOLERANCE = 0.01  # relative: within 1% of the best validation figure counts as a tie
 MIN_RANKER_LISTS = 20  # lists that hold the item: fewer teach a ranker nothing it can show
+KNN_EMBED_DEPTH = 100  # kNN-Embed's knobs are judged on the top 100, as docs/retrieval.md reports
+KNN_EMBED_KNOBS = tuple(  # (alpha, reserved share) tried; m stays the setting's
+    (alpha, reserved) for alpha in (0.0, 0.5) for reserved in (0.2, 0.5, 0.8)
+)
 
 
 def candidate_lists(
@@ -196,6 +200,74 @@ def hit_and_ndcg_of_places(places: np.ndarray, cutoffs=LEAVE_LAST_OUT_CUTOFFS) -
     }
 
 
+def clusters_covered(bundle: ModelBundle, lists: CandidateLists) -> float:
+    """Mean number of distinct kNN-Embed clusters among each list's items."""
+    clusters = bundle.mixtures.cluster_of(lists.item_ids.ravel()).reshape(lists.item_ids.shape)
+    clusters = np.where(lists.present, clusters, -1)
+    return round(float(np.mean([len(np.unique(row[row >= 0])) for row in clusters])), 4)
+
+
+def choose_knn_embed(
+    bundle: ModelBundle,
+    held_out: pd.DataFrame,
+    item_to_item_share: float,
+    knobs_tried: tuple[tuple[float, float], ...] = KNN_EMBED_KNOBS,
+    depth: int = KNN_EMBED_DEPTH,
+) -> dict:
+    """kNN-Embed's alpha and reserved share for `bundle` (trained without `held_out`), and
+    the figures behind them: each pair's HR@`depth` of the held-out items and clusters
+    covered in the top `depth`, beside the single vector's. kNN-Embed is there for diversity
+    without losing recall, so the pairs that hold the single vector's HR and cover more
+    clusters qualify, and the one with the best HR among them (the first on ties) is kept;
+    where none qualifies, the whole budget goes to the single vector (reserved share 1)."""
+
+    def figures(strategy: str, alpha: float, reserved_share: float) -> dict:
+        options = PipelineOptions(
+            strategy=strategy,
+            knn_alpha=alpha,
+            knn_reserved_share=reserved_share,
+            item_to_item_share=item_to_item_share,
+            ranker="off",
+        )
+        found = candidate_lists(RecommendPipeline(bundle, options=options), held_out, depth)
+        return {
+            "hit_rate": hit_and_ndcg_of_places(found.targets, (depth,))["hit_rate"][f"@{depth}"],
+            "clusters": clusters_covered(bundle, found),
+        }
+
+    default = MixtureKnobs()
+    single = figures(STRATEGY_TWO_TOWER, default.alpha, default.reserved_share)
+    tried = [
+        {"alpha": alpha, "reserved_share": reserved, **figures(STRATEGY_KNN_EMBED, alpha, reserved)}
+        for alpha, reserved in knobs_tried
+    ]
+    holding = [
+        t
+        for t in tried
+        if t["hit_rate"] >= single["hit_rate"] and t["clusters"] > single["clusters"]
+    ]
+    if holding:
+        best = max(t["hit_rate"] for t in holding)
+        kept = next(t for t in holding if t["hit_rate"] == best)
+        choice = {"alpha": kept["alpha"], "reserved_share": kept["reserved_share"]}
+    else:
+        choice = {"alpha": default.alpha, "reserved_share": 1.0}
+    log.info(
+        "validation, kNN-Embed: alpha %.2f, reserved share %.2f (single vector HR@%d %.4f, "
+        "%.2f clusters; %s)",
+        choice["alpha"],
+        choice["reserved_share"],
+        depth,
+        single["hit_rate"],
+        single["clusters"],
+        ", ".join(
+            f"{t['alpha']:.1f}/{t['reserved_share']:.1f} {t['hit_rate']:.4f} {t['clusters']:.2f}"
+            for t in tried
+        ),
+    )
+    return {"depth": depth, "single_vector": single, "tried": tried, "choice": choice}
+
+
 def cross_fitted_places(
     lists: CandidateLists, features: FeatureSpace, config: TrainConfig, folds: int = 2
 ) -> np.ndarray:
@@ -230,6 +302,7 @@ def validate(
     - The first combination (the mean tower before the sequence one, smaller shares before
       larger) whose retrieval validates (HR@10) within `CHOICE_TOLERANCE` of the best is
       kept: a more costly choice has to earn more than the noise of a few users.
+    - kNN-Embed's knobs are chosen on that combination (`choose_knn_embed`).
     - The ranker learns from that combination's candidate lists, and serves only if, cross-
       fitted (trained on half the users, placing the other half's items), it beats retrieval
       order by more than `CHOICE_TOLERANCE`: on some data it cannot add what retrieval
@@ -238,7 +311,7 @@ def validate(
     if len(held_out) > max_users:
         held_out = held_out.sample(max_users, random_state=0).sort_values("user_id")
     at = f"@{VALIDATION_CUTOFF}"
-    tried, found_by_combination = [], []  # (candidate lists, their feature space), as tried
+    tried, found_by_combination = [], []  # (candidate lists, their bundle), as tried
     for tower in user_towers or (config.two_tower.user_tower,):
         tower_config = replace(config, two_tower=replace(config.two_tower, user_tower=tower))
         bundle, _ = train(fit_part, tower_config, ranker=False)  # its lists teach the ranker
@@ -263,7 +336,7 @@ def validate(
                     "retrieval_hit_rate": figures["hit_rate"][at],
                 }
             )
-            found_by_combination.append((found, bundle.features))
+            found_by_combination.append((found, bundle))
     best = max(t["retrieval_hit_rate"] for t in tried)
     chosen = next(
         n for n, t in enumerate(tried) if t["retrieval_hit_rate"] >= best * (1 - CHOICE_TOLERANCE)
@@ -271,11 +344,12 @@ def validate(
     tower_config = replace(
         config, two_tower=replace(config.two_tower, user_tower=tried[chosen]["user_tower"])
     )
-    lists, features = found_by_combination[chosen]
+    lists, bundle = found_by_combination[chosen]
+    knn_embed = choose_knn_embed(bundle, held_out, tried[chosen]["item_to_item_share"])
     retrieval = hit_and_ndcg_of_places(lists.targets)
     usable = int((lists.targets >= 0).sum())
     if usable >= MIN_RANKER_LISTS:
-        ranked = hit_and_ndcg_of_places(cross_fitted_places(lists, features, tower_config))
+        ranked = hit_and_ndcg_of_places(cross_fitted_places(lists, bundle.features, tower_config))
         ranker_training = "cross-fitted on 2 folds of the users, trained on their candidate lists"
     else:  # nothing to learn reordering from: the pointwise ranker is trained, not served
         ranked = retrieval
@@ -302,10 +376,12 @@ def validate(
             },
             "ndcg": {"pipeline": ranked["ndcg"], "candidate_generation": retrieval["ndcg"]},
             "tried": tried,
+            "knn_embed": knn_embed,
             "choices": {
                 "ranker": bool(ranker),
                 "user_tower": tried[chosen]["user_tower"],
                 "item_to_item_share": tried[chosen]["item_to_item_share"],
+                "knn_embed": knn_embed["choice"],
             },
         },
         lists if usable >= MIN_RANKER_LISTS else None,
@@ -371,18 +447,31 @@ def ranker_line(results: dict) -> str:
 def choices_line(results: dict) -> list[str]:
     """What validation chose among several combinations, with each one's figure."""
     validation = results.get("validation", {})
-    tried = validation.get("tried", [])
-    if len(tried) < 2:
-        return []
-    choices = validation["choices"]
-    figures = ", ".join(
-        f"{t['user_tower']}/{t['item_to_item_share']:.2f} {t['retrieval_hit_rate']:.4f}"
-        for t in tried
-    )
-    return [
-        f"chosen on validation: {choices['user_tower']} user tower, item-to-item share "
-        f"{choices['item_to_item_share']:.2f} (retrieval HR@{VALIDATION_CUTOFF}: {figures})"
-    ]
+    tried, choices, lines = validation.get("tried", []), validation.get("choices", {}), []
+    if len(tried) > 1:
+        figures = ", ".join(
+            f"{t['user_tower']}/{t['item_to_item_share']:.2f} {t['retrieval_hit_rate']:.4f}"
+            for t in tried
+        )
+        lines.append(
+            f"chosen on validation: {choices['user_tower']} user tower, item-to-item share "
+            f"{choices['item_to_item_share']:.2f} (retrieval HR@{VALIDATION_CUTOFF}: {figures})"
+        )
+    knn_embed = validation.get("knn_embed")
+    if knn_embed is not None:
+        single, depth = knn_embed["single_vector"], knn_embed["depth"]
+        lines.append(
+            f"kNN-Embed: alpha {choices['knn_embed']['alpha']:.2f}, reserved share "
+            f"{choices['knn_embed']['reserved_share']:.2f} (HR@{depth} / clusters@{depth}: single "
+            f"vector {single['hit_rate']:.4f} / {single['clusters']:.2f}; "
+            + ", ".join(
+                f"{t['alpha']:.1f}/{t['reserved_share']:.1f} {t['hit_rate']:.4f} / "
+                f"{t['clusters']:.2f}"
+                for t in knn_embed["tried"]
+            )
+            + ")"
+        )
+    return lines
 
 
 def format_leave_last_out_table(results: dict) -> str:
@@ -487,9 +576,11 @@ class RetrievalEvaluator:
         }
 
 
-def pipeline_retrievers(pipeline: RecommendPipeline, knobs: MixtureKnobs) -> dict[str, Retriever]:
+def pipeline_retrievers(
+    pipeline: RecommendPipeline, knobs: MixtureKnobs, validated: MixtureKnobs | None = None
+) -> dict[str, Retriever]:
     """The serving code's strategies: most-popular, single vector, interests without
-    smoothing (a = 0), kNN-Embed."""
+    smoothing (a = 0), kNN-Embed at `knobs`, and at `validated` when given."""
     generator = pipeline.generator
     no_exclusions = np.empty(0, np.uint64)
 
@@ -506,6 +597,7 @@ def pipeline_retrievers(pipeline: RecommendPipeline, knobs: MixtureKnobs) -> dic
         "two_tower": strategy(STRATEGY_TWO_TOWER, knobs),
         "mixture_unsmoothed": strategy(STRATEGY_KNN_EMBED, replace(knobs, alpha=0.0)),
         "knn_embed": strategy(STRATEGY_KNN_EMBED, knobs),
+        **({"knn_embed_validated": strategy(STRATEGY_KNN_EMBED, validated)} if validated else {}),
     }
 
 

@@ -60,8 +60,14 @@ class Settings(BaseSettings):
         ),
     ] = "two_tower"
     knn_alpha: Annotated[
-        float, Field(ge=0, le=1, description="kNN-Embed: weight of the neighbours' mixture.")
-    ] = 0.5
+        float | None,
+        Field(
+            ge=0,
+            le=1,
+            description="kNN-Embed: weight of the neighbours' mixture; unset: what `recsys "
+            "train`'s validation chose (0.5 for an artifact trained without it).",
+        ),
+    ] = None
     ranker_variant: Annotated[
         Literal["output_features", "weight_svd"] | None,
         Field(
@@ -89,13 +95,14 @@ class Settings(BaseSettings):
         int, Field(ge=1, le=MAX_COMPONENTS, description="kNN-Embed: interests kept (m).")
     ] = 8
     knn_reserved_share: Annotated[
-        float,
+        float | None,
         Field(
             ge=0,
             le=1,
-            description="kNN-Embed: share of the candidates kept for the single-vector search.",
+            description="kNN-Embed: share of the candidates kept for the single-vector search; "
+            "unset: what `recsys train`'s validation chose (0.2 for an artifact trained without it).",
         ),
-    ] = 0.2
+    ] = None
     index_nprobe: Annotated[
         int, Field(ge=1, le=65536, description="IVF indexes: lists scanned per query.")
     ] = 32

@@ -14,6 +14,7 @@ from service.data.split import leave_last_out, temporal_split
 from service.evaluation import (
     CHOICE_TOLERANCE,
     ITEM_TO_ITEM_SHARES,
+    KNN_EMBED_KNOBS,
     MIN_RANKER_LISTS,
     evaluate_leave_last_out,
     hit_and_ndcg,
@@ -184,6 +185,24 @@ def test_eval_leave_last_out_reports_hr_and_ndcg_for_every_row(tmp_path):
     )
     assert results["ranker_training"].startswith("listwise")
     assert f"chosen on validation: {choices['user_tower']} user tower" in result.output
+    # kNN-Embed's knobs: every pair was tried, and the kept one holds the single vector's
+    # HR@100 with more clusters covered, the best HR of those; or, with none holding, the
+    # whole budget goes to the single vector.
+    knn_embed = results["validation"]["knn_embed"]
+    assert [(t["alpha"], t["reserved_share"]) for t in knn_embed["tried"]] == list(KNN_EMBED_KNOBS)
+    single = knn_embed["single_vector"]
+    holding = [
+        t
+        for t in knn_embed["tried"]
+        if t["hit_rate"] >= single["hit_rate"] and t["clusters"] > single["clusters"]
+    ]
+    chosen = choices["knn_embed"]
+    if holding:
+        best = next(t for t in holding if t["hit_rate"] == max(h["hit_rate"] for h in holding))
+        assert chosen == {"alpha": best["alpha"], "reserved_share": best["reserved_share"]}
+    else:
+        assert chosen["reserved_share"] == 1.0
+    assert f"kNN-Embed: alpha {chosen['alpha']:.2f}" in result.output
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """kNN-Embed: budget split, smoothing, per-interest search, the contract over HTTP and gRPC,
 interests kept current by clicks, and cold catalog items."""
 
+import copy
+
 import grpc
 import numpy as np
 import pandas as pd
@@ -24,6 +26,7 @@ from service.retrieval.knn_embed import (
     split_budget,
 )
 from service.retrieval.two_tower import user_vectors
+from service.schemas import KnnEmbedOptions, RecommendRequest
 from service.settings import Settings
 from service.testing.redis_servers import free_port
 from service.training.artifact import train
@@ -120,6 +123,32 @@ def test_a_full_reserve_is_the_single_vector_and_no_interests_fall_back_to_it(bu
     fallback = pipeline.generator.generate(known_user, 30, NONE, "knn_embed")
     np.testing.assert_array_equal(fallback.item_ids, single.item_ids)
     assert set(fallback.sources) == {SOURCE_TWO_TOWER}
+
+
+def test_request_defaults_are_validations_knobs_unless_set_and_a_request_overrides_them(
+    bundle, known_user
+):
+    validated = copy.copy(bundle)
+    validated.manifest = {
+        **bundle.manifest,
+        "validation": {"choices": {"knn_embed": {"alpha": 0.0, "reserved_share": 1.0}}},
+    }
+    pipeline = RecommendPipeline(validated, options=PipelineOptions(strategy="knn_embed"))
+    assert pipeline.knobs == MixtureKnobs(alpha=0.0, components=8, reserved_share=1.0)
+    # Validation gave the whole budget to the single vector: kNN-Embed answers as it does.
+    asked = RecommendRequest(user_id=known_user, k=10, candidates=30)
+    single = pipeline.candidates(asked.model_copy(update={"strategy": "two_tower"}))
+    assert [c.item_id for c in pipeline.candidates(asked).candidates] == [
+        c.item_id for c in single.candidates
+    ]
+    overridden = asked.model_copy(update={"knn_embed": KnnEmbedOptions(reserved_share=0.0)})
+    assert SOURCE_KNN_EMBED in {c.source for c in pipeline.candidates(overridden).candidates}
+    # A setting wins over validation for its own knob only.
+    options = PipelineOptions.from_settings(Settings(knn_reserved_share=0.5))
+    assert RecommendPipeline(validated, options=options).knobs == MixtureKnobs(0.0, 8, 0.5)
+    # An artifact trained without validation keeps the built-in defaults.
+    assert "validation" not in bundle.manifest
+    assert RecommendPipeline(bundle).knobs == MixtureKnobs()
 
 
 def test_interests_are_in_the_table_and_drive_the_split(bundle, known_user):

@@ -51,7 +51,9 @@ class PipelineOptions:
     default_candidates: int = 200
     history_length: int = 50
     strategy: str = "two_tower"  # when a request names none
-    knn_embed: MixtureKnobs = MixtureKnobs()
+    knn_alpha: float | None = None  # kNN-Embed's request defaults: `mixture_knobs`
+    knn_components: int = MixtureKnobs.components
+    knn_reserved_share: float | None = None
     ranker: RankerChoice = "auto"  # `service.artifacts.ranker_serves`
     item_to_item_share: float | None = None  # `service.artifacts.item_to_item_share`
 
@@ -61,12 +63,28 @@ class PipelineOptions:
             default_candidates=settings.default_candidates,
             history_length=settings.history_length,
             strategy=settings.strategy,
-            knn_embed=MixtureKnobs(
-                settings.knn_alpha, settings.knn_components, settings.knn_reserved_share
-            ),
+            knn_alpha=settings.knn_alpha,
+            knn_components=settings.knn_components,
+            knn_reserved_share=settings.knn_reserved_share,
             ranker=settings.ranker,
             item_to_item_share=settings.item_to_item_share,
         )
+
+
+def mixture_knobs(manifest: dict, options: PipelineOptions) -> MixtureKnobs:
+    """kNN-Embed's request defaults: each option when given, else what `recsys train`'s
+    validation chose, else the built-in default (an artifact trained without validation)."""
+    chosen = manifest.get("validation", {}).get("choices", {}).get("knn_embed", {})
+    alpha, reserved_share = options.knn_alpha, options.knn_reserved_share
+    return MixtureKnobs(
+        alpha=alpha if alpha is not None else chosen.get("alpha", MixtureKnobs.alpha),
+        components=options.knn_components,
+        reserved_share=(
+            reserved_share
+            if reserved_share is not None
+            else chosen.get("reserved_share", MixtureKnobs.reserved_share)
+        ),
+    )
 
 
 class RankingStage:
@@ -108,6 +126,7 @@ class RecommendPipeline:
         self.bundle = bundle
         self.options = options
         self.store = store = store if store is not None else in_memory_store(bundle)
+        self.knobs = mixture_knobs(bundle.manifest, options)
         self.generator = CandidateGenerator(
             bundle.two_tower,
             bundle.index,
@@ -117,7 +136,7 @@ class RecommendPipeline:
             min(options.history_length, bundle.two_tower.config.history_length),
             recent,
             bundle.clusters,
-            options.knn_embed,
+            self.knobs,
             bundle.neighbours,
             item_to_item_share(bundle.manifest, options.item_to_item_share),
         )
@@ -143,8 +162,8 @@ class RecommendPipeline:
 
     def _knobs(self, request: RecommendRequest) -> MixtureKnobs:
         if request.knn_embed is None:
-            return self.options.knn_embed
-        return replace(self.options.knn_embed, **request.knn_embed.model_dump(exclude_none=True))
+            return self.knobs
+        return replace(self.knobs, **request.knn_embed.model_dump(exclude_none=True))
 
     def retrieve(self, request: RecommendRequest) -> Candidates:
         """The candidates, before ranking (what the retrieval tier answers)."""
