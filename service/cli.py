@@ -73,12 +73,15 @@ def _train_config(
     ranker_model: str = "deepfm",
     ranker_rank: int | None = None,
     explained_variance: float | None = None,
+    user_id_dropout: float | None = None,
 ):
     from service.training.artifact import TrainConfig
 
     config = TrainConfig(index_factory=index_factory)
     epochs = {"epochs": two_tower_epochs, "sequence_epochs": two_tower_epochs}
     two_tower = replace(config.two_tower, seed=seed, **(epochs if two_tower_epochs else {}))
+    if user_id_dropout is not None:
+        two_tower = replace(two_tower, user_id_dropout=user_id_dropout)
     compression = replace(config.ranker.compression, explained_variance=explained_variance)
     ranker = replace(
         config.ranker,
@@ -150,6 +153,18 @@ KnnNeighboursOption = Annotated[
 ]
 
 
+UserIdDropoutOption = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        max=0.9,
+        help="Share of training examples whose user-id vector is dropped, so the user tower "
+        "also answers from the latest items alone (visitors' sessions, users the table does "
+        "not hold yet); unset: 0.",
+    ),
+]
+
+
 @app.command()
 def train(
     dataset: DatasetOption = None,
@@ -183,6 +198,7 @@ def train(
     seed: int = 0,
     validate: ValidateOption = True,
     user_tower: UserTowerOption = UserTower.auto,
+    user_id_dropout: UserIdDropoutOption = None,
     if_missing: Annotated[
         bool, typer.Option(help="Do nothing when --out already holds a version.")
     ] = False,
@@ -209,6 +225,7 @@ def train(
         ranker.value,
         ranker_rank,
         compression_variance,
+        user_id_dropout,
     )
     folder = _train_and_save(data, out, config, validate, user_tower)
     typer.echo(f"artifact written: {folder}")
@@ -310,6 +327,7 @@ def evaluate(
     seed: int = 0,
     validate: ValidateOption = True,
     user_tower: UserTowerOption = UserTower.auto,
+    user_id_dropout: UserIdDropoutOption = None,
 ) -> None:
     """Train on each user's past, then measure the pipeline, candidate generation alone and
     most-popular on what came after, through the serving code."""
@@ -322,7 +340,9 @@ def evaluate(
         train_part, test_part = leave_last_out(data)
     else:
         train_part, test_part = temporal_split(data, holdout)
-    config = _train_config(two_tower_epochs, ranker_epochs, seed, "auto")
+    config = _train_config(
+        two_tower_epochs, ranker_epochs, seed, "auto", user_id_dropout=user_id_dropout
+    )
     with tempfile.TemporaryDirectory() as scratch:
         folder = _train_and_save(
             train_part, artifacts_out or Path(scratch), config, validate, user_tower

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 MAX_K = 500
 MAX_CANDIDATES = 2000
 MAX_EXCLUDE_IDS = 1000
+MAX_RECENT_ITEMS = 1000  # the longest history a user tower may read (`history_length`)
 MAX_EVENTS = 1000
 MAX_COMPONENTS = 64
 MAX_UPSERT_ITEMS = 10_000
@@ -88,6 +89,16 @@ class RecommendRequest(BaseModel):
             description="Candidates retrieved before ranking; at least k. Default: the service's setting.",
         ),
     ] = None
+    recent_item_ids: Annotated[
+        list[Uint64],
+        Field(
+            max_length=MAX_RECENT_ITEMS,
+            description="The session's latest items, oldest first, after what the service knows "
+            "of the user: a visitor it does not know (a logged-out session) is served from them "
+            "instead of popular items. The user tower reads the latest history-length items; "
+            "none of these is recommended.",
+        ),
+    ] = []
 
     @model_validator(mode="after")
     def _candidates_cover_k(self) -> "RecommendRequest":

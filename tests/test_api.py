@@ -98,6 +98,42 @@ def test_unknown_user_gets_popular_items(http, bundle):
     assert [c["item_id"] for c in candidates[:5]] == [int(i) for i in bundle.popular.items[:5]]
 
 
+def test_a_visitor_with_session_items_is_served_from_them_not_from_popular(
+    http, stub, bundle, known_user
+):
+    """A logged-out visitor: an id the service does not know, and the items of their session.
+    Sent a known user's latest items, the answer comes from the vector search, leaves those
+    items out, and is closer to that user's own answer than the popular list is."""
+    session = bundle.histories.get(known_user)[-20:].tolist()
+    visitor = 2**64 - 2
+    asked = {"user_id": visitor, "k": 20, "recent_item_ids": session}
+    candidates = http.post("/v1/candidates", json=asked).json()["candidates"]
+    assert {c["source"] for c in candidates} == {"two_tower"}
+    answered = [c["item_id"] for c in candidates]
+    assert not set(answered) & set(session)
+    own = {
+        c["item_id"]
+        for c in http.post("/v1/candidates", json={"user_id": known_user, "k": 20}).json()[
+            "candidates"
+        ]
+    }
+    popular = set(bundle.popular.top(20, np.array(session, np.uint64)).item_ids.tolist())
+    assert len(own & set(answered)) > len(own & popular)
+    # The same request over gRPC is answered the same.
+    over_http = recommend(http, **asked)
+    over_grpc = stub.Recommend(as_request(**asked), timeout=10)
+    assert [(i.item_id, i.score) for i in over_grpc.items] == [
+        (i["item_id"], i["score"]) for i in over_http["items"]
+    ]
+    # Session items the catalogue does not hold are left out; with none it knows, the
+    # visitor gets popular items.
+    unknown_items = {"user_id": visitor, "k": 5, "recent_item_ids": [2**64 - 1, 2**63]}
+    sources = {
+        c["source"] for c in http.post("/v1/candidates", json=unknown_items).json()["candidates"]
+    }
+    assert sources == {"popular"}
+
+
 def test_small_catalog_fills_up_with_popular_items(http, bundle, known_user):
     n = len(bundle.index) - len(bundle.histories.get(known_user))
     candidates = http.post(
@@ -121,6 +157,8 @@ def test_small_catalog_fills_up_with_popular_items(http, bundle, known_user):
         ({"user_id": 1, "strategy": "random"}, "strategy"),
         ({"user_id": 1, "context": {"hour": 24}}, "hour"),
         ({"user_id": 1, "exclude_item_ids": list(range(1001))}, "exclude_item_ids"),
+        ({"user_id": 1, "recent_item_ids": list(range(1001))}, "recent_item_ids"),
+        ({"user_id": 1, "recent_item_ids": [-1]}, "recent_item_ids"),
         ({"user_id": 1, "colour": "red"}, "colour"),
     ],
 )
@@ -198,6 +236,7 @@ def test_grpc_candidates_match_http(http, stub, known_user):
         ({"user_id": 1, "k": 20, "candidates": 10}, "candidates"),
         ({"user_id": 1, "strategy": "random"}, "strategy"),
         ({"user_id": 1, "context": {"hour": 99}}, "context.hour"),
+        ({"user_id": 1, "recent_item_ids": list(range(1001))}, "recent_item_ids"),
     ],
 )
 def test_grpc_bad_requests_get_invalid_argument(stub, request_fields, field):

@@ -218,11 +218,14 @@ def test_train_with_the_dcn_v2_ranker_serves_and_reports_it(tmp_path):
             "dcn_v2",
             "--ranker-rank",
             "3",
+            "--user-id-dropout",
+            "0.3",
             "--no-validate",  # ranked, whatever validation would find on 60 users
         ],
     )
     assert result.exit_code == 0, result.output
     bundle = ModelBundle.load(out)
+    assert bundle.two_tower.config.user_id_dropout == 0.3
     assert isinstance(bundle.ranker, DCNv2)
     assert bundle.ranker.fields.codes.weight.shape[1] == 3 and bundle.ranker_variant == "factorised"
     ranker_manifest = json.loads((resolve_version(out) / "manifest.json").read_text())["models"][

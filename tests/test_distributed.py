@@ -121,6 +121,16 @@ def test_gateway_answers_through_the_tiers_over_http_and_grpc(stack, bundle, kno
         )
 
 
+def test_the_gateway_forwards_a_visitors_session_to_the_retrieval_tier(stack, bundle, known_user):
+    http, _, _ = stack
+    session = bundle.histories.get(known_user)[-10:].tolist()
+    asked = {"user_id": 2**64 - 2, "k": 10, "recent_item_ids": session}
+    candidates = http.post("/v1/candidates", json=asked).json()["candidates"]
+    assert {c["source"] for c in candidates} == {"two_tower"}  # not the cold user's popular
+    answered = {i["item_id"] for i in http.post("/v1/recommend", json=asked).json()["items"]}
+    assert len(answered) == 10 and not answered & set(session)
+
+
 def test_the_retrieval_tier_serves_admin_and_the_others_do_not(stack, bundle):
     _, ports, _ = stack
     bearer = (("authorization", f"Bearer {ADMIN_TOKEN}"),)

@@ -15,6 +15,7 @@ from service.retrieval.two_tower import (
     history_before,
     in_batch_softmax_loss,
     sequence_windows,
+    without_some,
 )
 
 
@@ -102,6 +103,17 @@ def test_sequence_windows_make_every_later_interaction_a_target_once():
                     assert before.tolist() == rows[max(0, at - len(before)) : at].tolist()
         # A user with one interaction has nothing to predict.
         assert space.users.rows(np.array([3], np.uint64))[0] not in users
+
+
+def test_user_id_dropout_zeroes_a_share_of_rows_and_draws_nothing_when_off():
+    rows = torch.arange(1, 10_001)
+    state = torch.random.get_rng_state()
+    assert without_some(rows, 0.0) is rows
+    assert torch.equal(torch.random.get_rng_state(), state)  # training without it is unchanged
+    dropped = without_some(rows, 0.25)
+    zeroed = dropped == 0
+    assert 0.22 < zeroed.float().mean().item() < 0.28
+    assert torch.equal(dropped[~zeroed], rows[~zeroed])
 
 
 def test_membership_in_a_sorted_set_covers_the_extreme_ids():

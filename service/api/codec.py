@@ -26,6 +26,7 @@ def request_from_proto(message: pb.RecommendRequest) -> RecommendRequest:
     # proto3 JSON writes 64-bit integers as strings; the contract takes integers.
     fields["user_id"] = message.user_id
     fields["exclude_item_ids"] = list(message.exclude_item_ids)
+    fields["recent_item_ids"] = list(message.recent_item_ids)
     if not message.strategy:
         fields.pop("strategy", None)
     return RecommendRequest.model_validate(fields)
@@ -41,6 +42,7 @@ def request_to_proto(request: RecommendRequest) -> pb.RecommendRequest:
         strategy=request.strategy or "",
         candidates=request.candidates,
         knn_embed=pb.KnnEmbedOptions(**knobs) if knobs is not None else None,
+        recent_item_ids=request.recent_item_ids,
     )
 
 

@@ -174,6 +174,7 @@ class RecommendPipeline:
                 np.array(request.exclude_item_ids, dtype=np.uint64),
                 request.strategy or self.options.strategy,
                 self._knobs(request),
+                np.array(request.recent_item_ids, dtype=np.uint64),
             )
         if all(s == SOURCE_POPULAR for s in candidates.sources):
             COLD_START.inc()

@@ -1,8 +1,8 @@
-"""Candidate generation for one request: user vector from the embedding table, FAISS
+"""Candidate generation for one request: user vector from the embedding table and the
+user's latest items (the artifact's history, those since, the request's session), FAISS
 search (single vector, or kNN-Embed's per-interest searches plus a reserved single-vector
 share), item-to-item candidates from the user's latest items interleaved at their share,
-exclusion of what the user has seen (in the artifact's history and since), popular items
-for cold users and to fill up."""
+exclusion of what the user has seen, popular items for cold users and to fill up."""
 
 import numpy as np
 
@@ -152,8 +152,13 @@ class CandidateGenerator:
         exclude: np.ndarray,
         strategy: str = STRATEGY_TWO_TOWER,
         knobs: MixtureKnobs | None = None,
+        session: np.ndarray | None = None,
     ) -> Candidates:
+        """`session`: the request's latest items, oldest first, after the user's history:
+        the user vector and the item-to-item source read them, and they are not answered."""
         history, recent_degraded = self.history(user_id)
+        if session is not None and len(session):
+            history = np.concatenate([history, np.asarray(session, dtype=np.uint64)])
         excluded = np.union1d(history, np.asarray(exclude, dtype=np.uint64))
         vector, degraded = self.user_vector(user_id, history)
         degraded |= recent_degraded

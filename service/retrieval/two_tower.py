@@ -36,6 +36,9 @@ class TwoTowerConfig:
     learning_rate: float = 3e-3
     weight_decay: float = 1e-6
     item_id_dropout: float = 0.1  # teaches the item tower to embed items from attributes alone
+    # Teaches the user tower to answer from the latest items alone: users the table does not
+    # hold yet and visitors served from their session items (a zero user row).
+    user_id_dropout: float = 0.0
     user_tower: str = "mean"  # "mean" of the latest items, or causal self-attention over them
     sequence_blocks: int = 2
     sequence_heads: int = 1
@@ -384,6 +387,14 @@ def sequence_windows(
     return user_rows[owners], inputs, targets
 
 
+def without_some(rows: torch.Tensor, share: float) -> torch.Tensor:
+    """`rows` with each set to 0 (the zero padding row) with probability `share`; no draw
+    at all at 0, so a configuration without dropout trains exactly as before it existed."""
+    if share <= 0.0:
+        return rows
+    return rows.masked_fill(torch.rand(rows.shape) < share, 0)
+
+
 def _interaction_batches(model, interactions, features, config, rng):
     """The mean tower's batches: interactions, each with the items before it."""
     user_rows, item_rows, history = history_before(interactions, features, config.history_length)
@@ -394,7 +405,8 @@ def _interaction_batches(model, interactions, features, config, rng):
         for step in range(steps):
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
             users = model.user_from_rows(
-                torch.from_numpy(user_rows[batch]), torch.from_numpy(history[batch])
+                without_some(torch.from_numpy(user_rows[batch]), config.user_id_dropout),
+                torch.from_numpy(history[batch]),
             )
             yield users, torch.from_numpy(item_rows[batch])
 
@@ -418,7 +430,8 @@ def _sequence_batches(model, interactions, features, config, rng):
             states = model.history.every_position(model.item_id(batch_inputs), batch_inputs > 0)
             at = batch_targets > 0
             owners = torch.from_numpy(user_rows[batch]).unsqueeze(1).expand_as(batch_targets)
-            yield model.user_output(model.user_id(owners[at]), states[at]), batch_targets[at]
+            owners = without_some(owners[at], config.user_id_dropout)
+            yield model.user_output(model.user_id(owners), states[at]), batch_targets[at]
 
     return steps, epoch
 

@@ -28,7 +28,7 @@ class KnnEmbedOptions(_message.Message):
     def __init__(self, alpha: _Optional[float] = ..., components: _Optional[int] = ..., reserved_share: _Optional[float] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "context", "exclude_item_ids", "strategy", "candidates", "knn_embed")
+    __slots__ = ("user_id", "k", "context", "exclude_item_ids", "strategy", "candidates", "knn_embed", "recent_item_ids")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class RecommendRequest(_message.Message):
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     KNN_EMBED_FIELD_NUMBER: _ClassVar[int]
+    RECENT_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     user_id: int
     k: int
     context: Context
@@ -43,7 +44,8 @@ class RecommendRequest(_message.Message):
     strategy: str
     candidates: int
     knn_embed: KnnEmbedOptions
-    def __init__(self, user_id: _Optional[int] = ..., k: _Optional[int] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., exclude_item_ids: _Optional[_Iterable[int]] = ..., strategy: _Optional[str] = ..., candidates: _Optional[int] = ..., knn_embed: _Optional[_Union[KnnEmbedOptions, _Mapping]] = ...) -> None: ...
+    recent_item_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, user_id: _Optional[int] = ..., k: _Optional[int] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., exclude_item_ids: _Optional[_Iterable[int]] = ..., strategy: _Optional[str] = ..., candidates: _Optional[int] = ..., knn_embed: _Optional[_Union[KnnEmbedOptions, _Mapping]] = ..., recent_item_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score")
