@@ -30,7 +30,6 @@ interaction held out; never the test part), picked by HR@20 there:
   skipped with a note.
 """
 
-import argparse
 import json
 import logging
 import os
@@ -48,7 +47,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.data.files import load_dataset
+from bench.common import bench_config, bench_dataset, quality_parser
 from service.data.schema import Dataset
 from service.data.split import leave_last_out, temporal_split
 from service.evaluation import (
@@ -340,13 +339,8 @@ def table(protocol: str, results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="synthetic")
+    parser = quality_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--protocol", action="append", choices=("temporal", "leave-last-out"))
-    parser.add_argument(
-        "--quick", action="store_true", help="a small synthetic set and short training"
-    )
-    parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--no-validate",
         action="store_true",
@@ -360,19 +354,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    spec = (
-        "synthetic:users=500,items=800,categories=12"
-        if args.quick and args.dataset == "synthetic"
-        else args.dataset
-    )
-    dataset = load_dataset(spec)
-    config = TrainConfig()
-    if args.quick:
-        config = replace(
-            config,
-            two_tower=replace(config.two_tower, epochs=4, sequence_epochs=8),
-            ranker=replace(config.ranker, epochs=1),
-        )
+    dataset = bench_dataset(args)
+    config = bench_config(args.quick)
     notes: list[str] = []
     results = {"dataset": dataset.name, "protocols": {}}
     for protocol in args.protocol or ("temporal", "leave-last-out"):

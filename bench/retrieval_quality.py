@@ -15,7 +15,6 @@ but each user's latest interaction, judged on those). ALS needs the bench extra
 (`pip install -e .[bench]`); without it its row is skipped with a note.
 """
 
-import argparse
 import json
 import logging
 import sys
@@ -28,7 +27,7 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.data.files import load_dataset
+from bench.common import bench_config, bench_dataset, quality_parser
 from service.data.split import leave_last_out, temporal_split
 from service.evaluation import (
     VALIDATION_USERS,
@@ -74,34 +73,20 @@ def als_retriever(train_part, factors: int = 64, seed: int = 0):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="synthetic")
-    parser.add_argument(
-        "--quick", action="store_true", help="a small synthetic set and short training"
-    )
-    parser.add_argument("--json", type=Path)
+    parser = quality_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--user-tower", choices=USER_TOWERS, default="mean")
     parser.add_argument("--protocol", choices=("temporal", "leave-last-out"), default="temporal")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    dataset = load_dataset(
-        "synthetic:users=500,items=800,categories=12"
-        if args.quick and args.dataset == "synthetic"
-        else args.dataset
-    )
+    dataset = bench_dataset(args)
     if args.protocol == "leave-last-out":
         train_part, test = leave_last_out(dataset)
     else:
         train_part, test = temporal_split(dataset, 0.2)
     config = TrainConfig()
     config = replace(config, two_tower=replace(config.two_tower, user_tower=args.user_tower))
-    if args.quick:
-        config = replace(
-            config,
-            two_tower=replace(config.two_tower, epochs=4, sequence_epochs=8),
-            ranker=replace(config.ranker, epochs=1),
-        )
+    config = bench_config(args.quick, config)
     started = time.perf_counter()
     bundle, _ = train(train_part, config)
     bundle.manifest = {"models": {"knn_embed": {}}}

@@ -15,7 +15,6 @@ with none (popular items). HR@{10,20} and NDCG@10 of the held-out item; the user
 training items are left out of every list, the session's by the service itself.
 """
 
-import argparse
 import json
 import logging
 import sys
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.data.files import load_dataset
+from bench.common import bench_config, bench_dataset, quality_parser
 from service.data.split import leave_last_out
 from service.evaluation import hit_and_ndcg
 from service.pipeline.in_process import PipelineOptions, RecommendPipeline
@@ -41,12 +40,7 @@ VISITOR = UINT64_MAX - 1  # an id no data set here uses
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="synthetic")
-    parser.add_argument(
-        "--quick", action="store_true", help="a small synthetic set, short training"
-    )
-    parser.add_argument("--json", type=Path)
+    parser = quality_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--user-tower", choices=USER_TOWERS, default="mean")
     parser.add_argument(
         "--user-id-dropout",
@@ -56,11 +50,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    dataset = load_dataset(
-        "synthetic:users=500,items=800,categories=12"
-        if args.quick and args.dataset == "synthetic"
-        else args.dataset
-    )
+    dataset = bench_dataset(args)
     train_part, test = leave_last_out(dataset)
     config = TrainConfig()
     config = replace(
@@ -69,12 +59,7 @@ def main() -> None:
             config.two_tower, user_tower=args.user_tower, user_id_dropout=args.user_id_dropout
         ),
     )
-    if args.quick:
-        config = replace(
-            config,
-            two_tower=replace(config.two_tower, epochs=4, sequence_epochs=8),
-            ranker=replace(config.ranker, epochs=1),
-        )
+    config = bench_config(args.quick, config)
     started = time.perf_counter()
     bundle, _ = train(train_part, config)
     train_seconds = time.perf_counter() - started
