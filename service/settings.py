@@ -216,10 +216,35 @@ class Settings(BaseSettings):
         bool,
         Field(description="Re-embed items the online trainer rewrote into this process's index."),
     ] = True
-    online_learning_rate: Annotated[float, Field(gt=0, le=10)] = 0.05
+    online_learning_rate: Annotated[
+        float,
+        Field(
+            gt=0, le=10, description="The online trainer's Adagrad rate for the artifact's rows."
+        ),
+    ] = 0.01
+    online_new_row_learning_rate: Annotated[
+        float,
+        Field(gt=0, le=10, description="Its rate for rows the artifact lacks (new users, items)."),
+    ] = 0.02
     online_steps: Annotated[
-        int, Field(ge=1, le=100, description="SGD steps per batch of events.")
-    ] = 5
+        int, Field(ge=1, le=100, description="Optimizer steps per batch of events.")
+    ] = 1
+    online_rows: Annotated[
+        Literal["all", "new"],
+        Field(
+            description="Rows the online trainer moves: all admitted ones, or only those the "
+            "artifact lacks (new users and items)."
+        ),
+    ] = "all"
+    online_anchor: Annotated[
+        float,
+        Field(
+            ge=0,
+            lt=1,
+            description="Share of its distance to the artifact's value a row gives back after "
+            "each online step.",
+        ),
+    ] = 0.1
     online_batch_events: Annotated[int, Field(ge=1, le=10_000)] = 512
     trainer_consumer: Annotated[
         str,

@@ -34,7 +34,8 @@ LAYERS = [
         "pipeline",
         "ctr",
         "evaluation",
-    },  # the in-process pipeline; the offline CTR tools; offline evaluation
+        "prequential",
+    },  # the in-process pipeline; the offline CTR tools; offline and prequential evaluation
     {"api"},  # transports, the gateway, the tiers, the process runner
     {"cli", "probe", "testing"},  # entry points and test tooling
 ]

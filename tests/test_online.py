@@ -20,9 +20,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from service.api.embedded import build_app
 from service.artifact_tables import in_memory_store, open_store
 from service.bundle import ModelBundle
-from service.embeddings.recent_items import RedisRecentItems
+from service.embeddings.recent_items import InMemoryRecentItems, RedisRecentItems
 from service.embeddings.redis_store import RedisStoreConfig, connect
 from service.embeddings.tables import ITEM_TABLE
+from service.online.memory_streams import InMemoryEventLog, InMemoryItemUpdateFeed
 from service.online.redis_streams import RedisEventLog, RedisItemUpdateFeed
 from service.online.trainer import OnlineTrainer, OnlineTrainerConfig
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
@@ -71,7 +72,8 @@ def wait_until_fans_retrieve(http, fans: list[int], item: int) -> list[int]:
 
 
 def assert_new_item_reaches_similar_users(http, dataset) -> None:
-    clickers, fans, strangers = category_fans(dataset)
+    # A new row's steps are damped until it has some evidence: a handful of clicks, not one.
+    clickers, fans, strangers = category_fans(dataset, clickers=8)
     assert all(rank_of(http, u, NEW_ITEM) == 50 for u in fans)  # unknown before the clicks
     events = [{"user_id": int(u), "item_id": NEW_ITEM, "type": "click"} for u in clickers]
     assert http.post("/v1/events", json={"events": events}).status_code == 202
@@ -358,12 +360,11 @@ class DegradedReads:
         return getattr(self._store, name)
 
 
-def test_the_trainer_never_writes_back_vectors_it_could_not_read(artifact_root):
-    from service.embeddings.recent_items import InMemoryRecentItems
-    from service.online.memory_streams import InMemoryEventLog, InMemoryItemUpdateFeed
-
-    bundle = ModelBundle.load(artifact_root)
-    store, log = DegradedReads(in_memory_store(bundle)), InMemoryEventLog()
+def in_process_trainer(
+    bundle: ModelBundle, store, config: OnlineTrainerConfig
+) -> tuple[OnlineTrainer, InMemoryEventLog]:
+    """A trainer over `store` reading an in-memory log, as the embedded service wires it."""
+    log = InMemoryEventLog()
     trainer = OnlineTrainer(
         bundle.two_tower,
         bundle.features,
@@ -372,9 +373,49 @@ def test_the_trainer_never_writes_back_vectors_it_could_not_read(artifact_root):
         log,
         InMemoryRecentItems(50),
         InMemoryItemUpdateFeed(),
-        OnlineTrainerConfig(block_seconds=0),
+        config,
     )
+    return trainer, log
+
+
+def test_the_trainer_never_writes_back_vectors_it_could_not_read(artifact_root):
+    bundle = ModelBundle.load(artifact_root)
+    store = DegradedReads(in_memory_store(bundle))
+    trainer, log = in_process_trainer(bundle, store, OnlineTrainerConfig(block_seconds=0))
     log.append([Event(user_id=int(bundle.features.users.ids[0]), item_id=NEW_ITEM, type="click")])
     with pytest.raises(ConnectionError):
         trainer.step()
     assert store.writes == 0 and log.backlog() == 1
+
+
+def burst_drift(artifact_root, anchor: float) -> tuple[float, float]:
+    """A burst of clicks on one artifact item by users drawn at random (most of whom never
+    touched anything like it): how far its row moved from the artifact's value, and that
+    value's norm."""
+    bundle = ModelBundle.load(artifact_root)
+    store = in_memory_store(bundle)
+    trainer, log = in_process_trainer(
+        bundle, store, OnlineTrainerConfig(block_seconds=0, batch_events=64, anchor=anchor)
+    )
+    item = int(bundle.features.items.ids[np.argmax(bundle.features.item_counts[1:])])
+    before = store.get_many(ITEM_TABLE, [item]).vectors[0]
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        users = rng.choice(bundle.features.users.ids, 64)
+        log.append([Event(user_id=int(u), item_id=item, type="click") for u in users])
+        while trainer.step():
+            pass
+    after = store.get_many(ITEM_TABLE, [item]).vectors[0]
+    return float(np.linalg.norm(after - before)), float(np.linalg.norm(before))
+
+
+def test_the_anchor_keeps_a_row_near_the_artifact_through_a_burst_of_adversarial_clicks(
+    artifact_root,
+):
+    config = OnlineTrainerConfig()
+    anchored, norm = burst_drift(artifact_root, anchor=config.anchor)
+    free, _ = burst_drift(artifact_root, anchor=0.0)
+    dim = ModelBundle.load(artifact_root).two_tower.config.id_dim
+    bound = (1 - config.anchor) / config.anchor * config.learning_rate * dim**0.5
+    assert anchored <= bound
+    assert anchored < 0.5 * free

@@ -1,6 +1,7 @@
 """An online trainer that crashes mid-batch and a new one that reads the batch again leave the
-tables exactly as one trainer processing every batch once does: the same vectors, admission
-counts, interest rows and recent items, on a real redis-server, at every crash point."""
+tables exactly as one trainer processing every batch once does: the same vectors, optimizer
+state, admission counts, interest rows and recent items, on a real redis-server, at every
+crash point; and a trainer restarted between batches continues the rows' optimizer state."""
 
 import uuid
 
@@ -9,10 +10,17 @@ import pytest
 
 from service.artifact_tables import open_store
 from service.bundle import ModelBundle
-from service.embeddings.tables import INTEREST_TABLE, ITEM_TABLE, USER_TABLE
+from service.embeddings.tables import (
+    INTEREST_TABLE,
+    ITEM_STATE_TABLE,
+    ITEM_TABLE,
+    USER_STATE_TABLE,
+    USER_TABLE,
+)
 from service.online.parts import open_online
 from service.online.runtime import make_trainer
 from service.online.streams import event_fields
+from service.online.trainer import OnlineTrainerConfig
 from service.schemas import Event
 from service.settings import Settings
 
@@ -80,6 +88,8 @@ class Tables:
             "item": self.store.get_many(ITEM_TABLE, items).vectors,
             "item_found": self.store.get_many(ITEM_TABLE, items).found,
             "interest": self.store.get_many(INTEREST_TABLE, users).vectors,
+            "user_state": self.store.get_many(USER_STATE_TABLE, users).vectors,
+            "item_state": self.store.get_many(ITEM_STATE_TABLE, items).vectors,
             "user_counts": self.store.counts(USER_TABLE, users)[0],
             "item_counts": self.store.counts(ITEM_TABLE, items)[0],
             "recent": [r.tolist() for r in self.online.recent.get_many(users)],
@@ -88,6 +98,15 @@ class Tables:
     def close(self) -> None:
         self.online.stop()
         self.store.close()
+
+
+def drained_by_a_new_process(artifact_root, redis_url: str, namespace: str, logged) -> dict:
+    """The tables after a new trainer process (same consumer name) drained the log."""
+    restarted = Tables(artifact_root, redis_url, namespace)
+    restarted.drain()
+    state = restarted.state(logged)
+    restarted.close()
+    return state
 
 
 def crash_on_call(owner, method: str, call: int = 1) -> None:
@@ -109,6 +128,9 @@ CRASH_POINTS = {
     "between the user and item counts": lambda t: crash_on_call(t.store, "add_counts", call=2),
     "after the user rows, before the item rows": lambda t: crash_on_call(
         t.store, "put_many", call=2
+    ),
+    "after the vectors, before their optimizer state": lambda t: crash_on_call(
+        t.store, "put_many", call=4
     ),
     "after the rows, before the recent items": lambda t: crash_on_call(t.online.recent, "push"),
     "after every write, before the ack": lambda t: crash_on_call(t.online.trainer_events, "ack"),
@@ -178,15 +200,35 @@ def test_a_crash_between_adding_counts_and_marking_them_counts_that_batch_twice(
         crashed.trainer.step()
     crashed.close()
 
-    restarted = Tables(artifact_root, redis_server.url, namespace)
-    restarted.drain()
-    state = restarted.state(logged)
-    restarted.close()
+    state = drained_by_a_new_process(artifact_root, redis_server.url, namespace, logged)
     second = np.array([e.user_id for e in logged[BATCH : 2 * BATCH]], np.uint64)
     users = np.unique(np.array([e.user_id for e in logged], np.uint64))
     twice = np.array([np.count_nonzero(second == u) for u in users])
     assert twice.sum() == BATCH
     assert np.array_equal(state["user_counts"], expected["user_counts"] + twice)
-    for key in ("user", "item", "interest", "item_counts"):
+    for key in ("user", "item", "interest", "user_state", "item_state", "item_counts"):
         assert np.array_equal(state[key], expected[key]), key
     assert state["recent"] == expected["recent"]
+
+
+def test_a_trainer_restarted_between_batches_continues_each_rows_optimizer_state(
+    artifact_root, redis_server, reference
+):
+    """Adagrad's accumulators live in the table beside the rows: a new process that trains
+    the remaining batches ends where one process training them all does (a trainer that
+    restarted its optimizer would take larger first steps again)."""
+    expected, logged = reference
+    trained = expected["user_state"][:, 0] > 0  # users with a state row (clicked, admitted)
+    assert trained.any()
+    # The accumulators grew past where a row starts (its evidence times the initial value).
+    assert (expected["user_state"][trained] > OnlineTrainerConfig().initial_accumulator).all()
+
+    namespace = uuid.uuid4().hex[:8]
+    first = Tables(artifact_root, redis_server.url, namespace)
+    first.append(logged)
+    first.trainer.step()
+    first.trainer.step()
+    first.close()
+    state = drained_by_a_new_process(artifact_root, redis_server.url, namespace, logged)
+    for key in ("user", "item", "user_state", "item_state"):
+        assert np.array_equal(state[key], expected[key]), key

@@ -26,21 +26,31 @@ def load_files(interactions: str | Path, items: str | Path | None = None) -> Dat
     return Dataset(Path(interactions).stem, read_table(interactions), catalog)
 
 
+def synthetic_config(spec: str) -> SyntheticConfig:
+    """The configuration a `synthetic[:opts]` spec names."""
+    fields = SyntheticConfig.__dataclass_fields__
+    overrides: dict[str, int | float] = {}
+    for part in filter(None, spec.partition(":")[2].split(",")):
+        key, _, value = part.partition("=")
+        if key not in fields or key in ("interests_per_user", "interactions_per_user"):
+            raise DataError(f"unknown synthetic option {key!r}")
+        kind = float if fields[key].type in (float, "float") else int
+        try:
+            overrides[key] = kind(value)
+        except ValueError:
+            raise DataError(f"synthetic option {key!r}: {value!r} is not a number") from None
+    try:
+        return SyntheticConfig(**overrides)
+    except ValueError as exc:
+        raise DataError(f"synthetic dataset: {exc}") from None
+
+
 def load_dataset(spec: str) -> Dataset:
-    """`synthetic`, `synthetic:users=500,items=800,seed=3` or `movielens-100k:PATH`."""
+    """`synthetic`, `synthetic:users=500,items=800,seed=3` (any `SyntheticConfig` field, the
+    drift ones included) or `movielens-100k:PATH`."""
     name, _, arg = spec.partition(":")
     if name == "synthetic":
-        fields = SyntheticConfig.__dataclass_fields__
-        overrides: dict[str, int | float] = {}
-        for part in filter(None, arg.split(",")):
-            key, _, value = part.partition("=")
-            if key not in fields or key in ("interests_per_user", "interactions_per_user"):
-                raise DataError(f"unknown synthetic option {key!r}")
-            overrides[key] = float(value) if key == "zipf_exponent" else int(value)
-        try:
-            return generate(SyntheticConfig(**overrides))
-        except ValueError as exc:
-            raise DataError(f"synthetic dataset: {exc}") from None
+        return generate(synthetic_config(spec))
     if name == "movielens-100k":
         if not arg:
             raise DataError("movielens-100k needs a path: movielens-100k:PATH")

@@ -20,7 +20,7 @@ Redis layout, one hash per trainer (consumer) beside the event stream:
 
 import io
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -41,6 +41,10 @@ class BatchOutcome:
     recent_users: np.ndarray  # (user, item) appends to the users' recent items, in order
     recent_items: np.ndarray
     published: np.ndarray  # items announced on the update feed
+    # The optimizer state of the trained rows, aligned with user_ids / item_ids (a record
+    # saved by a trainer that kept none has none: the rows are written without it).
+    user_state: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
+    item_state: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()

@@ -17,7 +17,10 @@ def make_trainer(
     config = OnlineTrainerConfig(
         batch_events=settings.online_batch_events,
         learning_rate=settings.online_learning_rate,
+        new_row_learning_rate=settings.online_new_row_learning_rate,
         steps=settings.online_steps,
+        rows=settings.online_rows,
+        anchor=settings.online_anchor,
         block_seconds=BLOCK_SECONDS,
         history_length=settings.history_length,
     )

@@ -2,18 +2,21 @@
 
 For each batch read from the event log:
 1. every event counts toward its user's and item's admission (the tables' frequency filter);
-2. positive events (click, purchase) of admitted users and items take `steps` SGD steps of
-   the two-tower's sampled softmax, both ways (user to item against the batch's other items
-   and uniformly sampled catalog items; item to user against the batch's other users and
-   sampled artifact users), on the id vectors of rows the artifact did not train (new items,
-   catalog items without interactions, new users; artifact rows too with
-   `train_artifact_rows`); the towers' dense layers stay as trained (Monolith also syncs
-   dense parameters far less often than sparse ones);
+2. positive events (click, purchase) of admitted users and items train the id vectors (the
+   embedding table's rows) with the loss the artifact was trained with: each pair's user
+   against the batch's items and a uniform catalog sample, logits corrected by log q. Each
+   row takes Adagrad steps; its accumulator is kept in the state tables beside the rows, so
+   a restarted trainer continues it. A row the artifact fitted on n interactions starts
+   with n + 1 times the initial accumulator (small steps, as if its optimizer had been
+   kept), and after each step gives back a share of its distance to the artifact's value,
+   so a burst of clicks cannot throw a well-trained row away. The towers' dense layers stay as trained
+   (Monolith also syncs dense parameters far less often than sparse ones);
 3. what the batch will write is recorded first (`service.online.journal`), then the
-   occurrences are counted, the new vectors written to the embedding table with fresh TTLs,
-   the users' interests (kNN-Embed) rewritten, the positive items appended to their users'
-   recent items, the rewritten items announced on the update feed (every serving process
-   re-embeds them into its index), and only then are the events acked and the record dropped.
+   occurrences are counted, the new vectors and their state written to the embedding table
+   with fresh TTLs, the users' interests (kNN-Embed) rewritten, the positive items appended
+   to their users' recent items, the rewritten items announced on the update feed (every
+   serving process re-embeds them into its index), and only then are the events acked and
+   the record dropped.
 
 A failure before the ack leaves the batch pending: the same or another trainer gets it
 again, and finds the record, so it writes what the first pass computed instead of training
@@ -38,7 +41,13 @@ from service.data.feature_space import FeatureSpace
 from service.data.histories import UserHistories
 from service.embeddings.recent_items import RecentItems
 from service.embeddings.store import EmbeddingStore, Lookup
-from service.embeddings.tables import INTEREST_TABLE, ITEM_TABLE, USER_TABLE
+from service.embeddings.tables import (
+    INTEREST_TABLE,
+    ITEM_STATE_TABLE,
+    ITEM_TABLE,
+    USER_STATE_TABLE,
+    USER_TABLE,
+)
 from service.metrics import (
     EVENTS_BACKLOG,
     EVENTS_PROCESSED,
@@ -55,18 +64,35 @@ from service.schemas import POSITIVE_EVENT_TYPES
 log = logging.getLogger(__name__)
 
 
+ROWS = ("all", "new")
+
+
 @dataclass(frozen=True)
 class OnlineTrainerConfig:
     batch_events: int = 512  # events read per batch
-    learning_rate: float = 0.05
-    steps: int = 5  # SGD steps per batch
+    learning_rate: float = 0.01  # Adagrad's, for rows the artifact trained
+    # For rows it lacks (new users and items): nothing better to start from, and a new
+    # item should reach its clickers' neighbours after a few clicks.
+    new_row_learning_rate: float = 0.02
+    steps: int = 1  # optimizer steps per batch
     negatives: int = 256  # uniformly sampled catalog items per batch
-    train_artifact_rows: bool = (
-        False  # also move the vectors of users and items the artifact trained
-    )
+    # "all": every admitted row learns; "new": only rows the artifact did not train.
+    rows: str = "all"
+    # Share of its distance to the artifact's value that a row the artifact trained gives
+    # back after each step (decoupled, as AdamW's decay): it bounds how far clicks take it.
+    anchor: float = 0.1
+    # Adagrad's starting accumulator for a row, per interaction the artifact trained it on
+    # (plus one): a row fitted on many interactions starts with small steps.
+    initial_accumulator: float = 0.1
     block_seconds: float = 1.0  # how long a read waits for new events
     history_length: int = 50
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rows not in ROWS:
+            raise ValueError(f"rows must be one of {ROWS}, not {self.rows!r}")
+        if not 0.0 <= self.anchor < 1.0:
+            raise ValueError(f"anchor must be in [0, 1), not {self.anchor}")
 
 
 class OnlineTrainer:
@@ -97,7 +123,6 @@ class OnlineTrainer:
         self.temperature = two_tower.config.temperature
         self._last_update = time.time()
         self.backlog = 0
-        self._user_negatives: torch.Tensor | None = None
         FRESHNESS.labels("trainer").set_function(lambda: time.time() - self._last_update)
 
     def step(self) -> int:
@@ -157,9 +182,11 @@ class OnlineTrainer:
         )
         dim = self.two_tower.config.id_dim
         none, no_vectors = np.empty(0, np.uint64), np.empty((0, dim), np.float32)
-        user_ids, user_vectors, item_ids, item_vectors = none, no_vectors, none, no_vectors
+        no_state = np.empty((0, dim), np.float32)
+        user_ids, user_vectors, user_state = none, no_vectors, no_state
+        item_ids, item_vectors, item_state = none, no_vectors, no_state
         if trainable.any():
-            user_ids, user_vectors, item_ids, item_vectors = self._train(
+            user_ids, user_vectors, user_state, item_ids, item_vectors, item_state = self._train(
                 users[trainable], items[trainable], rng
             )
         interest_users, interest_rows = none, np.empty((0, 0), np.float32)
@@ -180,6 +207,8 @@ class OnlineTrainer:
             users[positive],
             items[positive],
             np.unique(items[trainable]),
+            user_state,
+            item_state,
         )
 
     def write(self, outcome: BatchOutcome, done: set[str]) -> None:
@@ -193,6 +222,8 @@ class OnlineTrainer:
             (USER_TABLE, outcome.user_ids, outcome.user_vectors),
             (ITEM_TABLE, outcome.item_ids, outcome.item_vectors),
             (INTEREST_TABLE, outcome.interest_users, outcome.interest_rows),
+            (USER_STATE_TABLE, outcome.user_ids[: len(outcome.user_state)], outcome.user_state),
+            (ITEM_STATE_TABLE, outcome.item_ids[: len(outcome.item_state)], outcome.item_state),
         ):
             if len(ids):
                 self.store.put_many(table, ids, vectors)
@@ -204,17 +235,11 @@ class OnlineTrainer:
             self.updates.publish(outcome.published)
             self._last_update = time.time()
 
-    def _histories(
-        self, user_ids: np.ndarray, with_recent: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _histories(self, user_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of each user's latest items (artifact history, then recent) as the user
         tower takes them: [B, L, d] left-padded, and where a row exists."""
         length = self.config.history_length
-        recent = (
-            self.recent.get_many(user_ids)
-            if with_recent
-            else [np.empty(0, np.uint64)] * len(user_ids)
-        )
+        recent = self.recent.get_many(user_ids)
         histories = [
             np.concatenate([self.histories.get(u), r])[-length:]
             for u, r in zip(user_ids.tolist(), recent)
@@ -230,21 +255,6 @@ class OnlineTrainer:
         history, valid = padded_histories(lookup, lengths, d)
         return torch.from_numpy(history), torch.from_numpy(valid)
 
-    def _sampled_users(self) -> torch.Tensor:
-        """User-tower outputs of random artifact users, the negatives of the item side; made
-        once, from their table rows and artifact histories. Neither moves (unless
-        train_artifact_rows), so a restarted trainer makes the same ones."""
-        if self._user_negatives is None:
-            known = self.features.users.ids
-            rng = np.random.default_rng(self.config.seed)
-            sample = rng.choice(known, min(self.config.negatives, len(known)), replace=False)
-            with torch.no_grad():
-                self._user_negatives = self.two_tower.user_tower(
-                    torch.from_numpy(self._vectors(USER_TABLE, sample)),
-                    *self._histories(sample, with_recent=False),
-                )
-        return self._user_negatives
-
     def _lookup(self, table: str, ids: np.ndarray) -> Lookup:
         """Rows as the table holds them; a failed read raises, so defaults are never trained
         on and written back over real rows."""
@@ -259,25 +269,55 @@ class OnlineTrainer:
     def _attributes(self, item_ids: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.features.item_attributes[self.features.items.rows(item_ids)])
 
+    def _evidence(self, table: str, ids: np.ndarray) -> np.ndarray:
+        """Interactions the artifact trained each row on (0: a row it lacks)."""
+        if table == USER_TABLE:
+            return np.array([len(self.histories.get(u)) for u in ids.tolist()], dtype=np.float32)
+        return self.features.item_counts[self.features.items.rows(ids)].astype(np.float32)
+
+    def _accumulators(self, table: str, ids: np.ndarray, evidence: np.ndarray) -> np.ndarray:
+        """Adagrad's accumulated squared gradients of rows; a row without state (first
+        trained here, or its state expired) starts from the artifact's evidence for it."""
+        lookup = self._lookup(table, ids)
+        start = self.config.initial_accumulator * (1.0 + evidence)[:, None]
+        return np.where(lookup.found[:, None], lookup.vectors, start).astype(np.float32)
+
+    def _anchors(self, weight: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """The artifact's values of rows (the embedding it was trained with)."""
+        return weight.detach()[torch.from_numpy(rows)]
+
     def _train(
         self, pair_users: np.ndarray, pair_items: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(user ids, their new vectors, item ids, their new vectors); ids sorted."""
+    ) -> tuple[np.ndarray, ...]:
+        """(user ids, their new vectors and accumulators, item ids, their new vectors and
+        accumulators); ids sorted.
+
+        The loss is the batch training's: each pair's user against the batch's items and a
+        uniform catalog sample, logits corrected by log q, the expected count of each item
+        among those candidates (batch items come by popularity, the sample uniformly). Each
+        row takes Adagrad steps (its accumulator kept in the state table, so a restarted
+        trainer continues it); then a row the artifact trained gives back `anchor` of its
+        distance to the artifact's value. An Adagrad step moves each coordinate by at most
+        the learning rate, so no burst of clicks takes such a row further than
+        (1 - anchor) / anchor x learning_rate x sqrt(dim) from it."""
+        config = self.config
         user_ids, user_of_pair = np.unique(pair_users, return_inverse=True)
         item_ids, item_of_pair = np.unique(pair_items, return_inverse=True)
-        user_vectors = torch.from_numpy(self._vectors(USER_TABLE, user_ids)).requires_grad_()
-        item_vectors = torch.from_numpy(self._vectors(ITEM_TABLE, item_ids)).requires_grad_()
         history, valid = self._histories(user_ids)
         attributes = self._attributes(item_ids)
 
         catalog = self.features.items.ids
         sampled = np.setdiff1d(
-            rng.choice(catalog, min(self.config.negatives, len(catalog)), replace=False), item_ids
+            rng.choice(catalog, min(config.negatives, len(catalog)), replace=False), item_ids
         )
         with torch.no_grad():
             negatives = self.two_tower.item_tower_from_vectors(
                 torch.from_numpy(self._vectors(ITEM_TABLE, sampled)), self._attributes(sampled)
             )
+        counts = self.features.item_counts
+        popularity = counts[self.features.items.rows(np.concatenate([item_ids, sampled]))]
+        expected = len(pair_items) * popularity / max(counts.sum(), 1) + len(sampled) / len(catalog)
+        log_q = torch.from_numpy(np.log(expected).astype(np.float32))
         # A batch item the same user also clicked is not a negative for that user's other pairs.
         clicked = np.zeros((len(user_ids), len(item_ids)), dtype=bool)
         clicked[user_of_pair, item_of_pair] = True
@@ -285,43 +325,61 @@ class OnlineTrainer:
         accidental[np.arange(len(pair_users)), item_of_pair] = False
         masked = torch.from_numpy(np.pad(accidental, ((0, 0), (0, len(sampled)))))
         target = torch.from_numpy(item_of_pair.astype(np.int64))
+        pair_of_user = torch.from_numpy(user_of_pair)
 
-        # And the other way: a pair's item should be closer to its user than to other users.
-        other_users = self._sampled_users()
-        clicked_by = torch.from_numpy(
-            np.pad(clicked.T[item_of_pair], ((0, 0), (0, len(other_users))))
-        )
-        clicked_by[np.arange(len(pair_users)), user_of_pair] = False
-        user_target = torch.from_numpy(user_of_pair.astype(np.int64))
-
-        # Rows the artifact trained stay as they are unless asked: on the benchmark's replay,
-        # moving them lowered hit rates (bench/online_learning.py), while rows the artifact
-        # lacks (new items, new users) have nothing better to start from.
-        user_rate = torch.full((len(user_ids), 1), self.config.learning_rate)
-        item_rate = torch.full((len(item_ids), 1), self.config.learning_rate)
-        if not self.config.train_artifact_rows:
-            user_rate[torch.from_numpy(self.features.users.rows(user_ids) > 0)] = 0.0
-            # Catalog items with no training interaction count as new: the artifact only knows their attributes.
-            item_rate[
-                torch.from_numpy(self.features.item_counts[self.features.items.rows(item_ids)] > 0)
-            ] = 0.0
-        for _ in range(self.config.steps):
+        rows = []  # per table: vectors, accumulators, learning rates, anchors, anchored
+        for table, state_table, ids, weight, artifact_rows in (
+            (
+                USER_TABLE,
+                USER_STATE_TABLE,
+                user_ids,
+                self.two_tower.user_id.weight,
+                self.features.users.rows(user_ids),
+            ),
+            (
+                ITEM_TABLE,
+                ITEM_STATE_TABLE,
+                item_ids,
+                self.two_tower.item_id.weight,
+                self.features.items.rows(item_ids),
+            ),
+        ):
+            evidence = self._evidence(table, ids)
+            trained = torch.from_numpy(evidence > 0).unsqueeze(1)
+            rate = torch.where(
+                trained,
+                0.0 if config.rows == "new" else config.learning_rate,
+                config.new_row_learning_rate,
+            )
+            rows.append(
+                (
+                    torch.from_numpy(self._vectors(table, ids)).requires_grad_(),
+                    torch.from_numpy(self._accumulators(state_table, ids, evidence)),
+                    rate,
+                    self._anchors(weight, artifact_rows),
+                    trained & (rate > 0),
+                )
+            )
+        (user_vectors, *_), (item_vectors, *_) = rows
+        for _ in range(config.steps):
             users = self.two_tower.user_tower(user_vectors, history, valid)
-            user = users[torch.from_numpy(user_of_pair)]
             items = self.two_tower.item_tower_from_vectors(item_vectors, attributes)
-            item = items[torch.from_numpy(item_of_pair)]
-            logits = (user @ torch.cat([items, negatives]).T / self.temperature).masked_fill(
-                masked, float("-inf")
-            )
-            user_logits = (item @ torch.cat([users, other_users]).T / self.temperature).masked_fill(
-                clicked_by, float("-inf")
-            )
-            loss = F.cross_entropy(logits, target, reduction="sum") + F.cross_entropy(
-                user_logits, user_target, reduction="sum"
-            )
-            user_grad, item_grad = torch.autograd.grad(loss, [user_vectors, item_vectors])
+            logits = users[pair_of_user] @ torch.cat([items, negatives]).T / self.temperature
+            logits = (logits - log_q).masked_fill(masked, float("-inf"))
+            loss = F.cross_entropy(logits, target, reduction="sum")
+            grads = torch.autograd.grad(loss, [user_vectors, item_vectors])
             with torch.no_grad():
-                user_vectors -= user_rate * user_grad
-                item_vectors -= item_rate * item_grad
-
-        return user_ids, user_vectors.detach().numpy(), item_ids, item_vectors.detach().numpy()
+                for (vectors, accumulator, rate, anchor, anchored), grad in zip(rows, grads):
+                    accumulator += grad.square() * (rate > 0)
+                    vectors -= rate * grad / accumulator.sqrt()
+                    pulled = anchor + (1.0 - config.anchor) * (vectors - anchor)
+                    vectors.copy_(torch.where(anchored, pulled, vectors))
+        (_, user_accumulator, *_), (_, item_accumulator, *_) = rows
+        return (
+            user_ids,
+            user_vectors.detach().numpy(),
+            user_accumulator.numpy(),
+            item_ids,
+            item_vectors.detach().numpy(),
+            item_accumulator.numpy(),
+        )
