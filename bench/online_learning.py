@@ -259,6 +259,8 @@ def main() -> None:
     results = {"dataset": data.name, "machine": platform.platform(), "quick": args.quick}
     with tempfile.TemporaryDirectory() as scratch:
         folder = train(train_part, args.quick, scratch)
+        validation = ModelBundle.load(folder).manifest.get("validation") or {}
+        results["validation_choices"] = validation.get("choices")
         results["prequential"] = {
             mode: replay(folder, test, new_items, mode, batch=256, shift=shift) for mode in MODES
         }

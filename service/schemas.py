@@ -221,6 +221,31 @@ class CandidatesResponse(BaseModel):
     model_version: str
 
 
+class SimilarItemsRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"item_id": 7, "k": 10}]}
+    )
+
+    item_id: Uint64
+    k: Annotated[int, Field(ge=1, le=MAX_K, strict=True, description="Items to return.")] = 10
+
+
+class SimilarItemsResponse(BaseModel):
+    item_id: Uint64
+    items: list[ScoredItem] = Field(
+        description="The nearest items by the item tower's vectors (cosine), the item itself "
+        "left out, most similar first."
+    )
+    degraded: bool = Field(
+        description="True when the retrieval tier failed and popular items answered."
+    )
+    model_version: str
+
+
+class UnknownItem(LookupError):
+    """The service holds no vector for the item: 404 / NOT_FOUND."""
+
+
 EventType = Literal["impression", "click", "purchase"]
 POSITIVE_EVENT_TYPES = frozenset({"click", "purchase"})  # what the online trainer learns from
 

@@ -294,3 +294,44 @@ def test_popular_candidates_score_on_the_two_tower_scale(http, bundle):
     np.testing.assert_allclose(
         [c["score"] for c in candidates[:20]], expected, rtol=1e-5, atol=1e-6
     )
+
+
+def test_similar_items_are_an_items_nearest_by_vector_over_http_and_grpc(http, stub, bundle):
+    from service.retrieval.two_tower import item_vectors
+
+    catalog = bundle.features.items.ids
+    vectors = item_vectors(bundle.two_tower, bundle.features)  # as the index holds them
+    item = int(catalog[np.argmax(bundle.features.item_counts[1:])])
+    own = vectors[np.flatnonzero(catalog == item)[0]]
+    exact = [int(catalog[i]) for i in np.argsort(-(vectors @ own)) if catalog[i] != item][:5]
+
+    response = http.post("/v1/similar-items", json={"item_id": item, "k": 5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["item_id"] == item and body["degraded"] is False
+    assert body["model_version"] == bundle.version
+    assert [i["item_id"] for i in body["items"]] == exact  # the item itself left out
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores, reverse=True) and all(-1.0 <= s <= 1.0 + 1e-6 for s in scores)
+
+    answer = stub.SimilarItems(pb.SimilarItemsRequest(item_id=item, k=5), timeout=5)
+    assert [(i.item_id, round(i.score, 5)) for i in answer.items] == [
+        (i["item_id"], round(i["score"], 5)) for i in body["items"]
+    ]
+    assert len(stub.SimilarItems(pb.SimilarItemsRequest(item_id=item), timeout=5).items) == 10
+
+
+def test_similar_items_of_an_unknown_item_is_not_found_and_bad_input_is_refused(http, stub):
+    unknown = 2**64 - 3
+    response = http.post("/v1/similar-items", json={"item_id": unknown})
+    assert response.status_code == 404 and str(unknown) in response.json()["detail"]
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.SimilarItems(pb.SimilarItemsRequest(item_id=unknown), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert str(unknown) in refused.value.details()
+    for body in ({"item_id": 1, "k": 0}, {"item_id": -1}, {"item_id": 1, "colour": 3}, {}):
+        assert http.post("/v1/similar-items", json=body).status_code == 422, body
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.SimilarItems(pb.SimilarItemsRequest(item_id=1, k=501), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "k" in refused.value.details()

@@ -131,6 +131,27 @@ def test_the_gateway_forwards_a_visitors_session_to_the_retrieval_tier(stack, bu
     assert len(answered) == 10 and not answered & set(session)
 
 
+def test_the_gateway_answers_similar_items_from_the_retrieval_tier(stack, bundle):
+    http, ports, _ = stack
+    item = int(bundle.features.items.ids[0])
+    body = http.post("/v1/similar-items", json={"item_id": item, "k": 6}).json()
+    ids = [i["item_id"] for i in body["items"]]
+    assert len(set(ids)) == 6 and item not in ids and body["degraded"] is False
+    assert body["model_version"] == bundle.version
+    with grpc.insecure_channel(f"127.0.0.1:{ports['gateway'][1]}") as channel:
+        stub = pb_grpc.RecommenderStub(channel)
+        answer = stub.SimilarItems(pb.SimilarItemsRequest(item_id=item, k=6), timeout=5)
+        assert [i.item_id for i in answer.items] == ids
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.SimilarItems(pb.SimilarItemsRequest(item_id=2**64 - 3), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    # The tier's NOT_FOUND is an answer, not a failure: many of them leave its breaker shut.
+    for _ in range(8):
+        assert http.post("/v1/similar-items", json={"item_id": 2**64 - 3}).status_code == 404
+    again = http.post("/v1/similar-items", json={"item_id": item, "k": 6}).json()
+    assert again["degraded"] is False and [i["item_id"] for i in again["items"]] == ids
+
+
 def test_the_retrieval_tier_serves_admin_and_the_others_do_not(stack, bundle):
     _, ports, _ = stack
     bearer = (("authorization", f"Bearer {ADMIN_TOKEN}"),)

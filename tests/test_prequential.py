@@ -16,7 +16,12 @@ from service.training.artifact import train_and_save
 from tests.conftest import TINY_DATA, tiny_train_config
 
 DRIFT = replace(
-    TINY_DATA, users=400, interactions_per_user=(20, 40), drift_users=0.33, drift_items=40
+    TINY_DATA,
+    users=500,
+    interactions_per_user=(20, 40),
+    drift_users=0.33,
+    drift_items=40,
+    drift_at=0.85,
 )
 
 
@@ -46,7 +51,9 @@ def test_the_online_trainer_recovers_from_a_drift_that_the_artifact_alone_does_n
     online_windows = online["drift"]["hit_rate_at_50_after_shift_windows"]
     # The artifact alone decays after the shift and does not come back ...
     assert max(static_windows) < 0.8 * static["drift"]["hit_rate_at_50_before_shift"]
-    # ... the online service learns: its last window beats its first and the artifact's.
+    # ... the online service learns the arrived items, which the artifact cannot answer,
+    # and by the last window it is further back than the artifact.
+    assert online["hit_rate_at_50_new_items"] > 0.1
+    assert static["hit_rate_at_50_new_items"] == 0.0
     assert online_windows[-1] > online_windows[0]
-    assert online_windows[-1] > 1.2 * static_windows[-1]
-    assert online["hit_rate_at_50_new_items"] > 0.0 == static["hit_rate_at_50_new_items"]
+    assert online_windows[-1] >= static_windows[-1] + 0.03

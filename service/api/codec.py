@@ -17,6 +17,9 @@ from service.schemas import (
     RankRequest,
     RecommendRequest,
     RecommendResponse,
+    ScoredItem,
+    SimilarItemsRequest,
+    SimilarItemsResponse,
     UpsertItemVectorsRequest,
 )
 
@@ -43,6 +46,38 @@ def request_to_proto(request: RecommendRequest) -> pb.RecommendRequest:
         candidates=request.candidates,
         knn_embed=pb.KnnEmbedOptions(**knobs) if knobs is not None else None,
         recent_item_ids=request.recent_item_ids,
+    )
+
+
+def similar_request_from_proto(message: pb.SimilarItemsRequest) -> SimilarItemsRequest:
+    return SimilarItemsRequest.model_validate(
+        {"item_id": message.item_id, **({"k": message.k} if message.k else {})}
+    )
+
+
+def similar_request_to_proto(request: SimilarItemsRequest) -> pb.SimilarItemsRequest:
+    return pb.SimilarItemsRequest(item_id=request.item_id, k=request.k)
+
+
+def scored_items_to_proto(items: list[ScoredItem]) -> list[pb.ScoredItem]:
+    return [pb.ScoredItem(item_id=i.item_id, score=i.score) for i in items]
+
+
+def similar_response_to_proto(answer: SimilarItemsResponse) -> pb.SimilarItemsResponse:
+    return pb.SimilarItemsResponse(
+        item_id=answer.item_id,
+        items=scored_items_to_proto(answer.items),
+        degraded=answer.degraded,
+        model_version=answer.model_version,
+    )
+
+
+def similar_response_from_proto(message: pb.SimilarItemsResponse) -> SimilarItemsResponse:
+    return SimilarItemsResponse(
+        item_id=message.item_id,
+        items=[ScoredItem(item_id=i.item_id, score=i.score) for i in message.items],
+        degraded=message.degraded,
+        model_version=message.model_version,
     )
 
 
@@ -81,7 +116,7 @@ def ranker_from_proto(message: pb.RankerInfo) -> RankerInfo:
 def recommend_response_to_proto(result: RecommendResponse) -> pb.RecommendResponse:
     return pb.RecommendResponse(
         user_id=result.user_id,
-        items=[pb.ScoredItem(item_id=i.item_id, score=i.score) for i in result.items],
+        items=scored_items_to_proto(result.items),
         degraded=result.degraded,
         model_version=result.model_version,
         ranker=ranker_to_proto(result.ranker),

@@ -25,6 +25,7 @@ from service.metrics import REQUEST_LATENCY, REQUESTS
 from service.online.streams import EventLogUnavailable, accept_events
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
+from service.schemas import UnknownItem
 
 T = TypeVar("T")
 
@@ -50,6 +51,10 @@ class NotLoaded(Refused):
 
 class Unauthenticated(Refused):
     code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class NotFound(Refused):
+    code = grpc.StatusCode.NOT_FOUND
 
 
 @contextmanager
@@ -101,6 +106,20 @@ def deadline_of(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def similar_items(
+    served: Served, request: pb.SimilarItemsRequest, context
+) -> pb.SimilarItemsResponse:
+    """What both services' SimilarItems answer: the served pipeline's, NOT_FOUND for an item
+    it has no vector for."""
+    pipeline = loaded(served.pipeline)
+    parsed = validated(codec.similar_request_from_proto, request)
+    try:
+        answer = pipeline.similar_items(parsed, deadline_of(context))
+    except UnknownItem as exc:
+        raise NotFound(str(exc)) from None
+    return codec.similar_response_to_proto(answer)
+
+
 class RecommenderServicer(pb_grpc.RecommenderServicer):
     """The gateway's service: over the embedded pipeline or the remote one."""
 
@@ -135,6 +154,12 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             parsed = validated(codec.events_from_proto, request)
             return pb.SendEventsResponse(accepted=accept_events(online.events, parsed).accepted)
 
+    def SimilarItems(
+        self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext
+    ) -> pb.SimilarItemsResponse:
+        with answering("SimilarItems", context):
+            return similar_items(self.served, request, context)
+
 
 class RetrievalServicer(pb_grpc.RetrievalServicer):
     """The candidate-generation tier over its in-process pipeline."""
@@ -151,6 +176,12 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             pipeline = loaded(self.served.pipeline)
             parsed = validated(codec.request_from_proto, request)
             return codec.candidates_to_columns(pipeline.retrieve(parsed), pipeline.model_version)
+
+    def SimilarItems(
+        self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext
+    ) -> pb.SimilarItemsResponse:
+        with answering("SimilarItems", context):
+            return similar_items(self.served, request, context)
 
 
 class RankingServicer(pb_grpc.RankingServicer):

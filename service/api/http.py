@@ -20,6 +20,9 @@ from service.schemas import (
     EventsResponse,
     RecommendRequest,
     RecommendResponse,
+    SimilarItemsRequest,
+    SimilarItemsResponse,
+    UnknownItem,
 )
 
 
@@ -77,6 +80,23 @@ def recommend(body: RecommendRequest, pipeline: PipelineDep, deadline: DeadlineD
 def candidates(body: RecommendRequest, pipeline: PipelineDep, deadline: DeadlineDep) -> Response:
     """The candidate set before ranking, with retrieval scores and sources."""
     return json_response(pipeline.candidates(body, deadline))
+
+
+@router.post(
+    "/v1/similar-items",
+    response_model=SimilarItemsResponse,
+    responses={404: {"description": "The service holds no vector for the item."}},
+    tags=["recommend"],
+)
+def similar_items(
+    body: SimilarItemsRequest, pipeline: PipelineDep, deadline: DeadlineDep
+) -> Response:
+    """The items nearest to an item by its vector (a product page's "more like this"), the
+    item itself left out."""
+    try:
+        return json_response(pipeline.similar_items(body, deadline))
+    except UnknownItem as exc:
+        raise HTTPException(status_code=404, detail=str(exc)) from None
 
 
 @router.post("/v1/events", status_code=202, response_model=EventsResponse, tags=["events"])

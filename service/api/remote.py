@@ -25,17 +25,26 @@ from service.metrics import DEGRADED, TIER_BREAKER_OPEN
 from service.pipeline.interface import (
     RANK,
     RETRIEVE,
+    SIMILAR,
     StageFailed,
     candidate_count,
     candidates_response,
     excluded_ids,
     ranked_response,
+    similar_response,
     timed,
 )
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.retrieval.candidates import Candidates
 from service.retrieval.popular import PopularItems
-from service.schemas import CandidatesResponse, RecommendRequest, RecommendResponse
+from service.schemas import (
+    CandidatesResponse,
+    RecommendRequest,
+    RecommendResponse,
+    SimilarItemsRequest,
+    SimilarItemsResponse,
+    UnknownItem,
+)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -126,6 +135,7 @@ class RemotePipeline:
         self.ranking = Tier("ranking", settings.ranking_address)
         self._retrieve_stub = pb_grpc.RetrievalStub(self.retrieval.channel).Retrieve
         self._rank_stub = pb_grpc.RankingStub(self.ranking.channel).Rank
+        self._similar_stub = pb_grpc.RetrievalStub(self.retrieval.channel).SimilarItems
         self.model_version = popular.version  # until the retrieval tier names its own
 
     def _until(self, deadline: float | None) -> float:
@@ -183,6 +193,39 @@ class RemotePipeline:
         return ranked_response(
             request, found, scores, self.model_version, codec.ranker_from_proto(ranked.ranker)
         )
+
+    def similar_items(
+        self, request: SimilarItemsRequest, deadline: float | None = None
+    ) -> SimilarItemsResponse:
+        """The retrieval tier's answer; an item it has no vector for is NOT_FOUND there and
+        `UnknownItem` here; a tier that fails answers popular items, `degraded`."""
+        with timed(SIMILAR):
+            try:
+                answer = self.retrieval.read(
+                    self._similar_or_not_found,
+                    codec.similar_request_to_proto(request),
+                    self._until(deadline),
+                )
+            except StageFailed as exc:
+                log.warning("similar items fell back to popular items: %s", exc)
+                DEGRADED.labels("retrieval").inc()
+                found = self.popular.top(request.k, np.array([request.item_id], np.uint64))
+                return similar_response(
+                    request, found.item_ids, found.scores, self.model_version, degraded=True
+                )
+        if isinstance(answer, grpc.RpcError):
+            raise UnknownItem(answer.details())
+        return codec.similar_response_from_proto(answer)
+
+    def _similar_or_not_found(self, message, timeout: float):
+        """The tier's answer, or its NOT_FOUND returned: a healthy tier's answer about the
+        item, which must not count toward its breaker."""
+        try:
+            return self._similar_stub(message, timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return exc
+            raise
 
     def close(self) -> None:
         self.retrieval.close()

@@ -7,9 +7,10 @@ the context carries signal for the ranker. Same seed, same data.
 
 Drift (off by default): at `drift_at` of the time span, a share `drift_users` of users
 swap their heaviest interest for a category they did not hold, and `drift_items` new items
-arrive, spread over the categories, each as popular as one of its category's top tenth
-(new releases). Every interaction after the shift is drawn again from the new interests
-and catalog; the data before it are those of the same configuration without drift.
+arrive, spread over the categories, each as popular as a random item of its category.
+Every interaction after the shift is drawn again from the new interests and catalog (an
+item a user already has is skipped); the data before it are those of the same
+configuration without drift.
 """
 
 from dataclasses import asdict, dataclass
@@ -103,7 +104,9 @@ def generate(config: SyntheticConfig = SyntheticConfig()) -> Dataset:
     )
     catalog = pd.DataFrame({"item_id": item_ids, "category": [f"c{c}" for c in item_category]})
     if config.drifts:
-        interactions, catalog = _drifted(config, interactions, catalog, mixes, item_ids)
+        interactions, catalog = _drifted(
+            config, interactions, catalog, mixes, item_ids, item_category, popularity
+        )
     drift_fields = ("drift_users", "drift_items", "drift_at")
     options = {
         k: v
@@ -114,25 +117,20 @@ def generate(config: SyntheticConfig = SyntheticConfig()) -> Dataset:
     return Dataset(name, interactions, catalog)
 
 
-def _drifted(config, interactions, catalog, mixes, item_ids):
+def _drifted(config, interactions, catalog, mixes, item_ids, item_category, popularity):
     """The interactions after the shift drawn again (see the module's docstring), from a
     random stream of their own: the data before the shift stay as without drift."""
     rng = np.random.default_rng([config.seed, 1])
-    categories = catalog["category"].str[1:].astype(int).to_numpy()
     new_ids = rng.choice(2**62, size=config.drift_items, replace=False).astype(np.uint64) + 1
     new_ids = np.setdiff1d(new_ids, item_ids)
     new_categories = rng.integers(0, config.categories, len(new_ids))
     all_ids = np.concatenate([item_ids, new_ids])
-    all_categories = np.concatenate([categories, new_categories])
-    rank = rng.permutation(config.items) + 1  # popularity as the base draw's, redrawn
-    popularity = np.concatenate(
-        [rank.astype(np.float64) ** -config.zipf_exponent, np.zeros(len(new_ids))]
-    )
+    all_categories = np.concatenate([item_category, new_categories])
+    popularity = np.concatenate([popularity, np.zeros(len(new_ids))])
     members = [np.flatnonzero(all_categories == c) for c in range(config.categories)]
-    for m in members:  # each new item as popular as one of its category's top tenth
+    for m in members:  # each new item as popular as a random one of its category
         old, new = m[m < config.items], m[m >= config.items]
-        top = np.sort(popularity[old])[::-1][: max(1, len(old) // 10)] if len(old) else [1.0]
-        popularity[new] = rng.choice(top, len(new))
+        popularity[new] = rng.choice(popularity[old], len(new)) if len(old) else 1.0
     in_category_p = [popularity[m] / popularity[m].sum() for m in members]
 
     user_ids = interactions["user_id"].to_numpy()

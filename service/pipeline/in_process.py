@@ -18,9 +18,11 @@ from service.metrics import CANDIDATES, COLD_START, DEGRADED, MODEL_INFO
 from service.pipeline.interface import (
     RANK,
     RETRIEVE,
+    SIMILAR,
     candidate_count,
     candidates_response,
     ranked_response,
+    similar_response,
     timed,
 )
 from service.ranking.models import ranker_name
@@ -34,12 +36,15 @@ from service.retrieval.candidates import (
 )
 from service.retrieval.generator import CandidateGenerator
 from service.retrieval.knn_embed import MixtureKnobs
+from service.retrieval.similar_items import item_vector, nearest_items
 from service.schemas import (
     CandidatesResponse,
     Context,
     RankerInfo,
     RecommendRequest,
     RecommendResponse,
+    SimilarItemsRequest,
+    SimilarItemsResponse,
 )
 from service.settings import Settings
 
@@ -198,6 +203,18 @@ class RecommendPipeline:
             return ranked_response(request, found, None, self.model_version, None)
         scores = self.ranking.rank(request.user_id, found.item_ids, found.scores, request.context)
         return ranked_response(request, found, scores, self.model_version, self.ranker_info)
+
+    def similar_items(
+        self, request: SimilarItemsRequest, deadline: float | None = None
+    ) -> SimilarItemsResponse:
+        with timed(SIMILAR):
+            vector, degraded = item_vector(
+                self.bundle.two_tower, self.bundle.features, self.store, request.item_id
+            )
+            ids, scores = nearest_items(self.generator.index, vector, request.item_id, request.k)
+        if degraded:
+            DEGRADED.labels("embedding_store").inc()
+        return similar_response(request, ids, scores, self.model_version, degraded)
 
     def close(self) -> None:
         self.store.close()

@@ -22,9 +22,12 @@ from service.schemas import (
     RecommendRequest,
     RecommendResponse,
     ScoredItem,
+    SimilarItemsRequest,
+    SimilarItemsResponse,
 )
 
-RETRIEVE, RANK = "retrieve", "rank"  # the stages, as `recsys_stage_duration_seconds` labels them
+# The stages, as `recsys_stage_duration_seconds` labels them.
+RETRIEVE, RANK, SIMILAR = "retrieve", "rank", "similar_items"
 
 
 class StageFailed(Exception):
@@ -45,6 +48,11 @@ class Pipeline(Protocol):
     def candidates(
         self, request: RecommendRequest, deadline: float | None = None
     ) -> CandidatesResponse: ...
+
+    def similar_items(
+        self, request: SimilarItemsRequest, deadline: float | None = None
+    ) -> SimilarItemsResponse:
+        """Raises `service.schemas.UnknownItem` for an item the service has no vector for."""
 
     def close(self) -> None: ...
 
@@ -72,6 +80,21 @@ def candidates_response(user_id: int, found: Candidates, model_version: str) -> 
             for i, s, src, c in zip(found.item_ids, found.scores, found.sources, found.components)
         ],
         degraded=found.degraded,
+        model_version=model_version,
+    )
+
+
+def similar_response(
+    request: SimilarItemsRequest,
+    ids: np.ndarray,
+    scores: np.ndarray,
+    model_version: str,
+    degraded: bool = False,
+) -> SimilarItemsResponse:
+    return SimilarItemsResponse(
+        item_id=request.item_id,
+        items=[ScoredItem(item_id=int(i), score=float(s)) for i, s in zip(ids, scores)],
+        degraded=degraded,
         model_version=model_version,
     )
 

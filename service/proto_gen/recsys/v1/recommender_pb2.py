@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-service/proto_gen/recsys/v1/recommender.proto\x12\trecsys.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"G\n\x07\x43ontext\x12\x11\n\x04hour\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x07weekday\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_hourB\n\n\x08_weekday\"\x87\x01\n\x0fKnnEmbedOptions\x12\x12\n\x05\x61lpha\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\ncomponents\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0ereserved_share\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_alphaB\r\n\x0b_componentsB\x11\n\x0f_reserved_share\"\xfa\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12#\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x12.recsys.v1.Context\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\x04\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12\x17\n\ncandidates\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12-\n\tknn_embed\x18\x07 \x01(\x0b\x32\x1a.recsys.v1.KnnEmbedOptions\x12\x17\n\x0frecent_item_ids\x18\x08 \x03(\x04\x42\x04\n\x02_kB\r\n\x0b_candidates\",\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12\r\n\x05score\x18\x02 \x01(\x01\",\n\nRankerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\"\x9a\x01\n\x11RecommendResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12%\n\x06ranker\x18\x05 \x01(\x0b\x32\x15.recsys.v1.RankerInfo\"a\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x16\n\tcomponent\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x0c\n\n_component\"x\n\x12\x43\x61ndidatesResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12(\n\ncandidates\x18\x02 \x03(\x0b\x32\x14.recsys.v1.Candidate\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x98\x01\n\x10RetrieveResponse\x12\x10\n\x08item_ids\x18\x01 \x03(\x04\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x0f\n\x07sources\x18\x03 \x03(\r\x12\x14\n\x0csource_names\x18\x04 \x03(\t\x12\x12\n\ncomponents\x18\x05 \x03(\x05\x12\x10\n\x08\x64\x65graded\x18\x06 \x01(\x08\x12\x15\n\rmodel_version\x18\x07 \x01(\t\"f\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12\x0f\n\x07item_id\x18\x02 \x01(\x04\x12\x0c\n\x04type\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x11SendEventsRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.recsys.v1.Event\"&\n\x12SendEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\"o\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12#\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x12.recsys.v1.Context\x12\x10\n\x08item_ids\x18\x03 \x03(\x04\x12\x18\n\x10retrieval_scores\x18\x04 \x03(\x02\"\\\n\x0cRankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12%\n\x06ranker\x18\x02 \x01(\x0b\x32\x15.recsys.v1.RankerInfo\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"\x14\n\x12ReloadIndexRequest\"=\n\x13ReloadIndexResponse\x12\x0f\n\x07swapped\x18\x01 \x01(\x08\x12\x15\n\rindex_version\x18\x02 \x01(\t\"-\n\nItemVector\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12\x0e\n\x06vector\x18\x02 \x03(\x02\"@\n\x18UpsertItemVectorsRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ItemVector\"-\n\x19UpsertItemVectorsResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x05\"1\n\x12ImportTableRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"#\n\x13ImportTableResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\x32\xea\x01\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponse\x12H\n\nCandidates\x12\x1b.recsys.v1.RecommendRequest\x1a\x1d.recsys.v1.CandidatesResponse\x12I\n\nSendEvents\x12\x1c.recsys.v1.SendEventsRequest\x1a\x1d.recsys.v1.SendEventsResponse2Q\n\tRetrieval\x12\x44\n\x08Retrieve\x12\x1b.recsys.v1.RecommendRequest\x1a\x1b.recsys.v1.RetrieveResponse2B\n\x07Ranking\x12\x37\n\x04Rank\x12\x16.recsys.v1.RankRequest\x1a\x17.recsys.v1.RankResponse2\x83\x02\n\x05\x41\x64min\x12L\n\x0bReloadIndex\x12\x1d.recsys.v1.ReloadIndexRequest\x1a\x1e.recsys.v1.ReloadIndexResponse\x12^\n\x11UpsertItemVectors\x12#.recsys.v1.UpsertItemVectorsRequest\x1a$.recsys.v1.UpsertItemVectorsResponse\x12L\n\x0bImportTable\x12\x1d.recsys.v1.ImportTableRequest\x1a\x1e.recsys.v1.ImportTableResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-service/proto_gen/recsys/v1/recommender.proto\x12\trecsys.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"G\n\x07\x43ontext\x12\x11\n\x04hour\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x07weekday\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_hourB\n\n\x08_weekday\"\x87\x01\n\x0fKnnEmbedOptions\x12\x12\n\x05\x61lpha\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\ncomponents\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0ereserved_share\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_alphaB\r\n\x0b_componentsB\x11\n\x0f_reserved_share\"\xfa\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12#\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x12.recsys.v1.Context\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\x04\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12\x17\n\ncandidates\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12-\n\tknn_embed\x18\x07 \x01(\x0b\x32\x1a.recsys.v1.KnnEmbedOptions\x12\x17\n\x0frecent_item_ids\x18\x08 \x03(\x04\x42\x04\n\x02_kB\r\n\x0b_candidates\",\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12\r\n\x05score\x18\x02 \x01(\x01\",\n\nRankerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\"\x9a\x01\n\x11RecommendResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12%\n\x06ranker\x18\x05 \x01(\x0b\x32\x15.recsys.v1.RankerInfo\"a\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x16\n\tcomponent\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x0c\n\n_component\"x\n\x12\x43\x61ndidatesResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12(\n\ncandidates\x18\x02 \x03(\x0b\x32\x14.recsys.v1.Candidate\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"1\n\x13SimilarItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12\t\n\x01k\x18\x02 \x01(\x05\"v\n\x14SimilarItemsResponse\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x98\x01\n\x10RetrieveResponse\x12\x10\n\x08item_ids\x18\x01 \x03(\x04\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x0f\n\x07sources\x18\x03 \x03(\r\x12\x14\n\x0csource_names\x18\x04 \x03(\t\x12\x12\n\ncomponents\x18\x05 \x03(\x05\x12\x10\n\x08\x64\x65graded\x18\x06 \x01(\x08\x12\x15\n\rmodel_version\x18\x07 \x01(\t\"f\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12\x0f\n\x07item_id\x18\x02 \x01(\x04\x12\x0c\n\x04type\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x11SendEventsRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.recsys.v1.Event\"&\n\x12SendEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\"o\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x04\x12#\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x12.recsys.v1.Context\x12\x10\n\x08item_ids\x18\x03 \x03(\x04\x12\x18\n\x10retrieval_scores\x18\x04 \x03(\x02\"\\\n\x0cRankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12%\n\x06ranker\x18\x02 \x01(\x0b\x32\x15.recsys.v1.RankerInfo\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"\x14\n\x12ReloadIndexRequest\"=\n\x13ReloadIndexResponse\x12\x0f\n\x07swapped\x18\x01 \x01(\x08\x12\x15\n\rindex_version\x18\x02 \x01(\t\"-\n\nItemVector\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12\x0e\n\x06vector\x18\x02 \x03(\x02\"@\n\x18UpsertItemVectorsRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ItemVector\"-\n\x19UpsertItemVectorsResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x05\"1\n\x12ImportTableRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"#\n\x13ImportTableResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x04\x32\xbb\x02\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponse\x12H\n\nCandidates\x12\x1b.recsys.v1.RecommendRequest\x1a\x1d.recsys.v1.CandidatesResponse\x12I\n\nSendEvents\x12\x1c.recsys.v1.SendEventsRequest\x1a\x1d.recsys.v1.SendEventsResponse\x12O\n\x0cSimilarItems\x12\x1e.recsys.v1.SimilarItemsRequest\x1a\x1f.recsys.v1.SimilarItemsResponse2\xa2\x01\n\tRetrieval\x12\x44\n\x08Retrieve\x12\x1b.recsys.v1.RecommendRequest\x1a\x1b.recsys.v1.RetrieveResponse\x12O\n\x0cSimilarItems\x12\x1e.recsys.v1.SimilarItemsRequest\x1a\x1f.recsys.v1.SimilarItemsResponse2B\n\x07Ranking\x12\x37\n\x04Rank\x12\x16.recsys.v1.RankRequest\x1a\x17.recsys.v1.RankResponse2\x83\x02\n\x05\x41\x64min\x12L\n\x0bReloadIndex\x12\x1d.recsys.v1.ReloadIndexRequest\x1a\x1e.recsys.v1.ReloadIndexResponse\x12^\n\x11UpsertItemVectors\x12#.recsys.v1.UpsertItemVectorsRequest\x1a$.recsys.v1.UpsertItemVectorsResponse\x12L\n\x0bImportTable\x12\x1d.recsys.v1.ImportTableRequest\x1a\x1e.recsys.v1.ImportTableResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,38 +48,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANDIDATE']._serialized_end=903
   _globals['_CANDIDATESRESPONSE']._serialized_start=905
   _globals['_CANDIDATESRESPONSE']._serialized_end=1025
-  _globals['_RETRIEVERESPONSE']._serialized_start=1028
-  _globals['_RETRIEVERESPONSE']._serialized_end=1180
-  _globals['_EVENT']._serialized_start=1182
-  _globals['_EVENT']._serialized_end=1284
-  _globals['_SENDEVENTSREQUEST']._serialized_start=1286
-  _globals['_SENDEVENTSREQUEST']._serialized_end=1339
-  _globals['_SENDEVENTSRESPONSE']._serialized_start=1341
-  _globals['_SENDEVENTSRESPONSE']._serialized_end=1379
-  _globals['_RANKREQUEST']._serialized_start=1381
-  _globals['_RANKREQUEST']._serialized_end=1492
-  _globals['_RANKRESPONSE']._serialized_start=1494
-  _globals['_RANKRESPONSE']._serialized_end=1586
-  _globals['_RELOADINDEXREQUEST']._serialized_start=1588
-  _globals['_RELOADINDEXREQUEST']._serialized_end=1608
-  _globals['_RELOADINDEXRESPONSE']._serialized_start=1610
-  _globals['_RELOADINDEXRESPONSE']._serialized_end=1671
-  _globals['_ITEMVECTOR']._serialized_start=1673
-  _globals['_ITEMVECTOR']._serialized_end=1718
-  _globals['_UPSERTITEMVECTORSREQUEST']._serialized_start=1720
-  _globals['_UPSERTITEMVECTORSREQUEST']._serialized_end=1784
-  _globals['_UPSERTITEMVECTORSRESPONSE']._serialized_start=1786
-  _globals['_UPSERTITEMVECTORSRESPONSE']._serialized_end=1831
-  _globals['_IMPORTTABLEREQUEST']._serialized_start=1833
-  _globals['_IMPORTTABLEREQUEST']._serialized_end=1882
-  _globals['_IMPORTTABLERESPONSE']._serialized_start=1884
-  _globals['_IMPORTTABLERESPONSE']._serialized_end=1919
-  _globals['_RECOMMENDER']._serialized_start=1922
-  _globals['_RECOMMENDER']._serialized_end=2156
-  _globals['_RETRIEVAL']._serialized_start=2158
-  _globals['_RETRIEVAL']._serialized_end=2239
-  _globals['_RANKING']._serialized_start=2241
-  _globals['_RANKING']._serialized_end=2307
-  _globals['_ADMIN']._serialized_start=2310
-  _globals['_ADMIN']._serialized_end=2569
+  _globals['_SIMILARITEMSREQUEST']._serialized_start=1027
+  _globals['_SIMILARITEMSREQUEST']._serialized_end=1076
+  _globals['_SIMILARITEMSRESPONSE']._serialized_start=1078
+  _globals['_SIMILARITEMSRESPONSE']._serialized_end=1196
+  _globals['_RETRIEVERESPONSE']._serialized_start=1199
+  _globals['_RETRIEVERESPONSE']._serialized_end=1351
+  _globals['_EVENT']._serialized_start=1353
+  _globals['_EVENT']._serialized_end=1455
+  _globals['_SENDEVENTSREQUEST']._serialized_start=1457
+  _globals['_SENDEVENTSREQUEST']._serialized_end=1510
+  _globals['_SENDEVENTSRESPONSE']._serialized_start=1512
+  _globals['_SENDEVENTSRESPONSE']._serialized_end=1550
+  _globals['_RANKREQUEST']._serialized_start=1552
+  _globals['_RANKREQUEST']._serialized_end=1663
+  _globals['_RANKRESPONSE']._serialized_start=1665
+  _globals['_RANKRESPONSE']._serialized_end=1757
+  _globals['_RELOADINDEXREQUEST']._serialized_start=1759
+  _globals['_RELOADINDEXREQUEST']._serialized_end=1779
+  _globals['_RELOADINDEXRESPONSE']._serialized_start=1781
+  _globals['_RELOADINDEXRESPONSE']._serialized_end=1842
+  _globals['_ITEMVECTOR']._serialized_start=1844
+  _globals['_ITEMVECTOR']._serialized_end=1889
+  _globals['_UPSERTITEMVECTORSREQUEST']._serialized_start=1891
+  _globals['_UPSERTITEMVECTORSREQUEST']._serialized_end=1955
+  _globals['_UPSERTITEMVECTORSRESPONSE']._serialized_start=1957
+  _globals['_UPSERTITEMVECTORSRESPONSE']._serialized_end=2002
+  _globals['_IMPORTTABLEREQUEST']._serialized_start=2004
+  _globals['_IMPORTTABLEREQUEST']._serialized_end=2053
+  _globals['_IMPORTTABLERESPONSE']._serialized_start=2055
+  _globals['_IMPORTTABLERESPONSE']._serialized_end=2090
+  _globals['_RECOMMENDER']._serialized_start=2093
+  _globals['_RECOMMENDER']._serialized_end=2408
+  _globals['_RETRIEVAL']._serialized_start=2411
+  _globals['_RETRIEVAL']._serialized_end=2573
+  _globals['_RANKING']._serialized_start=2575
+  _globals['_RANKING']._serialized_end=2641
+  _globals['_ADMIN']._serialized_start=2644
+  _globals['_ADMIN']._serialized_end=2903
 # @@protoc_insertion_point(module_scope)

@@ -101,6 +101,26 @@ class CandidatesResponse(_message.Message):
     model_version: str
     def __init__(self, user_id: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
 
+class SimilarItemsRequest(_message.Message):
+    __slots__ = ("item_id", "k")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    item_id: int
+    k: int
+    def __init__(self, item_id: _Optional[int] = ..., k: _Optional[int] = ...) -> None: ...
+
+class SimilarItemsResponse(_message.Message):
+    __slots__ = ("item_id", "items", "degraded", "model_version")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    item_id: int
+    items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
+    degraded: bool
+    model_version: str
+    def __init__(self, item_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
+
 class RetrieveResponse(_message.Message):
     __slots__ = ("item_ids", "scores", "sources", "source_names", "components", "degraded", "model_version")
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]

@@ -49,6 +49,11 @@ class RecommenderStub:
                 request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SendEventsRequest.SerializeToString,
                 response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SendEventsResponse.FromString,
                 _registered_method=True)
+        self.SimilarItems = channel.unary_unary(
+                '/recsys.v1.Recommender/SimilarItems',
+                request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
+                response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SimilarItemsResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -75,6 +80,14 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SimilarItems(self, request, context):
+        """The items nearest to an item by its vector ("more like this"); NOT_FOUND for an item
+        the service holds no vector for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.SendEvents,
                     request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SendEventsRequest.FromString,
                     response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SendEventsResponse.SerializeToString,
+            ),
+            'SimilarItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.SimilarItems,
+                    request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SimilarItemsRequest.FromString,
+                    response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SimilarItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -185,6 +203,33 @@ class Recommender:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def SimilarItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Recommender/SimilarItems',
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SimilarItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class RetrievalStub:
     """The candidate-generation tier, called by the gateway in distributed mode.
@@ -201,6 +246,11 @@ class RetrievalStub:
                 request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RecommendRequest.SerializeToString,
                 response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RetrieveResponse.FromString,
                 _registered_method=True)
+        self.SimilarItems = channel.unary_unary(
+                '/recsys.v1.Retrieval/SimilarItems',
+                request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
+                response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SimilarItemsResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServicer:
@@ -214,6 +264,13 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SimilarItems(self, request, context):
+        """What Recommender.SimilarItems answers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -221,6 +278,11 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.Retrieve,
                     request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RecommendRequest.FromString,
                     response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RetrieveResponse.SerializeToString,
+            ),
+            'SimilarItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.SimilarItems,
+                    request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SimilarItemsRequest.FromString,
+                    response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SimilarItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -251,6 +313,33 @@ class Retrieval:
             '/recsys.v1.Retrieval/Retrieve',
             service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RecommendRequest.SerializeToString,
             service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.RetrieveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SimilarItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Retrieval/SimilarItems',
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.SimilarItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,
