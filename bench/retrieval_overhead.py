@@ -3,7 +3,7 @@
     python bench/retrieval_overhead.py [--quick] [--json PATH] [--items N]
 
 A synthetic catalog (1M items x 64 dims by default; --quick: 100k) in an IVF index as
-`recsys train` would build it (`IDMap2,IVF4096,Flat`, nprobe 32), 10,000 users with 20-item
+`recsys train` would build it (`IVF4096,Flat`, nprobe 32), 10,000 users with 20-item
 histories in the in-process embedding table, kNN-Embed clusters over the items. For each
 request: the candidate generator's whole retrieval (table reads, user tower, interests,
 FAISS, exclusions, merge) for 200 candidates, by strategy, against the raw FAISS calls the

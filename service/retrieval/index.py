@@ -38,7 +38,32 @@ def default_factory(n_items: int) -> str:
     if n_items <= FLAT_MAX_ITEMS:
         return "IDMap2,Flat"
     nlist = 1 << int(round(math.log2(4 * math.sqrt(n_items))))
-    return f"IDMap2,IVF{nlist},Flat"
+    return f"IVF{nlist},Flat"
+
+
+def by_item_ids(index: faiss.Index) -> faiss.Index:
+    """An IVF index keyed by the items' own ids, with a hash-table direct map, so an item's
+    vector can be read back (the item-to-item source scores its candidates with them) and
+    still be removed and re-added (upserts). `IndexIDMap2` over IVF can do neither with a
+    direct map: its remove hands IVF a translated selector, which the hash table refuses,
+    and without one IVF cannot reconstruct. `build` makes IVF indexes without the wrapper;
+    one read from an older file has the wrapper's ids written into its inverted lists and
+    the wrapper dropped. Any other index is returned as it is."""
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        if not isinstance(faiss.downcast_index(index.index), faiss.IndexIVF):
+            return index
+        item_ids = faiss.vector_to_array(index.id_map)
+        ivf = faiss.clone_index(index.index)  # its own copy: the wrapper owns the original
+        lists = ivf.invlists
+        for number in range(ivf.nlist):
+            size = lists.list_size(number)
+            if size:  # the copy's own buffers, rewritten in place
+                ids = faiss.rev_swig_ptr(lists.get_ids(number), size)
+                ids[:] = item_ids[ids]
+        index = ivf
+    if isinstance(index, faiss.IndexIVF) and index.direct_map.type == faiss.DirectMap.NoMap:
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return index
 
 
 def training_sample(vectors: np.ndarray, lists: int, seed: int) -> np.ndarray:
@@ -51,8 +76,26 @@ def training_sample(vectors: np.ndarray, lists: int, seed: int) -> np.ndarray:
     return vectors[rows]
 
 
+UNINDEXABLE_IN_IVF = np.uint64(2**64 - 1)  # -1 as faiss's int64: IVF's "no entry"
+
+
+def indexable(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray):
+    """(ids, vectors) without item 2**64 - 1 where `index` is IVF: it keeps ids itself, and
+    its lists read -1 as an empty slot. That one item stays out of the index (a warning
+    says so); every other index maps ids apart and holds it."""
+    if isinstance(index, faiss.IndexIVF):
+        keep = np.asarray(ids, dtype=np.uint64) != UNINDEXABLE_IN_IVF
+        if not keep.all():
+            log.warning(
+                "item %d cannot be held by an IVF index; it is left out", UNINDEXABLE_IN_IVF
+            )
+            return np.asarray(ids)[keep], vectors[keep]
+    return ids, vectors
+
+
 def add_with_progress(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, name: str) -> None:
     """`index.add_with_ids` in steps, with a progress bar for catalogs of millions."""
+    ids, vectors = indexable(index, ids, vectors)
     keys = np.asarray(ids, dtype=np.uint64).view(np.int64)
     with tqdm(
         total=len(keys),
@@ -84,6 +127,7 @@ class ItemIndex:
         self._lock = threading.Lock()
         self.params = params
         self.device: str = "cpu"
+        index = by_item_ids(index)
         self._cpu = index  # the master copy: upserts and saves go here
         self.index = index  # what searches use: the CPU copy or its GPU clone
         self._gpu_resources = None
@@ -106,9 +150,11 @@ class ItemIndex:
     ) -> "ItemIndex":
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         factory = default_factory(len(ids)) if factory == "auto" else factory
-        if not factory.startswith("IDMap"):
-            factory = "IDMap2," + factory
         index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        if not isinstance(index, (faiss.IndexIVF, faiss.IndexIDMap, faiss.IndexIDMap2)):
+            # IVF keeps the items' 64-bit ids itself (see `by_item_ids`); the others by a map.
+            factory = "IDMap2," + factory
+            index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
             try:
                 ivf = faiss.extract_index_ivf(index)
@@ -207,6 +253,7 @@ class ItemIndex:
         return np.take_along_axis(scores, best, 1), np.take_along_axis(ids, best, 1)
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """The indexed vectors of `ids`; a RuntimeError if the index lacks one of them."""
         keys = np.asarray(ids, dtype=np.uint64).view(np.int64)
         with self._lock:
             if self._side is None:
@@ -229,12 +276,14 @@ class ItemIndex:
 
     def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> int:
         """Insert or replace items' vectors; returns how many ids were new to the index."""
+        ids, vectors = indexable(self._cpu, ids, vectors)
         keys = np.ascontiguousarray(np.asarray(ids, dtype=np.uint64).view(np.int64))
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         with self._lock:
             if isinstance(self._inner(self._cpu), faiss.IndexHNSW):
                 return self._upsert_beside_graph(keys, vectors)
-            replaced = self._cpu.remove_ids(faiss.IDSelectorBatch(keys))
+            # An array selector: what IVF's hash-table direct map removes by.
+            replaced = self._cpu.remove_ids(faiss.IDSelectorArray(keys))
             self._cpu.add_with_ids(vectors, keys)
             if self.device == "gpu":
                 self._to_gpu()
