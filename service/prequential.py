@@ -9,6 +9,7 @@ them side by side; tests replay a small drift scenario.
 """
 
 import numpy as np
+import pandas as pd
 from tqdm import tqdm
 
 from service.artifact_tables import in_memory_store
@@ -34,6 +35,7 @@ MODES = {
 
 
 def online_parts(bundle: ModelBundle, store, config: OnlineTrainerConfig):
+    """The in-process event log, recent items, trainer and index sync over `store`."""
     events, recent, feed = InMemoryEventLog(), InMemoryRecentItems(50), InMemoryItemUpdateFeed()
     trainer = OnlineTrainer(
         bundle.two_tower, bundle.features, bundle.histories, store, events, recent, feed, config
@@ -44,7 +46,7 @@ def online_parts(bundle: ModelBundle, store, config: OnlineTrainerConfig):
 
 def replay(
     folder: str,
-    test,
+    test: pd.DataFrame,
     new_items: np.ndarray,
     mode: str,
     batch: int,

@@ -9,8 +9,8 @@ For each batch read from the event log:
    a restarted trainer continues it. A row the artifact fitted on n interactions starts
    with n + 1 times the initial accumulator (small steps, as if its optimizer had been
    kept), and after each step gives back a share of its distance to the artifact's value,
-   so a burst of clicks cannot throw a well-trained row away. The towers' dense layers stay as trained
-   (Monolith also syncs dense parameters far less often than sparse ones);
+   so a burst of clicks cannot throw a well-trained row away. The towers' dense layers stay
+   as trained (Monolith also syncs dense parameters far less often than sparse ones);
 3. what the batch will write is recorded first (`service.online.journal`), then the
    occurrences are counted, the new vectors and their state written to the embedding table
    with fresh TTLs, the users' interests (kNN-Embed) rewritten, the positive items appended
@@ -71,8 +71,8 @@ ROWS = ("all", "new")
 class OnlineTrainerConfig:
     batch_events: int = 512  # events read per batch
     learning_rate: float = 0.01  # Adagrad's, for rows the artifact trained
-    # For rows it lacks (new users and items): nothing better to start from, and a new
-    # item should reach its clickers' neighbours after a few clicks.
+    # For rows it lacks (new users and items): they have nothing better to start from, but a
+    # new item placed from one or two clicks takes answer places from the catalogue.
     new_row_learning_rate: float = 0.02
     steps: int = 1  # optimizer steps per batch
     negatives: int = 256  # uniformly sampled catalog items per batch
@@ -93,6 +93,10 @@ class OnlineTrainerConfig:
             raise ValueError(f"rows must be one of {ROWS}, not {self.rows!r}")
         if not 0.0 <= self.anchor < 1.0:
             raise ValueError(f"anchor must be in [0, 1), not {self.anchor}")
+        if self.initial_accumulator <= 0:  # Adagrad divides by the accumulator's root
+            raise ValueError(
+                f"initial_accumulator must be positive, not {self.initial_accumulator}"
+            )
 
 
 class OnlineTrainer:
@@ -316,7 +320,9 @@ class OnlineTrainer:
             )
         counts = self.features.item_counts
         popularity = counts[self.features.items.rows(np.concatenate([item_ids, sampled]))]
-        expected = len(pair_items) * popularity / max(counts.sum(), 1) + len(sampled) / len(catalog)
+        # The uniform part never 0, so log q stays finite when the batch holds the catalog.
+        uniform = max(len(sampled), 1) / len(catalog)
+        expected = len(pair_items) * popularity / max(counts.sum(), 1) + uniform
         log_q = torch.from_numpy(np.log(expected).astype(np.float32))
         # A batch item the same user also clicked is not a negative for that user's other pairs.
         clicked = np.zeros((len(user_ids), len(item_ids)), dtype=bool)
