@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -117,3 +119,30 @@ def test_movielens_loader():
         )
         >= 0
     )
+
+
+def test_a_drift_changes_only_what_comes_after_its_shift():
+    base = SyntheticConfig(users=150, items=200, categories=6, seed=3)
+    drifted = replace(base, drift_users=0.5, drift_items=20)
+    plain, shifted = generate(base), generate(drifted)
+    shift = drifted.drift_time
+
+    def before(data):
+        frame = data.interactions[data.interactions["timestamp"] < shift]
+        return frame.sort_values(["user_id", "timestamp", "item_id"]).reset_index(drop=True)
+
+    assert before(plain).equals(before(shifted))
+    arrived = shifted.items["item_id"].to_numpy()[base.items :]
+    assert len(arrived) == 20 and not plain.interactions["item_id"].isin(arrived).any()
+    after = shifted.interactions[shifted.interactions["timestamp"] >= shift]
+    assert after["item_id"].isin(arrived).any()
+
+    def users_in_a_new_category(data):
+        frame = data.interactions.merge(data.items, on="item_id")
+        early = frame[frame["timestamp"] < shift].groupby("user_id")["category"].agg(set)
+        late = frame[frame["timestamp"] >= shift].groupby("user_id")["category"].agg(set)
+        return sum(bool(late[u] - early.get(u, set())) for u in late.index)
+
+    # Half the users swapped an interest: many more reach a category they never had.
+    assert users_in_a_new_category(shifted) > 2 * users_in_a_new_category(plain)
+    assert "drift_users=0.5" in shifted.name and "drift" not in plain.name

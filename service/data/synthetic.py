@@ -105,7 +105,7 @@ def generate(config: SyntheticConfig = SyntheticConfig()) -> Dataset:
     catalog = pd.DataFrame({"item_id": item_ids, "category": [f"c{c}" for c in item_category]})
     if config.drifts:
         interactions, catalog = _drifted(
-            config, interactions, catalog, mixes, item_ids, item_category, popularity
+            config, interactions, catalog, mixes, user_ids, item_ids, item_category, popularity
         )
     drift_fields = ("drift_users", "drift_items", "drift_at")
     options = {
@@ -117,7 +117,7 @@ def generate(config: SyntheticConfig = SyntheticConfig()) -> Dataset:
     return Dataset(name, interactions, catalog)
 
 
-def _drifted(config, interactions, catalog, mixes, item_ids, item_category, popularity):
+def _drifted(config, interactions, catalog, mixes, user_ids, item_ids, item_category, popularity):
     """The interactions after the shift drawn again (see the module's docstring), from a
     random stream of their own: the data before the shift stay as without drift."""
     rng = np.random.default_rng([config.seed, 1])
@@ -133,15 +133,14 @@ def _drifted(config, interactions, catalog, mixes, item_ids, item_category, popu
         popularity[new] = rng.choice(popularity[old], len(new)) if len(old) else 1.0
     in_category_p = [popularity[m] / popularity[m].sum() for m in members]
 
-    user_ids = interactions["user_id"].to_numpy()
-    order = {u: i for i, u in enumerate(dict.fromkeys(user_ids.tolist()))}
+    order = {int(user): u for u, user in enumerate(user_ids)}  # id -> generation index
     drifting = rng.random(config.users) < config.drift_users
     after = interactions["timestamp"].to_numpy() >= config.drift_time
     kept = interactions[~after]
     seen = {u: set(g) for u, g in kept.groupby("user_id")["item_id"]}
     rows = []
     for user, stamp in interactions.loc[after, ["user_id", "timestamp"]].itertuples(index=False):
-        u = order[user]
+        u = order[int(user)]
         interests, weights = mixes[u]
         if drifting[u]:
             others = np.setdiff1d(np.arange(config.categories), interests)
