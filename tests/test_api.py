@@ -9,11 +9,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service.api.embedded import build_app
+from service.artifact_tables import in_memory_store
+from service.pipeline.in_process import RecommendPipeline
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
-from service.retrieval.two_tower import cold_user_vector
+from service.retrieval.two_tower import cold_user_vector, item_vectors
+from service.schemas import SimilarItemsRequest
 from service.settings import Settings
 from service.testing.redis_servers import free_port
+from service.testing.stores import DegradedReads
 
 
 @pytest.fixture(scope="module")
@@ -297,8 +301,6 @@ def test_popular_candidates_score_on_the_two_tower_scale(http, bundle):
 
 
 def test_similar_items_are_an_items_nearest_by_vector_over_http_and_grpc(http, stub, bundle):
-    from service.retrieval.two_tower import item_vectors
-
     catalog = bundle.features.items.ids
     vectors = item_vectors(bundle.two_tower, bundle.features)  # as the index holds them
     item = int(catalog[np.argmax(bundle.features.item_counts[1:])])
@@ -335,3 +337,16 @@ def test_similar_items_of_an_unknown_item_is_not_found_and_bad_input_is_refused(
         stub.SimilarItems(pb.SimilarItemsRequest(item_id=1, k=501), timeout=5)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "k" in refused.value.details()
+
+
+def test_similar_items_with_the_item_table_down_answer_degraded_not_an_error(bundle):
+    pipeline = RecommendPipeline(bundle, DegradedReads(in_memory_store(bundle)))
+    known = int(bundle.features.items.ids[0])
+    # A catalogue item still has its attributes: answered from them, flagged degraded.
+    from_attributes = pipeline.similar_items(SimilarItemsRequest(item_id=known, k=5))
+    assert from_attributes.degraded and len(from_attributes.items) == 5
+    assert known not in {i.item_id for i in from_attributes.items}
+    # An item only the table could know: the popular items, flagged degraded.
+    unknown = pipeline.similar_items(SimilarItemsRequest(item_id=2**64 - 3, k=5))
+    popular = bundle.popular.top(5, np.empty(0, np.uint64)).item_ids.tolist()
+    assert unknown.degraded and [i.item_id for i in unknown.items] == popular

@@ -31,6 +31,7 @@ from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.schemas import Event
 from service.settings import Settings
 from service.testing.redis_servers import free_port
+from service.testing.stores import DegradedReads
 
 BIN = Path(sys.executable).parent
 NEW_ITEM = 2**63 + 12345  # no catalog attributes, no vector: only clicks will place it
@@ -338,26 +339,6 @@ def test_a_row_another_process_rewrote_is_read_past_the_local_cache_once_invalid
     )
     writer.close()
     reader.close()
-
-
-class DegradedReads:
-    """A store whose reads fail the way the Redis store's do: default vectors, degraded."""
-
-    def __init__(self, store):
-        self._store, self.writes = store, 0
-
-    def get_many(self, table, ids):
-        lookup = self._store.get_many(table, ids)
-        lookup.vectors[:] = 0.0
-        lookup.found[:] = False
-        lookup.degraded = True
-        return lookup
-
-    def put_many(self, *args):
-        self.writes += 1
-
-    def __getattr__(self, name):
-        return getattr(self._store, name)
 
 
 def in_process_trainer(

@@ -208,9 +208,16 @@ class RecommendPipeline:
         self, request: SimilarItemsRequest, deadline: float | None = None
     ) -> SimilarItemsResponse:
         with timed(SIMILAR):
-            vector, degraded = item_vector(
-                self.bundle.two_tower, self.bundle.features, self.store, request.item_id
-            )
+            try:
+                vector, degraded = item_vector(
+                    self.bundle.two_tower, self.bundle.features, self.store, request.item_id
+                )
+            except ConnectionError:  # a new item's row could not be read: popular items
+                DEGRADED.labels("embedding_store").inc()
+                found = self.bundle.popular.top(request.k, np.array([request.item_id], np.uint64))
+                return similar_response(
+                    request, found.item_ids, found.scores, self.model_version, degraded=True
+                )
             ids, scores = nearest_items(self.generator.index, vector, request.item_id, request.k)
         if degraded:
             DEGRADED.labels("embedding_store").inc()
