@@ -2,6 +2,7 @@
 with a password, or TLS only) or a Redis Cluster of several masters. Used by the tests and
 benchmarks; each server lives in a temporary folder and is stopped by `stop()`."""
 
+import random
 import shutil
 import socket
 import subprocess
@@ -22,13 +23,30 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
+_GIVEN: set[int] = set()  # ports this process handed out: never twice
+
+
+def _ephemeral_ports_start() -> int:
+    """Where the kernel's range for outgoing connections' local ports begins."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port(cluster_bus: bool = False) -> int:
-    """A free loopback port; for Cluster, port + 10000 (its bus) is free too."""
+    """A free loopback port; for Cluster, port + 10000 (its bus) is free too.
+
+    Drawn below the kernel's ephemeral range: a port the kernel hands out for `bind(0)`
+    may be given to another process's outgoing connection before the server that asked
+    for it binds it (a test stack starts many processes that connect to each other)."""
+    top = min(_ephemeral_ports_start(), 65536) - 10_000  # the bus stays below the range too
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not cluster_bus or (port + 10000 < 65536 and _port_is_free(port + 10000)):
+        port = random.randrange(10_000, max(top, 10_001))
+        if port in _GIVEN or (cluster_bus and port + 10_000 in _GIVEN):
+            continue  # handed out already, perhaps not bound yet
+        if _port_is_free(port) and (not cluster_bus or _port_is_free(port + 10_000)):
+            _GIVEN.update((port, port + 10_000) if cluster_bus else (port,))
             return port
     raise RuntimeError("no free port pair found")
 
