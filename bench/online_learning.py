@@ -37,7 +37,7 @@ from service.data.schema import Dataset
 from service.data.split import temporal_split
 from service.embeddings.recent_items import InMemoryRecentItems, RedisRecentItems
 from service.embeddings.redis_store import RedisEmbeddingStore, RedisStoreConfig, connect
-from service.evaluation import validate
+from service.evaluation import train_validated
 from service.online.index_sync import IndexSync
 from service.online.memory_streams import InMemoryEventLog, InMemoryItemUpdateFeed
 from service.online.redis_streams import RedisEventLog, RedisItemUpdateFeed
@@ -63,10 +63,7 @@ def train(dataset, quick: bool, root: str) -> str:
             ranker=replace(config.ranker, epochs=1),
         )
         return str(train_and_save(dataset, root, config))
-    validation = validate(dataset, config, ("mean", "sequence"))
-    chosen = validation.figures["choices"]["user_tower"]
-    config = replace(config, two_tower=replace(config.two_tower, user_tower=chosen))
-    return str(train_and_save(dataset, root, config, validation))
+    return str(train_validated(dataset, root, config, ("mean", "sequence")))
 
 
 def freshness_on_redis(folder: str, rounds: int) -> dict:

@@ -126,17 +126,15 @@ UserTowerOption = Annotated[
 def _train_and_save(
     data: Dataset, out: Path, config, validate: bool, user_tower: UserTower = UserTower.auto
 ) -> Path:
-    from service.evaluation import validate as validated_choices
+    from service.evaluation import train_validated
     from service.training.artifact import train_and_save
 
     if user_tower != UserTower.auto:  # else the configuration's own (mean) unless validated
         config = replace(config, two_tower=replace(config.two_tower, user_tower=user_tower.value))
+    if not validate:
+        return train_and_save(data, str(out), config)
     towers = ("mean", "sequence") if user_tower == UserTower.auto else ()
-    validation = validated_choices(data, config, towers) if validate else None
-    if validation is not None:
-        chosen = validation.figures["choices"]["user_tower"]
-        config = replace(config, two_tower=replace(config.two_tower, user_tower=chosen))
-    return train_and_save(data, str(out), config, validation)
+    return train_validated(data, out, config, towers)
 
 
 class RankerModel(str, Enum):

@@ -22,7 +22,7 @@ from service.retrieval.candidates import STRATEGY_KNN_EMBED, STRATEGY_TWO_TOWER
 from service.retrieval.knn_embed import MixtureKnobs
 from service.retrieval.two_tower import item_vectors
 from service.schemas import RecommendRequest
-from service.training.artifact import TrainConfig, Validation, train
+from service.training.artifact import TrainConfig, Validation, train, train_and_save
 from service.training.ranker import CandidateLists, ranked_places, train_listwise_ranker
 
 log = logging.getLogger(__name__)
@@ -386,6 +386,17 @@ def validate(
         },
         lists if usable >= MIN_RANKER_LISTS else None,
     )
+
+
+def train_validated(
+    dataset: Dataset, out: str | Path, config: TrainConfig, user_towers: tuple[str, ...] = ()
+) -> Path:
+    """What `recsys train` writes: `validate` chooses (the user tower among `user_towers`,
+    none: the configuration's own), then the artifact is trained with its choices."""
+    validation = validate(dataset, config, user_towers)
+    chosen = validation.figures["choices"]["user_tower"]
+    config = replace(config, two_tower=replace(config.two_tower, user_tower=chosen))
+    return train_and_save(dataset, str(out), config, validation)
 
 
 def evaluate_artifact(folder: str | Path, test: pd.DataFrame, protocol: str = "temporal") -> dict:
