@@ -8,7 +8,15 @@ import time
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_K = 500
 MAX_CANDIDATES = 2000
@@ -18,6 +26,8 @@ MAX_EVENTS = 1000
 MAX_COMPONENTS = 64
 MAX_UPSERT_ITEMS = 10_000
 MAX_VECTOR_DIM = 4096
+MAX_FILTER_TERMS = 16
+MAX_FILTER_VALUES = 1000
 MAX_EVENT_FUTURE_SECONDS = 300  # clock skew a client may have; later timestamps are refused
 UINT64_MAX = 2**64 - 1
 
@@ -32,6 +42,47 @@ class Context(BaseModel):
         int | None, Field(ge=0, le=23, strict=True, description="Hour of day, 0-23 (UTC).")
     ] = None
     weekday: Annotated[int | None, Field(ge=0, le=6, strict=True, description="0 = Monday.")] = None
+
+
+AttributeName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^=]+$")]
+AttributeValue = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+AttributeValues = Annotated[list[AttributeValue], Field(min_length=1, max_length=MAX_FILTER_VALUES)]
+
+
+class AttributeCondition(BaseModel):
+    """One attribute's condition: the item has one of `in`'s values (an attribute may hold
+    several, e.g. genres) and none of `not_in`'s; either or both."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    in_: Annotated[
+        AttributeValues | None, Field(alias="in", description="The item has one of these values.")
+    ] = None
+    not_in: Annotated[
+        AttributeValues | None, Field(description="The item has none of these values.")
+    ] = None
+
+    @model_validator(mode="after")
+    def _says_something(self) -> "AttributeCondition":
+        if self.in_ is None and self.not_in is None:
+            raise ValueError("a condition needs `in`, `not_in` or both")
+        return self
+
+
+ItemFilter = Annotated[
+    dict[AttributeName, AttributeCondition],
+    Field(
+        min_length=1,
+        max_length=MAX_FILTER_TERMS,
+        description="Only items whose catalog attributes meet every condition (AND), e.g. "
+        '{"category": {"in": ["shoes", "bags"]}, "brand": {"not_in": ["acme"]}}; applied '
+        "inside the index search. An item without catalog attributes meets none.",
+    ),
+]
+
+
+class InvalidFilter(ValueError):
+    """A filter that names an attribute the catalog does not have: 422 / INVALID_ARGUMENT."""
 
 
 class KnnEmbedOptions(BaseModel):
@@ -99,6 +150,7 @@ class RecommendRequest(BaseModel):
             "none of these is recommended.",
         ),
     ] = []
+    filter: ItemFilter | None = None
 
     @model_validator(mode="after")
     def _candidates_cover_k(self) -> "RecommendRequest":
@@ -228,6 +280,7 @@ class SimilarItemsRequest(BaseModel):
 
     item_id: Uint64
     k: Annotated[int, Field(ge=1, le=MAX_K, strict=True, description="Items to return.")] = 10
+    filter: ItemFilter | None = None
 
 
 class SimilarItemsResponse(BaseModel):

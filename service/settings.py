@@ -91,6 +91,15 @@ class Settings(BaseSettings):
             "with the user's latest); unset: what `recsys train`'s validation chose.",
         ),
     ] = None
+    filter_cache_mib: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=1 << 20,
+            description="Memory for compiled request filters and what the index derives from "
+            "them (kept ids, their ID selector and vectors), least recently used out first.",
+        ),
+    ] = 256
     knn_components: Annotated[
         int, Field(ge=1, le=MAX_COMPONENTS, description="kNN-Embed: interests kept (m).")
     ] = 8

@@ -350,3 +350,77 @@ def test_similar_items_with_the_item_table_down_answer_degraded_not_an_error(bun
     unknown = pipeline.similar_items(SimilarItemsRequest(item_id=2**64 - 3, k=5))
     popular = bundle.popular.top(5, np.empty(0, np.uint64)).item_ids.tolist()
     assert unknown.degraded and [i.item_id for i in unknown.items] == popular
+
+
+def categories_of(dataset) -> dict[int, str]:
+    return dict(zip(dataset.items["item_id"].astype("uint64").tolist(), dataset.items["category"]))
+
+
+@pytest.mark.parametrize("strategy", ["two_tower", "knn_embed"])
+def test_a_filter_holds_for_every_candidate_source_over_http_and_grpc(
+    http, stub, tiny_dataset, known_user, strategy
+):
+    category = categories_of(tiny_dataset)
+    wanted = {"c1", "c4"}
+    asked = {
+        "user_id": known_user,
+        "k": 8,
+        "candidates": 60,
+        "strategy": strategy,
+        "filter": {"category": {"in": sorted(wanted)}},
+    }
+    candidates = http.post("/v1/candidates", json=asked).json()["candidates"]
+    assert len(candidates) == 60  # the budget is met inside the filter
+    assert {category[c["item_id"]] for c in candidates} <= wanted
+    answer = recommend(http, **asked)
+    assert len(answer["items"]) == 8
+    assert {category[i["item_id"]] for i in answer["items"]} <= wanted
+    over_grpc = stub.Recommend(as_request(**asked), timeout=10)
+    assert [i.item_id for i in over_grpc.items] == [i["item_id"] for i in answer["items"]]
+    # not_in, ANDed with in, and a cold user's popular items are filtered as well.
+    for user in (known_user, 2**64 - 2):
+        narrowed = {
+            "user_id": user,
+            "k": 10,
+            "filter": {"category": {"in": ["c1", "c4"], "not_in": ["c4"]}},
+        }
+        items = http.post("/v1/candidates", json=narrowed).json()["candidates"]
+        assert len(items) > 0 and {category[c["item_id"]] for c in items} == {"c1"}
+
+
+def test_a_filter_on_an_attribute_the_catalog_lacks_is_refused_on_both_transports(http, stub):
+    asked = {"user_id": 1, "filter": {"colour": {"in": ["red"]}}}
+    response = http.post("/v1/recommend", json=asked)
+    assert response.status_code == 422
+    assert "'colour'" in response.json()["detail"] and "category" in response.json()["detail"]
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Recommend(as_request(**asked), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'colour'" in refused.value.details()
+    for malformed in (
+        {"category": {}},
+        {"category": {"in": []}},
+        {"category": ["c1"]},
+        {"a=b": {"in": ["x"]}},
+    ):
+        response = http.post("/v1/recommend", json={"user_id": 1, "filter": malformed})
+        assert response.status_code == 422, malformed
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Recommend(pb.RecommendRequest(user_id=1, filter={"category": {}}), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_similar_items_inside_a_filter(http, stub, bundle, tiny_dataset):
+    category = categories_of(tiny_dataset)
+    item = int(bundle.features.items.ids[0])
+    other = sorted({c for c in category.values() if c != category[item]})[0]
+    asked = {"item_id": item, "k": 6, "filter": {"category": {"in": [other]}}}
+    body = http.post("/v1/similar-items", json=asked).json()
+    ids = [i["item_id"] for i in body["items"]]
+    assert len(ids) == 6 and {category[i] for i in ids} == {other}
+    answer = stub.SimilarItems(
+        pb.SimilarItemsRequest(item_id=item, k=6, filter={"category": {"in": [other]}}), timeout=5
+    )
+    assert [i.item_id for i in answer.items] == ids
+    refused = http.post("/v1/similar-items", json={"item_id": item, "filter": {"x": {"in": ["y"]}}})
+    assert refused.status_code == 422

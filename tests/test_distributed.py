@@ -131,6 +131,22 @@ def test_the_gateway_forwards_a_visitors_session_to_the_retrieval_tier(stack, bu
     assert len(answered) == 10 and not answered & set(session)
 
 
+def test_the_gateway_forwards_a_filter_and_refuses_a_bad_one_itself(
+    stack, tiny_dataset, known_user
+):
+    http, _, _ = stack
+    category = dict(zip(tiny_dataset.items["item_id"].tolist(), tiny_dataset.items["category"]))
+    asked = {"user_id": known_user, "k": 6, "filter": {"category": {"in": ["c2"]}}}
+    items = http.post("/v1/recommend", json=asked).json()["items"]
+    assert len(items) == 6 and {category[i["item_id"]] for i in items} == {"c2"}
+    # Refused at the gateway, before any call: many of them leave the tier's breaker shut.
+    for _ in range(8):
+        refused = http.post("/v1/recommend", json={"user_id": 1, "filter": {"x": {"in": ["y"]}}})
+        assert refused.status_code == 422 and "'x'" in refused.json()["detail"]
+    again = http.post("/v1/recommend", json=asked).json()
+    assert again["degraded"] is False and again["items"] == items
+
+
 def test_the_gateway_answers_similar_items_from_the_retrieval_tier(stack, bundle):
     http, ports, _ = stack
     item = int(bundle.features.items.ids[0])
@@ -191,7 +207,7 @@ def test_events_through_the_gateway_change_later_recommendations(stack, tiny_dat
     assert_new_item_reaches_similar_users(http, tiny_dataset)
 
 
-def test_a_tier_that_goes_away_is_replaced_by_its_fallback(stack, known_user):
+def test_a_tier_that_goes_away_is_replaced_by_its_fallback(stack, known_user, tiny_dataset):
     http, ports, processes = stack
     ranked = http.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
     output = stop(processes["ranking"])  # SIGTERM: drains, then exits
@@ -215,6 +231,17 @@ def test_a_tier_that_goes_away_is_replaced_by_its_fallback(stack, known_user):
     }
     answer = http.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
     assert answer["degraded"] is True and len(answer["items"]) == 5
+    # The fallback keeps to a request's filter: the gateway compiles it from the catalog.
+    filtered = {
+        "user_id": known_user,
+        "k": 5,
+        "candidates": 5,
+        "filter": {"category": {"in": ["c5"]}},
+    }
+    fallback = http.post("/v1/candidates", json=filtered).json()["candidates"]
+    category = dict(zip(tiny_dataset.items["item_id"].tolist(), tiny_dataset.items["category"]))
+    assert len(fallback) == 5 and {category[c["item_id"]] for c in fallback} == {"c5"}
+    assert [c["item_id"] for c in fallback] != [c["item_id"] for c in popular["candidates"]]
     metrics = http.get("/metrics").text
     assert 'recsys_degraded_responses_total{reason="ranking"}' in metrics
     assert 'recsys_degraded_responses_total{reason="retrieval"}' in metrics

@@ -10,6 +10,7 @@ from service.pipeline.interface import StageFailed
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.retrieval.candidates import Candidates, labels
 from service.schemas import (
+    AttributeCondition,
     CandidatesResponse,
     Context,
     EventsRequest,
@@ -24,12 +25,37 @@ from service.schemas import (
 )
 
 
+def filter_from_proto(conditions) -> dict | None:
+    """A proto filter map as the contract's fields; an empty list is an absent one (proto3
+    cannot tell them apart)."""
+    if not conditions:
+        return None
+    return {
+        column: {
+            key: list(values)
+            for key, values in (("in", getattr(c, "in")), ("not_in", c.not_in))
+            if values
+        }
+        for column, c in conditions.items()
+    }
+
+
+def filter_to_proto(conditions: dict[str, AttributeCondition] | None) -> dict | None:
+    if conditions is None:
+        return None
+    return {
+        column: pb.AttributeCondition(**{"in": c.in_ or [], "not_in": c.not_in or []})
+        for column, c in conditions.items()
+    }
+
+
 def request_from_proto(message: pb.RecommendRequest) -> RecommendRequest:
     fields = MessageToDict(message, preserving_proto_field_name=True)
     # proto3 JSON writes 64-bit integers as strings; the contract takes integers.
     fields["user_id"] = message.user_id
     fields["exclude_item_ids"] = list(message.exclude_item_ids)
     fields["recent_item_ids"] = list(message.recent_item_ids)
+    fields["filter"] = filter_from_proto(message.filter)
     if not message.strategy:
         fields.pop("strategy", None)
     return RecommendRequest.model_validate(fields)
@@ -46,17 +72,24 @@ def request_to_proto(request: RecommendRequest) -> pb.RecommendRequest:
         candidates=request.candidates,
         knn_embed=pb.KnnEmbedOptions(**knobs) if knobs is not None else None,
         recent_item_ids=request.recent_item_ids,
+        filter=filter_to_proto(request.filter),
     )
 
 
 def similar_request_from_proto(message: pb.SimilarItemsRequest) -> SimilarItemsRequest:
     return SimilarItemsRequest.model_validate(
-        {"item_id": message.item_id, **({"k": message.k} if message.k else {})}
+        {
+            "item_id": message.item_id,
+            **({"k": message.k} if message.k else {}),
+            "filter": filter_from_proto(message.filter),
+        }
     )
 
 
 def similar_request_to_proto(request: SimilarItemsRequest) -> pb.SimilarItemsRequest:
-    return pb.SimilarItemsRequest(item_id=request.item_id, k=request.k)
+    return pb.SimilarItemsRequest(
+        item_id=request.item_id, k=request.k, filter=filter_to_proto(request.filter)
+    )
 
 
 def scored_items_to_proto(items: list[ScoredItem]) -> list[pb.ScoredItem]:

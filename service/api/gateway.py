@@ -12,7 +12,9 @@ from service.api.process import http_app
 from service.api.remote import RemotePipeline
 from service.api.served import Served
 from service.artifacts import ranker_serves, read_manifest, resolve_version
+from service.data.feature_space import FeatureSpace
 from service.online.parts import open_event_log
+from service.retrieval.filters import ItemAttributes
 from service.retrieval.popular import PopularItems
 from service.settings import Settings
 
@@ -23,6 +25,9 @@ def load_gateway(settings: Settings) -> Served:
     folder = resolve_version(settings.artifacts)
     manifest = read_manifest(folder, settings.artifacts)
     popular = PopularItems.from_folder(folder, manifest["version"])
+    attributes = ItemAttributes.from_features(
+        FeatureSpace.load(folder), settings.filter_cache_mib << 20
+    )
     ranks = ranker_serves(manifest, settings.ranker)
     log.info(
         "gateway: retrieval at %s, ranking at %s%s; fallback items from %s",
@@ -32,7 +37,7 @@ def load_gateway(settings: Settings) -> Served:
         popular.version,
     )
     events = open_event_log(settings, settings.redis_namespace or popular.namespace)
-    return Served(pipeline=RemotePipeline(settings, popular, ranks), online=events)
+    return Served(pipeline=RemotePipeline(settings, popular, attributes, ranks), online=events)
 
 
 def build_app(settings: Settings) -> FastAPI:

@@ -25,7 +25,7 @@ from service.metrics import REQUEST_LATENCY, REQUESTS
 from service.online.streams import EventLogUnavailable, accept_events
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
-from service.schemas import UnknownItem
+from service.schemas import InvalidFilter, UnknownItem
 
 T = TypeVar("T")
 
@@ -60,7 +60,8 @@ class NotFound(Refused):
 @contextmanager
 def answering(endpoint: str, context: grpc.ServicerContext) -> Iterator[None]:
     """Metrics and status codes around one call: a `Refused` becomes its code and message,
-    an event log that cannot take events UNAVAILABLE (retry), anything else INTERNAL."""
+    a filter on an attribute the catalog lacks INVALID_ARGUMENT, an event log that cannot
+    take events UNAVAILABLE (retry), anything else INTERNAL."""
     started = time.perf_counter()
     code = grpc.StatusCode.OK
     try:
@@ -68,6 +69,9 @@ def answering(endpoint: str, context: grpc.ServicerContext) -> Iterator[None]:
             yield
         except Refused as exc:
             code = exc.code
+            context.abort(code, str(exc))
+        except InvalidFilter as exc:  # a filter the catalog cannot meet: the caller's to fix
+            code = grpc.StatusCode.INVALID_ARGUMENT
             context.abort(code, str(exc))
         except EventLogUnavailable as exc:
             code = grpc.StatusCode.UNAVAILABLE

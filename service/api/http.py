@@ -18,6 +18,7 @@ from service.schemas import (
     CandidatesResponse,
     EventsRequest,
     EventsResponse,
+    InvalidFilter,
     RecommendRequest,
     RecommendResponse,
     SimilarItemsRequest,
@@ -70,13 +71,27 @@ def json_response(answer: BaseModel) -> Response:
     return Response(answer.model_dump_json(), media_type="application/json")
 
 
-@router.post("/v1/recommend", response_model=RecommendResponse, tags=["recommend"])
+FILTER_REFUSED = {
+    422: {
+        "description": "The request is invalid, or its filter names an attribute the catalog lacks."
+    }
+}
+
+
+@router.post(
+    "/v1/recommend", response_model=RecommendResponse, responses=FILTER_REFUSED, tags=["recommend"]
+)
 def recommend(body: RecommendRequest, pipeline: PipelineDep, deadline: DeadlineDep) -> Response:
     """Top-k items for a user, ranked; items the user already interacted with are left out."""
     return json_response(pipeline.recommend(body, deadline))
 
 
-@router.post("/v1/candidates", response_model=CandidatesResponse, tags=["recommend"])
+@router.post(
+    "/v1/candidates",
+    response_model=CandidatesResponse,
+    responses=FILTER_REFUSED,
+    tags=["recommend"],
+)
 def candidates(body: RecommendRequest, pipeline: PipelineDep, deadline: DeadlineDep) -> Response:
     """The candidate set before ranking, with retrieval scores and sources."""
     return json_response(pipeline.candidates(body, deadline))
@@ -85,7 +100,7 @@ def candidates(body: RecommendRequest, pipeline: PipelineDep, deadline: Deadline
 @router.post(
     "/v1/similar-items",
     response_model=SimilarItemsResponse,
-    responses={404: {"description": "The service holds no vector for the item."}},
+    responses={404: {"description": "The service holds no vector for the item."}, **FILTER_REFUSED},
     tags=["recommend"],
 )
 def similar_items(
@@ -127,6 +142,10 @@ def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
+async def invalid_filter(request: Request, exc: InvalidFilter) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, 422)
+
+
 async def event_log_unavailable(request: Request, exc: EventLogUnavailable) -> JSONResponse:
     return JSONResponse(
         {"detail": f"{exc}; no event of the request was appended, retry"}, 503, {"Retry-After": "1"}
@@ -147,5 +166,6 @@ def create_app(
     app.add_middleware(InFlightLimit, limit=max_in_flight)
     app.add_middleware(RequestMetrics)  # added last: outermost, so it counts refusals too
     app.add_exception_handler(EventLogUnavailable, event_log_unavailable)
+    app.add_exception_handler(InvalidFilter, invalid_filter)
     app.include_router(router)
     return app

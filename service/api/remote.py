@@ -36,6 +36,7 @@ from service.pipeline.interface import (
 )
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.retrieval.candidates import Candidates
+from service.retrieval.filters import ItemAttributes
 from service.retrieval.popular import PopularItems
 from service.schemas import (
     CandidatesResponse,
@@ -125,11 +126,20 @@ class RemotePipeline:
     """The `Pipeline` the gateway serves: the tiers over gRPC, each stage within its share of
     the deadline, falling back when a tier fails."""
 
-    def __init__(self, settings: Settings, popular: PopularItems, ranks: bool = True):
-        """`ranks`: whether answers are ranked (`service.artifacts.ranker_serves`); if not,
-        the ranking tier is not called and answers keep retrieval order."""
+    def __init__(
+        self,
+        settings: Settings,
+        popular: PopularItems,
+        attributes: ItemAttributes,
+        ranks: bool = True,
+    ):
+        """`attributes`: the catalog's, to refuse a filter the tier would refuse (a refusal
+        is no tier failure) and to filter the fallback's popular items; `ranks`: whether
+        answers are ranked (`service.artifacts.ranker_serves`); if not, the ranking tier is
+        not called and answers keep retrieval order."""
         self.settings = settings
         self.popular = popular
+        self.attributes = attributes
         self.ranks = ranks
         self.retrieval = Tier("retrieval", settings.retrieval_address)
         self.ranking = Tier("ranking", settings.ranking_address)
@@ -144,6 +154,7 @@ class RemotePipeline:
         return now + min(max(budget, 0.0), self.settings.max_deadline_seconds)
 
     def _retrieve(self, request: RecommendRequest, until: float) -> Candidates:
+        allowed = self.attributes.allowed(request.filter)  # InvalidFilter before any call
         share = self.settings.retrieval_deadline_share
         stage_until = time.monotonic() + (until - time.monotonic()) * share
         with timed(RETRIEVE):
@@ -158,6 +169,7 @@ class RemotePipeline:
                 fallback = self.popular.top(
                     candidate_count(request, self.settings.default_candidates),
                     excluded_ids(request),
+                    allowed,
                 )
                 fallback.degraded = True
                 return fallback
@@ -199,6 +211,7 @@ class RemotePipeline:
     ) -> SimilarItemsResponse:
         """The retrieval tier's answer; an item it has no vector for is NOT_FOUND there and
         `UnknownItem` here; a tier that fails answers popular items, `degraded`."""
+        allowed = self.attributes.allowed(request.filter)
         with timed(SIMILAR):
             try:
                 answer = self.retrieval.read(
@@ -209,7 +222,7 @@ class RemotePipeline:
             except StageFailed as exc:
                 log.warning("similar items fell back to popular items: %s", exc)
                 DEGRADED.labels("retrieval").inc()
-                found = self.popular.top(request.k, np.array([request.item_id], np.uint64))
+                found = self.popular.top(request.k, np.array([request.item_id], np.uint64), allowed)
                 return similar_response(
                     request, found.item_ids, found.scores, self.model_version, degraded=True
                 )

@@ -168,13 +168,20 @@ def _drifted(config, interactions, catalog, mixes, user_ids, item_ids, item_cate
 def clustered_unit_vectors(n: int, dim: int = 64, centres: int = 1000, seed: int = 0) -> np.ndarray:
     """`n` unit vectors drawn around `centres` random directions, like trained item vectors:
     the catalogs of the index benchmarks."""
+    return unit_vectors_around_centres(n, dim, centres, seed)[0]
+
+
+def unit_vectors_around_centres(
+    n: int, dim: int = 64, centres: int = 1000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """`clustered_unit_vectors` and each one's centre (0 .. centres - 1)."""
     rng = np.random.default_rng(seed)
     middle = rng.normal(size=(centres, dim)).astype(np.float32)
     out = np.empty((n, dim), dtype=np.float32)
-    for start in range(
-        0, n, 200_000
-    ):  # in slices: 1M x 64 floats of noise at once is 2 GiB of float64
+    drawn = np.empty(n, dtype=np.int64)
+    for start in range(0, n, 200_000):  # in slices: 1M x 64 floats of noise is 2 GiB of float64
         m = min(200_000, n - start)
-        v = middle[rng.integers(0, centres, m)] + 0.6 * rng.normal(size=(m, dim)).astype(np.float32)
+        drawn[start : start + m] = rng.integers(0, centres, m)
+        v = middle[drawn[start : start + m]] + 0.6 * rng.normal(size=(m, dim)).astype(np.float32)
         out[start : start + m] = v / np.linalg.norm(v, axis=1, keepdims=True)
-    return out
+    return out, drawn

@@ -34,6 +34,7 @@ from service.retrieval.candidates import (
     SOURCE_TWO_TOWER,
     Candidates,
 )
+from service.retrieval.filters import ItemAttributes
 from service.retrieval.generator import CandidateGenerator
 from service.retrieval.knn_embed import MixtureKnobs
 from service.retrieval.similar_items import item_vector, nearest_items
@@ -61,6 +62,7 @@ class PipelineOptions:
     knn_reserved_share: float | None = None
     ranker: RankerChoice = "auto"  # `service.artifacts.ranker_serves`
     item_to_item_share: float | None = None  # `service.artifacts.item_to_item_share`
+    filter_cache_mib: int = 256  # compiled filters kept (`service.retrieval.filters`)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "PipelineOptions":
@@ -73,6 +75,7 @@ class PipelineOptions:
             knn_reserved_share=settings.knn_reserved_share,
             ranker=settings.ranker,
             item_to_item_share=settings.item_to_item_share,
+            filter_cache_mib=settings.filter_cache_mib,
         )
 
 
@@ -132,6 +135,9 @@ class RecommendPipeline:
         self.options = options
         self.store = store = store if store is not None else in_memory_store(bundle)
         self.knobs = mixture_knobs(bundle.manifest, options)
+        self.attributes = ItemAttributes.from_features(
+            bundle.features, options.filter_cache_mib << 20
+        )
         self.generator = CandidateGenerator(
             bundle.two_tower,
             bundle.index,
@@ -171,7 +177,9 @@ class RecommendPipeline:
         return replace(self.knobs, **request.knn_embed.model_dump(exclude_none=True))
 
     def retrieve(self, request: RecommendRequest) -> Candidates:
-        """The candidates, before ranking (what the retrieval tier answers)."""
+        """The candidates, before ranking (what the retrieval tier answers); `InvalidFilter`
+        for a filter on an attribute the catalog lacks."""
+        allowed = self.attributes.allowed(request.filter)
         with timed(RETRIEVE):
             candidates = self.generator.generate(
                 request.user_id,
@@ -180,6 +188,7 @@ class RecommendPipeline:
                 request.strategy or self.options.strategy,
                 self._knobs(request),
                 np.array(request.recent_item_ids, dtype=np.uint64),
+                allowed,
             )
         if all(s == SOURCE_POPULAR for s in candidates.sources):
             COLD_START.inc()
@@ -207,6 +216,7 @@ class RecommendPipeline:
     def similar_items(
         self, request: SimilarItemsRequest, deadline: float | None = None
     ) -> SimilarItemsResponse:
+        allowed = self.attributes.allowed(request.filter)
         with timed(SIMILAR):
             try:
                 vector, degraded = item_vector(
@@ -214,11 +224,15 @@ class RecommendPipeline:
                 )
             except ConnectionError:  # a new item's row could not be read: popular items
                 DEGRADED.labels("embedding_store").inc()
-                found = self.bundle.popular.top(request.k, np.array([request.item_id], np.uint64))
+                found = self.bundle.popular.top(
+                    request.k, np.array([request.item_id], np.uint64), allowed
+                )
                 return similar_response(
                     request, found.item_ids, found.scores, self.model_version, degraded=True
                 )
-            ids, scores = nearest_items(self.generator.index, vector, request.item_id, request.k)
+            ids, scores = nearest_items(
+                self.generator.index, vector, request.item_id, request.k, allowed
+            )
         if degraded:
             DEGRADED.labels("embedding_store").inc()
         return similar_response(request, ids, scores, self.model_version, degraded)

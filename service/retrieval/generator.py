@@ -2,7 +2,9 @@
 user's latest items (the artifact's history, those since, the request's session), FAISS
 search (single vector, or kNN-Embed's per-interest searches plus a reserved single-vector
 share), item-to-item candidates from the user's latest items interleaved at their share,
-exclusion of what the user has seen, popular items for cold users and to fill up."""
+exclusion of what the user has seen, popular items for cold users and to fill up. A
+request's filter (`AllowedItems`) holds for every source: inside the index searches, and
+over the item-to-item and popular items."""
 
 import numpy as np
 
@@ -19,6 +21,7 @@ from service.retrieval.candidates import (
     is_in_sorted,
     labels,
 )
+from service.retrieval.filters import AllowedItems
 from service.retrieval.index import ItemIndex
 from service.retrieval.item_to_item import ItemNeighbours, interleaved, item_to_item_candidates
 from service.retrieval.knn_embed import ItemClusters, MixtureKnobs, smoothed_mixture, split_budget
@@ -93,9 +96,15 @@ class CandidateGenerator:
         )
         return clusters, weights, degraded
 
-    def single_vector(self, vector: np.ndarray, n: int, excluded: np.ndarray) -> Candidates:
+    def single_vector(
+        self,
+        vector: np.ndarray,
+        n: int,
+        excluded: np.ndarray,
+        allowed: AllowedItems | None = None,
+    ) -> Candidates:
         """The user vector's nearest `n` items; `excluded`: sorted, distinct."""
-        scores, ids = self.index.search(vector, n + len(excluded))
+        scores, ids = self.index.search(vector, n + len(excluded), allowed)
         scores, ids = scores[0], ids[0]
         keep = np.isfinite(scores) & ~is_in_sorted(ids, excluded)
         ids, scores = ids[keep][:n], scores[keep][:n].astype(np.float32)
@@ -108,6 +117,7 @@ class CandidateGenerator:
         excluded: np.ndarray,
         clusters: np.ndarray,
         weights: np.ndarray,
+        allowed: AllowedItems | None = None,
     ) -> Candidates:
         """Each interest's share of `n`: the user vector's nearest items inside that cluster.
         `excluded`: sorted, distinct."""
@@ -117,7 +127,7 @@ class CandidateGenerator:
             return Candidates.empty()
         # Excluded items may sit in any cluster: ask each for that many more.
         scores, ids = self.clusters.search_components(
-            vector[0], clusters, int(budgets.max()) + len(excluded)
+            vector[0], clusters, int(budgets.max()) + len(excluded), allowed
         )
         keep = np.isfinite(scores) & ~is_in_sorted(ids, excluded)
         keep &= np.cumsum(keep, axis=1) <= budgets[:, None]  # each row's first `budget` kept
@@ -136,10 +146,11 @@ class CandidateGenerator:
         history: np.ndarray,
         n: int,
         excluded: np.ndarray,
+        allowed: AllowedItems | None = None,
     ) -> Candidates:
         """`found` with the item-to-item source's candidates interleaved at its share; those
         scored by cosine with the user vector like every other, for the ranker's feature."""
-        ids, _ = self.neighbours.top(history[-self.history_length :], n, excluded)
+        ids, _ = self.neighbours.top(history[-self.history_length :], n, excluded, allowed)
         if not len(ids):
             return found
         scores = self.index.reconstruct(ids) @ vector[0]
@@ -153,9 +164,11 @@ class CandidateGenerator:
         strategy: str = STRATEGY_TWO_TOWER,
         knobs: MixtureKnobs | None = None,
         session: np.ndarray | None = None,
+        allowed: AllowedItems | None = None,
     ) -> Candidates:
         """`session`: the request's latest items, oldest first, after the user's history:
-        the user vector and the item-to-item source read them, and they are not answered."""
+        the user vector and the item-to-item source read them, and they are not answered.
+        `allowed`: only these items are answered (a request's filter)."""
         history, recent_degraded = self.history(user_id)
         if session is not None and len(session):
             history = np.concatenate([history, np.asarray(session, dtype=np.uint64)])
@@ -163,7 +176,7 @@ class CandidateGenerator:
         vector, degraded = self.user_vector(user_id, history)
         degraded |= recent_degraded
         if vector is None:
-            result = self.popular.top(n, excluded)
+            result = self.popular.top(n, excluded, allowed)
             result.degraded = degraded
             return result
         result = Candidates.empty()
@@ -172,20 +185,20 @@ class CandidateGenerator:
             clusters, weights, mixture_degraded = self.mixture(user_id, knobs)
             degraded |= mixture_degraded
             reserved = int(round(n * knobs.reserved_share)) if len(clusters) else n
-            result = self.per_interest(vector, n - reserved, excluded, clusters, weights)
+            result = self.per_interest(vector, n - reserved, excluded, clusters, weights, allowed)
         # The single vector fills what is left: its reserved share, interests that ran short.
         if len(result):
             fill = self.single_vector(
-                vector, n - len(result), np.union1d(excluded, result.item_ids)
+                vector, n - len(result), np.union1d(excluded, result.item_ids), allowed
             )
             result = result.extended(fill).ranked()
         else:  # FAISS ranked them already
-            result = self.single_vector(vector, n, excluded)
+            result = self.single_vector(vector, n, excluded, allowed)
         if self.item_to_item_share > 0.0 and len(history):
-            result = self.with_item_to_item(result, vector, history, n, excluded)
+            result = self.with_item_to_item(result, vector, history, n, excluded, allowed)
         result.degraded = degraded
         if len(result) < n:  # a small catalog: fill up with popular items
             result = result.extended(
-                self.popular.top(n - len(result), np.union1d(excluded, result.item_ids))
+                self.popular.top(n - len(result), np.union1d(excluded, result.item_ids), allowed)
             )
         return result

@@ -10,9 +10,20 @@ searches of the graph skip the ids it holds (an ID selector) before the two are 
 On a GPU (faiss-gpu and `device="gpu"`) the index is searched there while a CPU copy stays
 the master: GPU indexes cannot `remove_ids`, so an upsert changes the CPU copy and copies it
 over again, and GPU searches are capped at k = 2048.
+
+A filtered search (`AllowedItems`) runs inside the index, as the default index for a
+catalog of the kept items' size would search them: up to FLAT_MAX_ITEMS kept items, exactly
+(their vectors read back once per filter and kept current through upserts); more, by IVF
+with an ID selector, probing lists nearest first until it has scanned the share of the kept
+items that `IVF{default_lists(kept)}` at the same nprobe scans of its catalog. The lists
+are counted per filter, so a filter that keeps little near the query (bags for a user of
+shoes) probes further instead of losing recall. HNSW searches with the selector and efSearch
+raised by the inverse of the kept share. Filtered searches run on the CPU copy: faiss's GPU
+indexes take no ID selector.
 """
 
 import contextlib
+import itertools
 import logging
 import math
 import threading
@@ -24,6 +35,9 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from service.retrieval.candidates import is_in_sorted
+from service.retrieval.filters import AllowedItems
+
 log = logging.getLogger(__name__)
 
 FLAT_MAX_ITEMS = 50_000  # exact search stays fast enough below this many items
@@ -31,14 +45,89 @@ TRAIN_POINTS_PER_LIST = 256  # what faiss's k-means uses per centroid at most: m
 ADD_BATCH = 100_000  # items added per step of a build, so that progress shows
 GPU_MAX_K = 2048  # faiss GPU k-selection limit
 MISSING_SCORE = -1e38  # faiss pads missing inner-product results with -FLT_MAX
+MAX_EF_SEARCH = 4096  # HNSW's efSearch under a filter: raised by 1 / kept share up to this
+CHANGES_KEPT = 256  # upserts remembered, so a filter's vectors are patched, not read again
 Device = Literal["cpu", "gpu", "auto"]
+
+
+def default_lists(n_items: int) -> int:
+    """IVF lists for a catalog of `n_items`: about 4 sqrt(n), a power of two."""
+    return 1 << int(round(math.log2(4 * math.sqrt(max(n_items, 1)))))
 
 
 def default_factory(n_items: int) -> str:
     if n_items <= FLAT_MAX_ITEMS:
         return "IDMap2,Flat"
-    nlist = 1 << int(round(math.log2(4 * math.sqrt(n_items))))
-    return f"IVF{nlist},Flat"
+    return f"IVF{default_lists(n_items)},Flat"
+
+
+def selector_of(allowed: AllowedItems) -> faiss.IDSelector:
+    """A faiss ID selector for the kept items, made once per filter (a hash set: building
+    one for a million ids takes a tenth of a second)."""
+    selector = allowed.derived.get("selector")
+    if selector is None:
+        selector = faiss.IDSelectorBatch(allowed.ids.view(np.int64))
+        allowed.derived["selector"] = selector
+        allowed.derived_bytes += 48 * len(allowed)  # the hash set's nodes, near enough
+    return selector
+
+
+def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best `k` of each row of `scores` (nq, n) over `ids` (n,), padded with id 0 /
+    -FLT_MAX as faiss pads (the caller reads both alike)."""
+    nq, n = scores.shape
+    everything = np.broadcast_to(np.arange(n), (nq, n))
+    best = np.argpartition(-scores, k - 1, axis=1)[:, :k] if n > k else everything
+    chosen = np.take_along_axis(scores, best, 1)
+    order = np.argsort(-chosen, axis=1, kind="stable")
+    best, chosen = np.take_along_axis(best, order, 1), np.take_along_axis(chosen, order, 1)
+    out_scores = np.full((nq, k), np.float32(-3.4e38), dtype=np.float32)
+    out_ids = np.zeros((nq, k), dtype=np.int64)
+    out_scores[:, : best.shape[1]] = chosen
+    out_ids[:, : best.shape[1]] = ids.view(np.int64)[best]
+    return out_scores, out_ids
+
+
+def search_preassigned(
+    ivf: faiss.IndexIVF,
+    queries: np.ndarray,
+    k: int,
+    lists: np.ndarray,
+    list_scores: np.ndarray,
+    params: faiss.SearchParametersIVF,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`ivf.search_preassigned` with search parameters (an ID selector): faiss's Python
+    wrapper refuses them, its C++ call takes them. `params.nprobe` must be `lists`' width."""
+    n = len(queries)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    lists = np.ascontiguousarray(lists, dtype=np.int64)
+    list_scores = np.ascontiguousarray(list_scores, dtype=np.float32)
+    assert lists.shape == list_scores.shape == (n, params.nprobe)
+    scores = np.empty((n, k), dtype=np.float32)
+    ids = np.empty((n, k), dtype=np.int64)
+    ivf.search_preassigned_c(
+        n,
+        faiss.swig_ptr(queries),
+        k,
+        faiss.swig_ptr(lists),
+        faiss.swig_ptr(list_scores),
+        faiss.swig_ptr(scores),
+        faiss.swig_ptr(ids),
+        False,
+        params,
+    )
+    return scores, ids
+
+
+@dataclass
+class KeptVectors:
+    """A filter's kept items that the index holds, their vectors, and the index state they
+    were read at (the epoch of its contents, the count of upserts)."""
+
+    epoch: int
+    generation: int
+    ids: np.ndarray  # sorted uint64
+    vectors: np.ndarray  # (len(ids), d) float32
 
 
 def by_item_ids(index: faiss.Index) -> faiss.Index:
@@ -121,10 +210,18 @@ class SearchParams:
 
 
 class ItemIndex:
+    _numbers = itertools.count()  # tells indexes apart in a filter's derived data
+
     def __init__(
         self, index: faiss.Index, params: SearchParams = SearchParams(), device: Device = "cpu"
     ):
         self._lock = threading.Lock()
+        self._number = next(self._numbers)
+        self._epoch = 0  # changes when the index is replaced: per-filter data is redone
+        self._generation = 0  # counts upserts; `_changes` keeps the latest ones' ids
+        self._changes: list[tuple[int, np.ndarray]] = []
+        self._entries: tuple[int, np.ndarray, np.ndarray | None] | None = None
+        self._centroid_matrix: tuple[int, np.ndarray] | None = None
         self.params = params
         self.device: str = "cpu"
         index = by_item_ids(index)
@@ -227,41 +324,185 @@ class ItemIndex:
         side = self._side.ntotal - len(self._side_ids) if self._side is not None else 0
         return self._cpu.ntotal + side
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, uint64 ids) per query; rows padded with id 0 / -inf past ntotal."""
+    def search(
+        self, queries: np.ndarray, k: int, allowed: AllowedItems | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, uint64 ids) per query, only `allowed` items if given; rows padded
+        with id 0 / -inf past what the index holds."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         with self._lock:
             k = max(1, min(k, len(self), GPU_MAX_K if self.device == "gpu" else k))
-            if self._side is None:
+            if allowed is not None:
+                scores, ids = self._search_filtered(queries, k, allowed)
+            elif self._side is None:
                 scores, ids = self.index.search(queries, k)
             else:
                 scores, ids = self._search_graph_and_side(queries, k)
         valid = scores > MISSING_SCORE  # not ids != -1: that is also item 2**64 - 1
         return np.where(valid, scores, -np.inf), np.where(valid, ids, 0).view(np.uint64)
 
-    def _search_graph_and_side(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_graph_and_side(
+        self, queries: np.ndarray, k: int, allowed: AllowedItems | None = None, ef: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
         params = faiss.SearchParametersHNSW()
-        params.efSearch = self.params.ef_search
-        # Both selectors stay referenced here until the search returns: params does not own them.
+        params.efSearch = max(ef, self.params.ef_search)
+        # The selectors stay referenced here until the search returns: params does not own them.
         shadowed = faiss.IDSelectorBatch(self._side_ids)
         skip = faiss.IDSelectorNot(shadowed)
-        params.sel = skip
+        kept = selector_of(allowed) if allowed is not None else None
+        params.sel = faiss.IDSelectorAnd(skip, kept) if kept is not None else skip
         scores, ids = self._cpu.search(queries, k, params=params)
-        side_scores, side_ids = self._side.search(queries, min(k, self._side.ntotal))
+        if self._side is None:
+            return scores, ids
+        side_params = faiss.SearchParameters()
+        side_params.sel = kept
+        side_scores, side_ids = self._side.search(
+            queries, min(k, self._side.ntotal), params=side_params if kept is not None else None
+        )
         scores, ids = np.hstack([scores, side_scores]), np.hstack([ids, side_ids])
         best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, best, 1), np.take_along_axis(ids, best, 1)
+
+    def _search_filtered(
+        self, queries: np.ndarray, k: int, allowed: AllowedItems
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if len(allowed) <= FLAT_MAX_ITEMS:
+            kept = self._kept_vectors(allowed)
+            return top_k(queries @ kept.vectors.T, kept.ids, k)
+        if isinstance(self._cpu, faiss.IndexIVF):
+            return self._search_ivf_filtered(queries, k, allowed)
+        if isinstance(self._inner(self._cpu), faiss.IndexHNSW):
+            ef = int(min(MAX_EF_SEARCH, self.params.ef_search / max(allowed.share, 1e-9)))
+            return self._search_graph_and_side(queries, k, allowed, ef)
+        params = faiss.SearchParameters()  # a flat index: exact, skipping what is not kept
+        params.sel = selector_of(allowed)
+        return self._cpu.search(queries, k, params=params)
+
+    def _search_ivf_filtered(
+        self, queries: np.ndarray, k: int, allowed: AllowedItems
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each query probes its nearest lists until they hold the share of the kept items
+        that the default IVF index for a catalog of that many items scans at this nprobe."""
+        ivf = self._cpu
+        counts = self._kept_per_list(allowed)
+        # Every list in order, for each query: one product with the centroids (faiss's
+        # quantizer search keeps a heap of nlist, several times slower).
+        coarse_scores = queries @ self._centroids().T
+        lists = np.argsort(-coarse_scores, axis=1, kind="stable")
+        coarse_scores = np.take_along_axis(coarse_scores, lists, 1)
+        target = self._scan_target(len(allowed))
+        scanned = np.cumsum(counts[np.maximum(lists, 0)], axis=1)
+        probes = np.minimum((scanned < target).sum(1) + 1, ivf.nlist)
+        width = int(probes.max())
+        lists = np.ascontiguousarray(lists[:, :width])
+        # faiss skips list -1: what lies past a query's probes, and lists with nothing kept
+        lists[(np.arange(width)[None, :] >= probes[:, None]) | (counts[lists] == 0)] = -1
+        params = faiss.SearchParametersIVF()
+        params.nprobe = width
+        params.sel = selector_of(allowed)
+        return search_preassigned(ivf, queries, k, lists, coarse_scores[:, :width], params)
+
+    def _indexed_entries(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The ids the index held when its contents were last replaced (sorted, int64) and,
+        for IVF, each one's list. Upserts since then replaced items or added ids from
+        events, which carry no attributes and so meet no filter: the snapshot holds."""
+        if self._entries is not None and self._entries[0] == self._epoch:
+            return self._entries[1], self._entries[2]
+        if isinstance(self._cpu, faiss.IndexIVF):
+            lists = self._cpu.invlists
+            per_list = [
+                faiss.rev_swig_ptr(lists.get_ids(number), lists.list_size(number)).copy()
+                for number in range(self._cpu.nlist)
+            ]
+            ids = np.concatenate(per_list) if per_list else np.empty(0, np.int64)
+            list_of = np.repeat(np.arange(len(per_list)), [len(p) for p in per_list])
+            order = np.argsort(ids.view(np.uint64), kind="stable")
+            ids, list_of = ids[order], list_of[order]
+        else:
+            ids = np.sort(faiss.vector_to_array(self._cpu.id_map).view(np.uint64)).view(np.int64)
+            list_of = None
+        self._entries = (self._epoch, ids, list_of)
+        return ids, list_of
+
+    def _scan_target(self, kept: int) -> float:
+        """How many kept items a filtered IVF search scans: the share of them the default
+        index for a catalog of `kept` items scans, and no fewer than this index scans of
+        its catalog unfiltered."""
+        unfiltered = self._cpu.ntotal * min(1.0, self.params.nprobe / self._cpu.nlist)
+        return max(kept * min(1.0, self.params.nprobe / default_lists(kept)), min(kept, unfiltered))
+
+    def _centroids(self) -> np.ndarray:
+        """The IVF lists' centroids, read once per index contents (an inner-product index:
+        a list's score is its centroid's product with the query)."""
+        if self._centroid_matrix is None or self._centroid_matrix[0] != self._epoch:
+            quantizer = self._cpu.quantizer
+            self._centroid_matrix = (self._epoch, quantizer.reconstruct_n(0, quantizer.ntotal))
+        return self._centroid_matrix[1]
+
+    def _kept_per_list(self, allowed: AllowedItems) -> np.ndarray:
+        """How many kept items each IVF list holds (counted once per filter and index)."""
+        key = ("lists", self._number)
+        cached = allowed.derived.get(key)
+        if cached is not None and cached[0] == self._epoch:
+            return cached[1]
+        ids, list_of = self._indexed_entries()
+        held = is_in_sorted(ids.view(np.uint64), allowed.ids)
+        counts = np.bincount(list_of[held], minlength=self._cpu.nlist)
+        allowed.derived[key] = (self._epoch, counts)
+        return counts
+
+    def _changed_since(self, generation: int) -> np.ndarray | None:
+        """The ids upserted after `generation`, or None if they are no longer all known."""
+        if generation == self._generation:
+            return np.empty(0, np.int64)
+        if not self._changes or self._changes[0][0] > generation + 1:
+            return None
+        return np.concatenate([keys for number, keys in self._changes if number > generation])
+
+    def _kept_vectors(self, allowed: AllowedItems) -> KeptVectors:
+        """The kept items' vectors, read from the index once per filter and then patched
+        with the upserts since, so that a search reads the index's current vectors."""
+        key = ("vectors", self._number)
+        kept = allowed.derived.get(key)
+        if kept is not None and kept.epoch == self._epoch:
+            changed = self._changed_since(kept.generation)
+            if changed is not None:
+                rows = np.flatnonzero(is_in_sorted(kept.ids, np.unique(changed.view(np.uint64))))
+                if len(rows):
+                    kept.vectors[rows] = self._reconstruct(kept.ids[rows].view(np.int64))
+                kept.generation = self._generation
+                return kept
+        entries, _ = self._indexed_entries()
+        ids = allowed.ids[is_in_sorted(allowed.ids, entries.view(np.uint64))]
+        vectors = (
+            self._reconstruct(ids.view(np.int64))
+            if len(ids)
+            else np.empty((0, self._cpu.d), np.float32)
+        )
+        if kept is not None:
+            allowed.derived_bytes -= kept.vectors.nbytes
+        kept = KeptVectors(self._epoch, self._generation, ids, vectors)
+        allowed.derived[key] = kept
+        allowed.derived_bytes += vectors.nbytes
+        return kept
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """The indexed vectors of `ids`; a RuntimeError if the index lacks one of them."""
         keys = np.asarray(ids, dtype=np.uint64).view(np.int64)
         with self._lock:
-            if self._side is None:
-                return self._cpu.reconstruct_batch(keys)
-            side = faiss.vector_to_array(self._side.id_map)
-            return np.stack(
-                [(self._side if key in side else self._cpu).reconstruct(int(key)) for key in keys]
-            )
+            return self._reconstruct(keys)
+
+    def _reconstruct(self, keys: np.ndarray) -> np.ndarray:
+        if self._side is None:
+            return self._cpu.reconstruct_batch(np.ascontiguousarray(keys))
+        side = faiss.vector_to_array(self._side.id_map)
+        on_side = np.isin(keys, side)
+        vectors = np.empty((len(keys), self._cpu.d), np.float32)
+        if (~on_side).any():
+            vectors[~on_side] = self._cpu.reconstruct_batch(np.ascontiguousarray(keys[~on_side]))
+        for row in np.flatnonzero(on_side):
+            vectors[row] = self._side.reconstruct(int(keys[row]))
+        return vectors
 
     def _upsert_beside_graph(self, keys: np.ndarray, vectors: np.ndarray) -> int:
         if self._side is None:
@@ -280,6 +521,8 @@ class ItemIndex:
         keys = np.ascontiguousarray(np.asarray(ids, dtype=np.uint64).view(np.int64))
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         with self._lock:
+            self._generation += 1
+            self._changes = [*self._changes[-(CHANGES_KEPT - 1) :], (self._generation, keys)]
             if isinstance(self._inner(self._cpu), faiss.IndexHNSW):
                 return self._upsert_beside_graph(keys, vectors)
             # An array selector: what IVF's hash-table direct map removes by.
@@ -292,6 +535,7 @@ class ItemIndex:
     def replace_with(self, other: "ItemIndex") -> None:
         """Serve `other`'s index from now on: searches in flight finish on the old one."""
         with self._lock:
+            self._epoch, self._generation, self._changes = self._epoch + 1, 0, []
             self._cpu, self.index, self.device = other._cpu, other.index, other.device
             self._gpu_resources, self.params = other._gpu_resources, other.params
             self._side, self._side_ids, self._graph_ids = (

@@ -19,6 +19,7 @@ from safetensors.numpy import save_file as save_arrays
 from tqdm import tqdm
 
 from service.retrieval.candidates import SOURCE_ITEM_TO_ITEM, Candidates, is_in_sorted, labels
+from service.retrieval.filters import AllowedItems
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,15 @@ class ItemNeighbours:
         )
 
     def top(
-        self, history: np.ndarray, n: int, excluded: np.ndarray
+        self,
+        history: np.ndarray,
+        n: int,
+        excluded: np.ndarray,
+        allowed: AllowedItems | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The `n` items most similar to `history` (ids, summed similarity; best first) not
-        in `excluded` (sorted, distinct). Items the catalogue lacks add nothing."""
+        in `excluded` (sorted, distinct), only `allowed` ones if given. Items the catalogue
+        lacks add nothing."""
         at = np.minimum(np.searchsorted(self.item_ids, history), len(self.item_ids) - 1)
         rows = at[self.item_ids[at] == history]
         found = self.neighbours[rows].ravel()
@@ -98,8 +104,10 @@ class ItemNeighbours:
         positions, which = np.unique(found[keep], return_inverse=True)
         totals = np.bincount(which, weights[keep], minlength=len(positions))
         ids = self.item_ids[positions]
-        allowed = ~is_in_sorted(ids, excluded)
-        ids, totals = ids[allowed], totals[allowed]
+        keep = ~is_in_sorted(ids, excluded)
+        if allowed is not None:
+            keep &= allowed.keeps(ids)
+        ids, totals = ids[keep], totals[keep]
         best = np.lexsort((ids, -totals))[:n]
         return ids[best], totals[best].astype(np.float32)
 

@@ -26,7 +26,14 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
-from service.retrieval.index import MISSING_SCORE, add_with_progress, training_sample
+from service.retrieval.filters import AllowedItems
+from service.retrieval.index import (
+    MISSING_SCORE,
+    add_with_progress,
+    search_preassigned,
+    selector_of,
+    training_sample,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +114,11 @@ class ItemClusters:
         )
 
     def search_components(
-        self, query: np.ndarray, clusters: np.ndarray, k: int
+        self, query: np.ndarray, clusters: np.ndarray, k: int, allowed: AllowedItems | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, uint64 ids) of `query` inside each of `clusters`, one row per
-        cluster, in one batched call; rows padded with id 0 / -inf past a cluster's size."""
+        cluster, in one batched call; rows padded with id 0 / -inf past a cluster's size.
+        `allowed`: only those items (each cluster's list is scanned whole: still exact)."""
         clusters = np.asarray(clusters, dtype=np.int64).reshape(-1, 1)
         queries = np.ascontiguousarray(
             np.repeat(query.reshape(1, -1), len(clusters), 0), dtype=np.float32
@@ -118,8 +126,14 @@ class ItemClusters:
         centroid_scores = np.ascontiguousarray(
             (queries * self.centroids[clusters[:, 0]]).sum(1, keepdims=True)
         )
+        params = faiss.SearchParametersIVF()
+        params.nprobe = 1
+        if allowed is not None:
+            params.sel = selector_of(allowed)
         with self._lock:
-            scores, ids = self.index.search_preassigned(queries, k, clusters, centroid_scores)
+            scores, ids = search_preassigned(
+                self.index, queries, k, clusters, centroid_scores, params
+            )
         valid = scores > MISSING_SCORE  # not ids != -1: that is also item 2**64 - 1
         return np.where(valid, scores, -np.inf), np.where(valid, ids, 0).view(np.uint64)
 

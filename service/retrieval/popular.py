@@ -10,6 +10,7 @@ from safetensors.numpy import load_file as load_arrays
 from safetensors.numpy import save_file as save_arrays
 
 from service.retrieval.candidates import SOURCE_POPULAR, Candidates, is_in_sorted, labels
+from service.retrieval.filters import AllowedItems
 
 POPULAR_FILE = "popular.safetensors"
 
@@ -41,8 +42,11 @@ class PopularItems:
     def namespace(self) -> str:
         return version_namespace(self.version)
 
-    def top(self, n: int, excluded: np.ndarray) -> Candidates:
-        """The `n` most popular items not in `excluded` (sorted, distinct)."""
+    def top(self, n: int, excluded: np.ndarray, allowed: AllowedItems | None = None) -> Candidates:
+        """The `n` most popular items not in `excluded` (sorted, distinct), only `allowed`
+        items if given."""
         keep = ~is_in_sorted(self.items, excluded)
+        if allowed is not None:
+            keep &= allowed.keeps(self.items)
         ids = self.items[keep][:n]
         return Candidates(ids, self.scores[keep][:n], labels(SOURCE_POPULAR, len(ids)))

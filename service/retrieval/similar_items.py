@@ -13,6 +13,7 @@ import torch
 from service.data.feature_space import FeatureSpace
 from service.embeddings.store import EmbeddingStore
 from service.embeddings.tables import ITEM_TABLE
+from service.retrieval.filters import AllowedItems
 from service.retrieval.index import ItemIndex
 from service.retrieval.two_tower import TwoTower
 from service.schemas import UnknownItem
@@ -38,10 +39,11 @@ def item_vector(
 
 
 def nearest_items(
-    index: ItemIndex, vector: np.ndarray, item_id: int, k: int
+    index: ItemIndex, vector: np.ndarray, item_id: int, k: int, allowed: AllowedItems | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, cosine scores) of the `k` items nearest to `vector`, `item_id` left out."""
-    scores, ids = index.search(vector, k + 1)
+    """(ids, cosine scores) of the `k` items nearest to `vector`, `item_id` left out, only
+    `allowed` items if given."""
+    scores, ids = index.search(vector, k + 1, allowed)
     scores, ids = scores[0], ids[0]
     keep = np.isfinite(scores) & (ids != np.uint64(item_id))
     return ids[keep][:k], scores[keep][:k].astype(np.float32)

@@ -28,7 +28,14 @@ class KnnEmbedOptions(_message.Message):
     def __init__(self, alpha: _Optional[float] = ..., components: _Optional[int] = ..., reserved_share: _Optional[float] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "context", "exclude_item_ids", "strategy", "candidates", "knn_embed", "recent_item_ids")
+    __slots__ = ("user_id", "k", "context", "exclude_item_ids", "strategy", "candidates", "knn_embed", "recent_item_ids", "filter")
+    class FilterEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: AttributeCondition
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[AttributeCondition, _Mapping]] = ...) -> None: ...
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +44,7 @@ class RecommendRequest(_message.Message):
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     KNN_EMBED_FIELD_NUMBER: _ClassVar[int]
     RECENT_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     user_id: int
     k: int
     context: Context
@@ -45,7 +53,15 @@ class RecommendRequest(_message.Message):
     candidates: int
     knn_embed: KnnEmbedOptions
     recent_item_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, user_id: _Optional[int] = ..., k: _Optional[int] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., exclude_item_ids: _Optional[_Iterable[int]] = ..., strategy: _Optional[str] = ..., candidates: _Optional[int] = ..., knn_embed: _Optional[_Union[KnnEmbedOptions, _Mapping]] = ..., recent_item_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    filter: _containers.MessageMap[str, AttributeCondition]
+    def __init__(self, user_id: _Optional[int] = ..., k: _Optional[int] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., exclude_item_ids: _Optional[_Iterable[int]] = ..., strategy: _Optional[str] = ..., candidates: _Optional[int] = ..., knn_embed: _Optional[_Union[KnnEmbedOptions, _Mapping]] = ..., recent_item_ids: _Optional[_Iterable[int]] = ..., filter: _Optional[_Mapping[str, AttributeCondition]] = ...) -> None: ...
+
+class AttributeCondition(_message.Message):
+    __slots__ = ("not_in",)
+    IN_FIELD_NUMBER: _ClassVar[int]
+    NOT_IN_FIELD_NUMBER: _ClassVar[int]
+    not_in: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, not_in: _Optional[_Iterable[str]] = ..., **kwargs) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score")
@@ -102,12 +118,21 @@ class CandidatesResponse(_message.Message):
     def __init__(self, user_id: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class SimilarItemsRequest(_message.Message):
-    __slots__ = ("item_id", "k")
+    __slots__ = ("item_id", "k", "filter")
+    class FilterEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: AttributeCondition
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[AttributeCondition, _Mapping]] = ...) -> None: ...
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     item_id: int
     k: int
-    def __init__(self, item_id: _Optional[int] = ..., k: _Optional[int] = ...) -> None: ...
+    filter: _containers.MessageMap[str, AttributeCondition]
+    def __init__(self, item_id: _Optional[int] = ..., k: _Optional[int] = ..., filter: _Optional[_Mapping[str, AttributeCondition]] = ...) -> None: ...
 
 class SimilarItemsResponse(_message.Message):
     __slots__ = ("item_id", "items", "degraded", "model_version")
