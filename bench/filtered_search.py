@@ -36,7 +36,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.data.synthetic import unit_vectors_around_centres
-from service.retrieval.filters import ItemAttributes
+from service.retrieval.catalog import ItemCatalog
 from service.retrieval.index import FLAT_MAX_ITEMS, ItemIndex, default_factory, selector_of
 from service.schemas import AttributeCondition
 
@@ -45,14 +45,14 @@ SHARES = (0.5, 0.1, 0.01, 0.001)
 POST_FILTER_MAX_K = 2048
 
 
-def catalog_attributes(ids: np.ndarray, centres: np.ndarray, seed: int) -> ItemAttributes:
+def catalog_attributes(ids: np.ndarray, centres: np.ndarray, seed: int) -> ItemCatalog:
     """Attribute values 1..BUCKETS are `bucket=b`, then `category=c`: one of each per item."""
     buckets = np.random.default_rng(seed).integers(0, BUCKETS, len(ids))
     values = [f"bucket={b}" for b in range(BUCKETS)] + [f"category={c}" for c in range(CENTRES)]
     rows = np.zeros((len(ids) + 1, 2), np.int64)
     rows[1:, 0] = buckets + 1
     rows[1:, 1] = BUCKETS + centres + 1
-    return ItemAttributes(ids, rows, values)
+    return ItemCatalog(ids, rows, values)
 
 
 def percentile_ms(latencies: list[float], q: float) -> float:

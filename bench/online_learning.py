@@ -43,6 +43,7 @@ from service.online.memory_streams import InMemoryEventLog, InMemoryItemUpdateFe
 from service.online.redis_streams import RedisEventLog, RedisItemUpdateFeed
 from service.online.trainer import OnlineTrainer, OnlineTrainerConfig
 from service.prequential import MODES, replay
+from service.retrieval.catalog import ItemCatalog
 from service.schemas import Event
 from service.testing.redis_servers import RedisServer
 from service.training.artifact import TrainConfig, train_and_save
@@ -94,7 +95,7 @@ def freshness_on_redis(folder: str, rounds: int) -> dict:
         serving_client = connect(RedisStoreConfig(server.url, socket_timeout=5))
         sync = IndexSync(
             bundle.two_tower,
-            bundle.features,
+            ItemCatalog.from_features(bundle.features),
             store,
             bundle.index,
             RedisItemUpdateFeed(serving_client, namespace),

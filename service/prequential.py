@@ -19,6 +19,7 @@ from service.online.index_sync import IndexSync
 from service.online.memory_streams import InMemoryEventLog, InMemoryItemUpdateFeed
 from service.online.trainer import OnlineTrainer, OnlineTrainerConfig
 from service.pipeline.in_process import RecommendPipeline
+from service.retrieval.catalog import ItemCatalog
 from service.schemas import Event, RecommendRequest
 
 DEPTH = 50
@@ -40,7 +41,8 @@ def online_parts(bundle: ModelBundle, store, config: OnlineTrainerConfig):
     trainer = OnlineTrainer(
         bundle.two_tower, bundle.features, bundle.histories, store, events, recent, feed, config
     )
-    sync = IndexSync(bundle.two_tower, bundle.features, store, bundle.index, feed, block_seconds=0)
+    catalog = ItemCatalog.from_features(bundle.features)
+    sync = IndexSync(bundle.two_tower, catalog, store, bundle.index, feed, block_seconds=0)
     return events, recent, trainer, sync
 
 

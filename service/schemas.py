@@ -211,6 +211,49 @@ class UpsertItemVectorsRequest(BaseModel):
         return self
 
 
+class CatalogItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: Uint64
+    attributes: Annotated[
+        dict[AttributeName, Annotated[list[AttributeValue], Field(max_length=MAX_FILTER_TERMS)]],
+        Field(
+            max_length=MAX_FILTER_TERMS,
+            description='Its attributes, each a list of values: {"category": ["shoes"]}; they '
+            "replace what the catalog held for the item.",
+        ),
+    ] = {}
+
+
+class UpsertItemsRequest(BaseModel):
+    """Catalog items to add or change (admin): embedded by the item tower from their
+    attributes and indexed on every serving process, before any click."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: Annotated[list[CatalogItem], Field(min_length=1, max_length=MAX_UPSERT_ITEMS)]
+
+    @model_validator(mode="after")
+    def _distinct_ids(self) -> "UpsertItemsRequest":
+        if len({item.item_id for item in self.items}) != len(self.items):
+            raise ValueError("item ids must be distinct")
+        return self
+
+
+class ItemIdsRequest(BaseModel):
+    """Items to hide, unhide or delete (admin)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    item_ids: Annotated[list[Uint64], Field(min_length=1, max_length=MAX_UPSERT_ITEMS)]
+
+
+class CatalogChangeResponse(BaseModel):
+    items: int = Field(
+        description="Items the change names; every serving process applies it within seconds."
+    )
+
+
 class ImportTableRequest(BaseModel):
     """A Parquet table snapshot to write into an embedding table (admin)."""
 

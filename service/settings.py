@@ -207,6 +207,15 @@ class Settings(BaseSettings):
     events_stream: Annotated[
         str, Field(min_length=1, description="Redis Stream key of the event log.")
     ] = "recsys:events"
+    catalog_stream: Annotated[
+        str,
+        Field(
+            min_length=1,
+            description="Redis Stream key of the catalog's changes (hidden, upserted, deleted "
+            "items), shared by every artifact version: a hidden item stays hidden after a "
+            "retrain.",
+        ),
+    ] = "recsys:catalog"
     events_max_length: Annotated[
         int,
         Field(

@@ -43,6 +43,7 @@ def stack(artifact_root, redis_server):
         RECSYS_REDIS_URL=redis_server.url,
         RECSYS_REDIS_NAMESPACE=namespace,
         RECSYS_EVENTS_STREAM=f"events-{namespace}",
+        RECSYS_CATALOG_STREAM=f"catalog-{namespace}",
         RECSYS_HOST="127.0.0.1",
         RECSYS_TRAINER_METRICS_PORT="0",
         RECSYS_TRAINER_CONSUMER="t1",
@@ -207,8 +208,24 @@ def test_events_through_the_gateway_change_later_recommendations(stack, tiny_dat
     assert_new_item_reaches_similar_users(http, tiny_dataset)
 
 
-def test_a_tier_that_goes_away_is_replaced_by_its_fallback(stack, known_user, tiny_dataset):
+def test_a_tier_that_goes_away_is_replaced_by_its_fallback(stack, bundle, known_user, tiny_dataset):
     http, ports, processes = stack
+    # Hidden first, through the retrieval tier: its answers and the gateway's fallback
+    # (which follows the catalog feed) both leave the item out.
+    most_popular = int(bundle.popular.items[0])
+    with grpc.insecure_channel(f"127.0.0.1:{ports['retrieval'][1]}") as channel:
+        pb_grpc.AdminStub(channel).HideItems(
+            pb.ItemIdsRequest(item_ids=[most_popular]),
+            metadata=(("authorization", f"Bearer {ADMIN_TOKEN}"),),
+            timeout=5,
+        )
+    cold = {"user_id": 2**64 - 2, "k": 5, "candidates": 5}
+    started = time.monotonic()
+    while most_popular in [
+        c["item_id"] for c in http.post("/v1/candidates", json=cold).json()["candidates"]
+    ]:
+        assert time.monotonic() - started < 2.0
+        time.sleep(0.05)
     ranked = http.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
     output = stop(processes["ranking"])  # SIGTERM: drains, then exits
     assert processes["ranking"].returncode == 0, output
@@ -241,6 +258,9 @@ def test_a_tier_that_goes_away_is_replaced_by_its_fallback(stack, known_user, ti
     fallback = http.post("/v1/candidates", json=filtered).json()["candidates"]
     category = dict(zip(tiny_dataset.items["item_id"].tolist(), tiny_dataset.items["category"]))
     assert len(fallback) == 5 and {category[c["item_id"]] for c in fallback} == {"c5"}
+    unfiltered = http.post("/v1/candidates", json=cold).json()
+    assert unfiltered["degraded"] is True and len(unfiltered["candidates"]) == 5
+    assert most_popular not in [c["item_id"] for c in unfiltered["candidates"]]
     assert [c["item_id"] for c in fallback] != [c["item_id"] for c in popular["candidates"]]
     metrics = http.get("/metrics").text
     assert 'recsys_degraded_responses_total{reason="ranking"}' in metrics

@@ -8,7 +8,7 @@ import pytest
 
 from service.data.synthetic import unit_vectors_around_centres
 from service.retrieval import index as index_module
-from service.retrieval.filters import ItemAttributes
+from service.retrieval.catalog import ItemCatalog
 from service.retrieval.index import ItemIndex, SearchParams
 from service.retrieval.item_to_item import ItemNeighbours
 from service.retrieval.knn_embed import ItemClusters
@@ -23,7 +23,7 @@ def condition(**fields) -> AttributeCondition:
 
 
 @pytest.fixture
-def catalog() -> ItemAttributes:
+def catalog() -> ItemCatalog:
     """Items 10..15: 10 red s, 11 blue m, 12 red+blue (multi-valued), 13 green, 14 none, 15 m."""
     rows = np.zeros((7, 2), np.int64)
     rows[1] = [1, 4]
@@ -31,10 +31,10 @@ def catalog() -> ItemAttributes:
     rows[3] = [1, 2]
     rows[4] = [3, 0]
     rows[6] = [5, 0]
-    return ItemAttributes(np.arange(10, 16, dtype=np.uint64), rows, VALUES)
+    return ItemCatalog(np.arange(10, 16, dtype=np.uint64), rows, VALUES)
 
 
-def kept(catalog: ItemAttributes, **conditions) -> list[int]:
+def kept(catalog: ItemCatalog, **conditions) -> list[int]:
     allowed = catalog.allowed({k: condition(**v) for k, v in conditions.items()})
     return allowed.ids.tolist()
 
@@ -99,7 +99,7 @@ def regions():
     ids = np.arange(1, 8_001, dtype=np.uint64) * np.uint64(7_919)  # sparse 64-bit ids
     rows = np.zeros((8_001, 1), np.int64)
     rows[1:, 0] = centres[:8_000] + 1
-    attributes = ItemAttributes(ids, rows, [f"region={c}" for c in range(CENTRES)])
+    attributes = ItemCatalog(ids, rows, [f"region={c}" for c in range(CENTRES)])
     return ids, vectors[:8_000], centres[:8_000], vectors[8_000:], centres[8_000:], attributes
 
 

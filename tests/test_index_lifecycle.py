@@ -114,7 +114,7 @@ def test_the_index_swaps_under_load_with_no_failed_request(own_artifact):
     store = in_memory_store(bundle)
     pipeline = RecommendPipeline(bundle, store)
     feed = InMemoryItemUpdateFeed()
-    sync = IndexSync(bundle.two_tower, bundle.features, store, bundle.index, feed, block_seconds=0)
+    sync = IndexSync(bundle.two_tower, pipeline.catalog, store, bundle.index, feed, block_seconds=0)
     # An item the online trainer added before the new version was built.
     new_item = np.uint64(2**64 - 3)
     store.put_many(

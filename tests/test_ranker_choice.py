@@ -19,7 +19,7 @@ from service.artifacts import MANIFEST, ranker_serves, resolve_version
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.retrieval.candidates import Candidates, labels
-from service.retrieval.filters import ItemAttributes
+from service.retrieval.catalog import ItemCatalog
 from service.retrieval.popular import PopularItems
 from service.schemas import RecommendRequest
 from service.settings import Settings
@@ -111,8 +111,8 @@ def test_the_gateway_calls_the_ranking_tier_only_when_the_ranker_serves(ranks):
         redis_url="redis://127.0.0.1:1",  # the pipeline itself never opens it
     )
     popular = PopularItems("v1", np.array([99], np.uint64), np.array([0.1], np.float32))
-    attributes = ItemAttributes(popular.items, np.zeros((2, 1), np.int64), [])
-    pipeline = RemotePipeline(settings, popular, attributes, ranks=ranks)
+    catalog = ItemCatalog(popular.items, np.zeros((2, 1), np.int64), [])
+    pipeline = RemotePipeline(settings, popular, catalog, ranks=ranks)
     try:
         answer = pipeline.recommend(RecommendRequest(user_id=1, k=5), time.monotonic() + 2)
     finally:

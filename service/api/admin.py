@@ -1,7 +1,9 @@
-"""Admin: index reload, item-vector upsert and table-snapshot import on a serving process
-(the embedded service or the retrieval tier), behind a bearer token: gRPC recsys.v1.Admin
-and HTTP /admin/v1/*. Without RECSYS_ADMIN_TOKEN neither is registered (gRPC UNIMPLEMENTED,
-HTTP 404)."""
+"""Admin: index reload, item-vector upsert, table-snapshot import and the catalog (items
+upserted with attributes, hidden, unhidden, deleted) on a serving process (the embedded
+service or the retrieval tier), behind a bearer token: gRPC recsys.v1.Admin and HTTP
+/admin/v1/*. Without RECSYS_ADMIN_TOKEN neither is registered (gRPC UNIMPLEMENTED, HTTP
+404). Catalog changes go on the catalog feed, which every serving process and gateway
+applies (`service.online.catalog_follow`), this one included."""
 
 import hmac
 from pathlib import Path
@@ -20,11 +22,17 @@ from service.api.served import Served
 from service.embeddings.snapshot import import_table
 from service.embeddings.store import EmbeddingStore
 from service.embeddings.tables import ITEM_TABLE
-from service.online.streams import ItemUpdateFeed
+from service.online.streams import CatalogChange, CatalogFeed, CatalogOp, ItemUpdateFeed
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.retrieval.index_versions import IndexReloader
-from service.schemas import ImportTableRequest, UpsertItemVectorsRequest
+from service.schemas import (
+    CatalogChangeResponse,
+    ImportTableRequest,
+    ItemIdsRequest,
+    UpsertItemsRequest,
+    UpsertItemVectorsRequest,
+)
 
 
 class IndexAdmin:
@@ -32,12 +40,18 @@ class IndexAdmin:
     and item-update feed."""
 
     def __init__(
-        self, reloader: IndexReloader, store: EmbeddingStore, updates: ItemUpdateFeed, root: Path
+        self,
+        reloader: IndexReloader,
+        store: EmbeddingStore,
+        updates: ItemUpdateFeed,
+        catalog: CatalogFeed,
+        root: Path,
     ):
         """`root`: the artifact root; snapshots are imported from files under it only."""
         self.reloader = reloader
         self.store = store
         self.updates = updates
+        self.catalog = catalog
         self.root = Path(root).resolve()
 
     @property
@@ -56,6 +70,18 @@ class IndexAdmin:
         vectors = np.array([item.vector for item in request.items], dtype=np.float32)
         self.store.put_many(ITEM_TABLE, ids, vectors)
         self.updates.publish(ids)
+        return len(ids)
+
+    def upsert_items(self, request: UpsertItemsRequest) -> int:
+        ids = np.array([item.item_id for item in request.items], dtype=np.uint64)
+        attributes = [item.attributes for item in request.items]
+        self.catalog.publish(CatalogChange("upsert", ids, attributes))
+        return len(ids)
+
+    def change_items(self, op: CatalogOp, request: ItemIdsRequest) -> int:
+        """Hide, unhide or delete items."""
+        ids = np.unique(np.array(request.item_ids, dtype=np.uint64))
+        self.catalog.publish(CatalogChange(op, ids))
         return len(ids)
 
     def snapshot_file(self, path: str) -> Path:
@@ -152,6 +178,35 @@ def import_table_snapshot(body: ImportTableRequest, admin: AdminDep) -> ImportTa
         raise HTTPException(422, str(exc)) from None
 
 
+def upsert_items(body: UpsertItemsRequest, admin: AdminDep) -> CatalogChangeResponse:
+    """Add or change catalog items with their attributes: every serving process embeds them
+    from their attributes and indexes them within seconds, before any click."""
+    return CatalogChangeResponse(items=admin.upsert_items(body))
+
+
+def hide_items(body: ItemIdsRequest, admin: AdminDep) -> CatalogChangeResponse:
+    """Never answer these items (out of stock, banned), on every process within seconds."""
+    return CatalogChangeResponse(items=admin.change_items("hide", body))
+
+
+def unhide_items(body: ItemIdsRequest, admin: AdminDep) -> CatalogChangeResponse:
+    """Answer hidden items again."""
+    return CatalogChangeResponse(items=admin.change_items("unhide", body))
+
+
+def delete_items(body: ItemIdsRequest, admin: AdminDep) -> CatalogChangeResponse:
+    """Take items out of the catalog: never answered, attributes forgotten, until upserted."""
+    return CatalogChangeResponse(items=admin.change_items("delete", body))
+
+
+CATALOG_ROUTES = {
+    "/items": upsert_items,
+    "/items/hide": hide_items,
+    "/items/unhide": unhide_items,
+    "/items/delete": delete_items,
+}
+
+
 def admin_router(token: str) -> APIRouter:
     """/admin/v1/*: the same calls as gRPC Admin, each needing `Authorization: Bearer <token>`."""
     router = APIRouter(
@@ -169,6 +224,10 @@ def admin_router(token: str) -> APIRouter:
     router.add_api_route(
         "/tables/import", import_table_snapshot, methods=["POST"], response_model=ImportTableAnswer
     )
+    for path, endpoint in CATALOG_ROUTES.items():
+        router.add_api_route(
+            path, endpoint, methods=["POST"], status_code=202, response_model=CatalogChangeResponse
+        )
     return router
 
 
@@ -214,3 +273,36 @@ class AdminServicer(pb_grpc.AdminServicer):
                 return pb.ImportTableResponse(rows=admin.import_table(parsed))
             except ValueError as exc:
                 raise InvalidArgument(str(exc)) from None
+
+    def UpsertItems(
+        self, request: pb.UpsertItemsRequest, context: grpc.ServicerContext
+    ) -> pb.CatalogChangeResponse:
+        with answering("UpsertItems", context):
+            admin = self._admin(context)
+            parsed = validated(codec.upsert_items_from_proto, request)
+            return pb.CatalogChangeResponse(items=admin.upsert_items(parsed))
+
+    def _change(
+        self, op: CatalogOp, request: pb.ItemIdsRequest, context
+    ) -> pb.CatalogChangeResponse:
+        admin = self._admin(context)
+        parsed = validated(codec.item_ids_from_proto, request)
+        return pb.CatalogChangeResponse(items=admin.change_items(op, parsed))
+
+    def HideItems(
+        self, request: pb.ItemIdsRequest, context: grpc.ServicerContext
+    ) -> pb.CatalogChangeResponse:
+        with answering("HideItems", context):
+            return self._change("hide", request, context)
+
+    def UnhideItems(
+        self, request: pb.ItemIdsRequest, context: grpc.ServicerContext
+    ) -> pb.CatalogChangeResponse:
+        with answering("UnhideItems", context):
+            return self._change("unhide", request, context)
+
+    def DeleteItems(
+        self, request: pb.ItemIdsRequest, context: grpc.ServicerContext
+    ) -> pb.CatalogChangeResponse:
+        with answering("DeleteItems", context):
+            return self._change("delete", request, context)

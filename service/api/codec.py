@@ -14,6 +14,7 @@ from service.schemas import (
     CandidatesResponse,
     Context,
     EventsRequest,
+    ItemIdsRequest,
     RankerInfo,
     RankRequest,
     RecommendRequest,
@@ -21,6 +22,7 @@ from service.schemas import (
     ScoredItem,
     SimilarItemsRequest,
     SimilarItemsResponse,
+    UpsertItemsRequest,
     UpsertItemVectorsRequest,
 )
 
@@ -136,6 +138,24 @@ def events_from_proto(message: pb.SendEventsRequest) -> EventsRequest:
             ]
         }
     )
+
+
+def upsert_items_from_proto(message: pb.UpsertItemsRequest) -> UpsertItemsRequest:
+    return UpsertItemsRequest.model_validate(
+        {
+            "items": [
+                {
+                    "item_id": item.item_id,
+                    "attributes": {c: list(v.values) for c, v in item.attributes.items()},
+                }
+                for item in message.items
+            ]
+        }
+    )
+
+
+def item_ids_from_proto(message: pb.ItemIdsRequest) -> ItemIdsRequest:
+    return ItemIdsRequest.model_validate({"item_ids": list(message.item_ids)})
 
 
 def ranker_to_proto(ranker: RankerInfo | None) -> pb.RankerInfo | None:

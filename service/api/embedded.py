@@ -52,8 +52,12 @@ def load_embedded(settings: Settings) -> Served:
     )
     swap = None
     if settings.index_sync:
-        sync = make_index_sync(bundle, store, bundle.index, online)
+        sync = make_index_sync(bundle, store, bundle.index, online, pipeline.catalog)
+        changes = sync.catch_up_catalog()  # before serving: hidden items stay hidden
+        if changes:
+            log.info("catalog: %d changes since the artifact applied", changes)
         online.start("index-sync", sync.run)
+        online.start("catalog-sync", sync.run_catalog)
         swap = sync.swap_in
     reloader = IndexReloader(
         bundle.folder, bundle.index, bundle.index_version, params, settings.index_device, swap
@@ -65,7 +69,7 @@ def load_embedded(settings: Settings) -> Served:
     return Served(
         pipeline=pipeline,
         online=online,
-        admin=IndexAdmin(reloader, store, online.updates, settings.artifacts),
+        admin=IndexAdmin(reloader, store, online.updates, online.catalog, settings.artifacts),
     )
 
 

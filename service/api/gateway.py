@@ -1,9 +1,11 @@
 """The gateway (`recsys serve gateway`): HTTP and gRPC Recommender in front of the retrieval
-and ranking tiers (`RemotePipeline`), the artifact's popular items as the fallback, events
-appended to the shared stream. No model is loaded, and neither torch nor FAISS is imported
+and ranking tiers (`RemotePipeline`), the artifact's popular items as the fallback (kept to
+the catalog the catalog feed says: filters, hidden items), events appended to the shared
+stream. No model is loaded, and neither torch nor FAISS is imported
 (tests/test_layers.py holds it to that); no index here, so no Admin calls."""
 
 import logging
+from functools import partial
 
 from fastapi import FastAPI
 
@@ -13,8 +15,9 @@ from service.api.remote import RemotePipeline
 from service.api.served import Served
 from service.artifacts import ranker_serves, read_manifest, resolve_version
 from service.data.feature_space import FeatureSpace
-from service.online.parts import open_event_log
-from service.retrieval.filters import ItemAttributes
+from service.online.catalog_follow import CatalogFollower, apply_to_catalog
+from service.online.parts import BLOCK_SECONDS, open_event_log
+from service.retrieval.catalog import ItemCatalog
 from service.retrieval.popular import PopularItems
 from service.settings import Settings
 
@@ -25,9 +28,7 @@ def load_gateway(settings: Settings) -> Served:
     folder = resolve_version(settings.artifacts)
     manifest = read_manifest(folder, settings.artifacts)
     popular = PopularItems.from_folder(folder, manifest["version"])
-    attributes = ItemAttributes.from_features(
-        FeatureSpace.load(folder), settings.filter_cache_mib << 20
-    )
+    catalog = ItemCatalog.from_features(FeatureSpace.load(folder), settings.filter_cache_mib << 20)
     ranks = ranker_serves(manifest, settings.ranker)
     log.info(
         "gateway: retrieval at %s, ranking at %s%s; fallback items from %s",
@@ -36,8 +37,11 @@ def load_gateway(settings: Settings) -> Served:
         "" if ranks else " (not called: answers keep retrieval order)",
         popular.version,
     )
-    events = open_event_log(settings, settings.redis_namespace or popular.namespace)
-    return Served(pipeline=RemotePipeline(settings, popular, attributes, ranks), online=events)
+    online = open_event_log(settings, settings.redis_namespace or popular.namespace)
+    follower = CatalogFollower(online.catalog, partial(apply_to_catalog, catalog), BLOCK_SECONDS)
+    follower.catch_up()  # before serving: the fallback never answers a hidden item
+    online.start("catalog-follow", follower.run)
+    return Served(pipeline=RemotePipeline(settings, popular, catalog, ranks), online=online)
 
 
 def build_app(settings: Settings) -> FastAPI:

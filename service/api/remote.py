@@ -36,7 +36,7 @@ from service.pipeline.interface import (
 )
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.retrieval.candidates import Candidates
-from service.retrieval.filters import ItemAttributes
+from service.retrieval.catalog import ItemCatalog
 from service.retrieval.popular import PopularItems
 from service.schemas import (
     CandidatesResponse,
@@ -130,16 +130,17 @@ class RemotePipeline:
         self,
         settings: Settings,
         popular: PopularItems,
-        attributes: ItemAttributes,
+        catalog: ItemCatalog,
         ranks: bool = True,
     ):
-        """`attributes`: the catalog's, to refuse a filter the tier would refuse (a refusal
-        is no tier failure) and to filter the fallback's popular items; `ranks`: whether
+        """`catalog`: the catalog (kept current by the catalog feed), to refuse a filter the
+        tier would refuse (a refusal is no tier failure) and to keep the fallback's popular
+        items to the filter and off hidden items; `ranks`: whether
         answers are ranked (`service.artifacts.ranker_serves`); if not, the ranking tier is
         not called and answers keep retrieval order."""
         self.settings = settings
         self.popular = popular
-        self.attributes = attributes
+        self.catalog = catalog
         self.ranks = ranks
         self.retrieval = Tier("retrieval", settings.retrieval_address)
         self.ranking = Tier("ranking", settings.ranking_address)
@@ -154,7 +155,7 @@ class RemotePipeline:
         return now + min(max(budget, 0.0), self.settings.max_deadline_seconds)
 
     def _retrieve(self, request: RecommendRequest, until: float) -> Candidates:
-        allowed = self.attributes.allowed(request.filter)  # InvalidFilter before any call
+        allowed = self.catalog.allowed(request.filter)  # InvalidFilter before any call
         share = self.settings.retrieval_deadline_share
         stage_until = time.monotonic() + (until - time.monotonic()) * share
         with timed(RETRIEVE):
@@ -168,7 +169,7 @@ class RemotePipeline:
                 DEGRADED.labels("retrieval").inc()
                 fallback = self.popular.top(
                     candidate_count(request, self.settings.default_candidates),
-                    excluded_ids(request),
+                    np.union1d(excluded_ids(request), self.catalog.blocked),
                     allowed,
                 )
                 fallback.degraded = True
@@ -211,7 +212,7 @@ class RemotePipeline:
     ) -> SimilarItemsResponse:
         """The retrieval tier's answer; an item it has no vector for is NOT_FOUND there and
         `UnknownItem` here; a tier that fails answers popular items, `degraded`."""
-        allowed = self.attributes.allowed(request.filter)
+        allowed = self.catalog.allowed(request.filter)
         with timed(SIMILAR):
             try:
                 answer = self.retrieval.read(
@@ -222,7 +223,8 @@ class RemotePipeline:
             except StageFailed as exc:
                 log.warning("similar items fell back to popular items: %s", exc)
                 DEGRADED.labels("retrieval").inc()
-                found = self.popular.top(request.k, np.array([request.item_id], np.uint64), allowed)
+                left_out = np.union1d(np.array([request.item_id], np.uint64), self.catalog.blocked)
+                found = self.popular.top(request.k, left_out, allowed)
                 return similar_response(
                     request, found.item_ids, found.scores, self.model_version, degraded=True
                 )

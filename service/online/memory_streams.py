@@ -1,6 +1,6 @@
-"""In-process event log and item-update feed: the embedded default and the test doubles of
-the Redis ones. Same delivery rules as a Redis Stream consumer group, but nothing survives
-the process."""
+"""In-process event log, item-update feed and catalog feed: the embedded default and the
+test doubles of the Redis ones. Same delivery rules as a Redis Stream consumer group, but
+nothing survives the process."""
 
 import threading
 import time
@@ -9,6 +9,8 @@ from collections import OrderedDict, deque
 import numpy as np
 
 from service.online.streams import (
+    CatalogChange,
+    CatalogFeed,
     EventLog,
     ItemUpdateFeed,
     ItemUpdates,
@@ -120,6 +122,32 @@ class InMemoryItemUpdateFeed(ItemUpdateFeed):
         return ItemUpdates(
             last, np.unique(np.concatenate([ids for _, ids in newer])), _entry_key(last)[0] / 1000.0
         )
+
+
+class InMemoryCatalogFeed(CatalogFeed):
+    def __init__(self):
+        self._changes: list[tuple[str, CatalogChange]] = []
+        self._ids = _EntryIds()
+        self._published = threading.Condition()
+
+    def publish(self, change: CatalogChange) -> None:
+        with self._published:
+            self._changes.append((self._ids.next(), change))
+            self._published.notify_all()
+
+    def read(
+        self, cursor: str, block_seconds: float, count: int = 100
+    ) -> tuple[str, list[CatalogChange]]:
+        after = _entry_key(cursor)
+        deadline = time.monotonic() + block_seconds
+        with self._published:
+            while True:
+                newer = [(i, c) for i, c in self._changes if _entry_key(i) > after][:count]
+                remaining = deadline - time.monotonic()
+                if newer or remaining <= 0:
+                    break
+                self._published.wait(remaining)
+        return (newer[-1][0] if newer else cursor), [change for _, change in newer]
 
 
 def _entry_key(entry_id: str) -> tuple[int, int]:

@@ -3,13 +3,19 @@
     events:        <stream>               XADD fields user, item, type, ts (decimal text)
                                           group <group>, one per artifact namespace
     item updates:  upd:{<namespace>}      XADD field ids = distinct item ids, little-endian uint64
+    catalog:       <catalog stream>       XADD fields op (upsert, hide, unhide, delete), ids (as
+                                          above, in the request's order), attributes (upsert:
+                                          a JSON list, one {column: [values]} per id); one per
+                                          deployment, as the events stream
 
 An append is one MULTI/EXEC of XADDs, so a request's events are all in the log or none
-are. Both streams are capped (approximate MAXLEN): the events stream must be sized so that
-the trainers' backlog (`recsys_events_backlog`) never reaches the cap, or the oldest
-unprocessed entries are trimmed (and counted as lost when a trainer meets them).
+are. The first two streams are capped (approximate MAXLEN): the events stream must be sized
+so that the trainers' backlog (`recsys_events_backlog`) never reaches the cap, or the oldest
+unprocessed entries are trimmed (and counted as lost when a trainer meets them). The catalog
+stream is never trimmed: every process replays it whole at its start.
 """
 
+import json
 import logging
 import time
 
@@ -19,6 +25,8 @@ import redis
 from service.metrics import EVENTS_LOST
 from service.online.journal import RedisOutcomeJournal
 from service.online.streams import (
+    CatalogChange,
+    CatalogFeed,
     EventLog,
     EventLogUnavailable,
     ItemUpdateFeed,
@@ -172,3 +180,34 @@ class RedisItemUpdateFeed(ItemUpdateFeed):
         return ItemUpdates(
             last, np.unique(np.concatenate(ids)).astype(np.uint64), int(last.split("-")[0]) / 1000.0
         )
+
+
+class RedisCatalogFeed(CatalogFeed):
+    def __init__(self, client, stream: str):
+        self.client = client
+        self.stream = stream
+
+    def publish(self, change: CatalogChange) -> None:
+        fields = {
+            "op": change.op,
+            "ids": np.asarray(change.item_ids, dtype="<u8").tobytes(),
+            "attributes": json.dumps(change.attributes) if change.attributes is not None else "",
+        }
+        self.client.xadd(self.stream, fields)
+
+    def read(
+        self, cursor: str, block_seconds: float, count: int = 100
+    ) -> tuple[str, list[CatalogChange]]:
+        block = int(block_seconds * 1000) or None
+        replies = self.client.xread({self.stream: cursor}, count=count, block=block)
+        if not replies or not replies[0][1]:
+            return cursor, []
+        changes = [
+            CatalogChange(
+                _text(fields[b"op"]),
+                np.frombuffer(fields[b"ids"], dtype="<u8").astype(np.uint64),
+                json.loads(fields[b"attributes"]) if fields[b"attributes"] else None,
+            )
+            for _, fields in replies[0][1]
+        ]
+        return _text(replies[0][1][-1][0]), changes

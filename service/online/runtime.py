@@ -7,6 +7,7 @@ from service.online.index_sync import IndexSync
 from service.online.interests import InterestUpdater
 from service.online.parts import BLOCK_SECONDS, OnlineLearning
 from service.online.trainer import OnlineTrainer, OnlineTrainerConfig
+from service.retrieval.catalog import ItemCatalog
 from service.retrieval.index import ItemIndex
 from service.settings import Settings
 
@@ -47,14 +48,19 @@ def make_trainer(
 
 
 def make_index_sync(
-    bundle: ModelBundle, store: EmbeddingStore, index: ItemIndex, online: OnlineLearning
+    bundle: ModelBundle,
+    store: EmbeddingStore,
+    index: ItemIndex,
+    online: OnlineLearning,
+    catalog: ItemCatalog,
 ) -> IndexSync:
     return IndexSync(
         bundle.two_tower,
-        bundle.features,
+        catalog,
         store,
         index,
         online.updates,
         BLOCK_SECONDS,
         bundle.clusters,
+        online.catalog,
     )

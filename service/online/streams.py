@@ -1,4 +1,4 @@
-"""The two logs of online learning, as interfaces.
+"""The logs of online learning and of the catalog, as interfaces.
 
 Event log: what users did, appended by the gateway and read by the online trainer in a
 consumer group. Delivery is at least once: an entry stays pending until the trainer acks
@@ -7,10 +7,15 @@ trainer that died for good has its entries claimed by another after they sat idl
 
 Item-update feed: which items the trainer rewrote, read by every serving process (each
 from its own cursor, no group), which then re-embeds those items into its FAISS index.
+
+Catalog feed: the catalog API's changes (items upserted with attributes, hidden, unhidden,
+deleted), read by every serving process and gateway from the start at each start. It is
+never trimmed: replaying it is how a change outlives restarts.
 """
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -104,6 +109,34 @@ class ItemUpdateFeed(ABC):
     @abstractmethod
     def read(self, cursor: str, block_seconds: float, count: int = 100) -> ItemUpdates:
         """Updates published after `cursor`, waiting up to `block_seconds` for one."""
+
+    def close(self) -> None:
+        """Release connections; the in-memory feed has none."""
+
+
+CatalogOp = Literal["upsert", "hide", "unhide", "delete"]
+
+
+@dataclass(frozen=True)
+class CatalogChange:
+    op: CatalogOp
+    item_ids: np.ndarray  # uint64, distinct
+    attributes: list[dict[str, list[str]]] | None = None  # upsert: one per item
+
+
+class CatalogFeed(ABC):
+    START = "0"  # the cursor before the first change
+
+    @abstractmethod
+    def publish(self, change: CatalogChange) -> None:
+        """Append a change; every reader applies it, in order."""
+
+    @abstractmethod
+    def read(
+        self, cursor: str, block_seconds: float, count: int = 100
+    ) -> tuple[str, list[CatalogChange]]:
+        """(the cursor after them, the changes published after `cursor`), waiting up to
+        `block_seconds` for one."""
 
     def close(self) -> None:
         """Release connections; the in-memory feed has none."""

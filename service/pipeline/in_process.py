@@ -34,7 +34,7 @@ from service.retrieval.candidates import (
     SOURCE_TWO_TOWER,
     Candidates,
 )
-from service.retrieval.filters import ItemAttributes
+from service.retrieval.catalog import ItemCatalog
 from service.retrieval.generator import CandidateGenerator
 from service.retrieval.knn_embed import MixtureKnobs
 from service.retrieval.similar_items import item_vector, nearest_items
@@ -62,7 +62,7 @@ class PipelineOptions:
     knn_reserved_share: float | None = None
     ranker: RankerChoice = "auto"  # `service.artifacts.ranker_serves`
     item_to_item_share: float | None = None  # `service.artifacts.item_to_item_share`
-    filter_cache_mib: int = 256  # compiled filters kept (`service.retrieval.filters`)
+    filter_cache_mib: int = 256  # compiled filters kept (`service.retrieval.catalog`)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "PipelineOptions":
@@ -135,9 +135,7 @@ class RecommendPipeline:
         self.options = options
         self.store = store = store if store is not None else in_memory_store(bundle)
         self.knobs = mixture_knobs(bundle.manifest, options)
-        self.attributes = ItemAttributes.from_features(
-            bundle.features, options.filter_cache_mib << 20
-        )
+        self.catalog = ItemCatalog.from_features(bundle.features, options.filter_cache_mib << 20)
         self.generator = CandidateGenerator(
             bundle.two_tower,
             bundle.index,
@@ -150,6 +148,7 @@ class RecommendPipeline:
             self.knobs,
             bundle.neighbours,
             item_to_item_share(bundle.manifest, options.item_to_item_share),
+            self.catalog,
         )
         self.ranking = RankingStage(bundle.ranking_parts)
         self.ranker_info = self.ranking.ranker_info
@@ -179,7 +178,7 @@ class RecommendPipeline:
     def retrieve(self, request: RecommendRequest) -> Candidates:
         """The candidates, before ranking (what the retrieval tier answers); `InvalidFilter`
         for a filter on an attribute the catalog lacks."""
-        allowed = self.attributes.allowed(request.filter)
+        allowed = self.catalog.allowed(request.filter)
         with timed(RETRIEVE):
             candidates = self.generator.generate(
                 request.user_id,
@@ -216,22 +215,26 @@ class RecommendPipeline:
     def similar_items(
         self, request: SimilarItemsRequest, deadline: float | None = None
     ) -> SimilarItemsResponse:
-        allowed = self.attributes.allowed(request.filter)
+        allowed = self.catalog.allowed(request.filter)
         with timed(SIMILAR):
             try:
                 vector, degraded = item_vector(
-                    self.bundle.two_tower, self.bundle.features, self.store, request.item_id
+                    self.bundle.two_tower, self.catalog, self.store, request.item_id
                 )
             except ConnectionError:  # a new item's row could not be read: popular items
                 DEGRADED.labels("embedding_store").inc()
-                found = self.bundle.popular.top(
-                    request.k, np.array([request.item_id], np.uint64), allowed
-                )
+                left_out = np.union1d(np.array([request.item_id], np.uint64), self.catalog.blocked)
+                found = self.bundle.popular.top(request.k, left_out, allowed)
                 return similar_response(
                     request, found.item_ids, found.scores, self.model_version, degraded=True
                 )
             ids, scores = nearest_items(
-                self.generator.index, vector, request.item_id, request.k, allowed
+                self.generator.index,
+                vector,
+                request.item_id,
+                request.k,
+                allowed,
+                self.catalog.blocked,
             )
         if degraded:
             DEGRADED.labels("embedding_store").inc()

@@ -4,7 +4,9 @@ search (single vector, or kNN-Embed's per-interest searches plus a reserved sing
 share), item-to-item candidates from the user's latest items interleaved at their share,
 exclusion of what the user has seen, popular items for cold users and to fill up. A
 request's filter (`AllowedItems`) holds for every source: inside the index searches, and
-over the item-to-item and popular items."""
+over the item-to-item and popular items. Items the catalog hides or deleted are out of the
+index; they are also dropped from every answer, for the moment between the catalog's change
+and the index's."""
 
 import numpy as np
 
@@ -21,7 +23,7 @@ from service.retrieval.candidates import (
     is_in_sorted,
     labels,
 )
-from service.retrieval.filters import AllowedItems
+from service.retrieval.catalog import AllowedItems, ItemCatalog
 from service.retrieval.index import ItemIndex
 from service.retrieval.item_to_item import ItemNeighbours, interleaved, item_to_item_candidates
 from service.retrieval.knn_embed import ItemClusters, MixtureKnobs, smoothed_mixture, split_budget
@@ -43,10 +45,12 @@ class CandidateGenerator:
         knobs: MixtureKnobs = MixtureKnobs(),
         neighbours: ItemNeighbours | None = None,
         item_to_item_share: float = 0.0,
+        catalog: ItemCatalog | None = None,
     ):
         """`clusters`: kNN-Embed's item clusters (none: only the single-vector strategy);
         `knobs`: its defaults, which a request may override; `neighbours`: the item-to-item
-        source, which takes `item_to_item_share` of the candidates (0: none)."""
+        source, which takes `item_to_item_share` of the candidates (0: none); `catalog`: whose
+        hidden and deleted items are never answered."""
         self.user_tower = UserTowerKernel(two_tower)
         self.index = index
         self.clusters = clusters
@@ -58,6 +62,7 @@ class CandidateGenerator:
         self.recent = recent
         self.neighbours = neighbours
         self.item_to_item_share = item_to_item_share if neighbours is not None else 0.0
+        self.catalog = catalog
 
     def user_vector(self, user_id: int, history: np.ndarray) -> tuple[np.ndarray | None, bool]:
         """The user-tower output (None for a user the table and history know nothing of),
@@ -173,10 +178,11 @@ class CandidateGenerator:
         if session is not None and len(session):
             history = np.concatenate([history, np.asarray(session, dtype=np.uint64)])
         excluded = np.union1d(history, np.asarray(exclude, dtype=np.uint64))
+        blocked = self.catalog.blocked if self.catalog is not None else excluded[:0]
         vector, degraded = self.user_vector(user_id, history)
         degraded |= recent_degraded
         if vector is None:
-            result = self.popular.top(n, excluded, allowed)
+            result = self.popular.top(n, np.union1d(excluded, blocked), allowed)
             result.degraded = degraded
             return result
         result = Candidates.empty()
@@ -196,9 +202,10 @@ class CandidateGenerator:
             result = self.single_vector(vector, n, excluded, allowed)
         if self.item_to_item_share > 0.0 and len(history):
             result = self.with_item_to_item(result, vector, history, n, excluded, allowed)
+        if len(blocked):
+            result = result.take(np.flatnonzero(~is_in_sorted(result.item_ids, blocked)))
         result.degraded = degraded
         if len(result) < n:  # a small catalog: fill up with popular items
-            result = result.extended(
-                self.popular.top(n - len(result), np.union1d(excluded, result.item_ids), allowed)
-            )
+            taken = np.union1d(np.union1d(excluded, blocked), result.item_ids)
+            result = result.extended(self.popular.top(n - len(result), taken, allowed))
         return result

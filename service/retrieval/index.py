@@ -5,7 +5,8 @@ must not be searched while it changes, so searches, online upserts and the swap 
 index version share a lock: a search in flight finishes on the index it started on.
 
 HNSW graphs cannot remove vectors: there an upsert goes into a small exact side index, and
-searches of the graph skip the ids it holds (an ID selector) before the two are merged.
+searches of the graph skip the ids it holds (an ID selector) before the two are merged; a
+removed item (hidden or deleted from the catalog) is skipped the same way.
 
 On a GPU (faiss-gpu and `device="gpu"`) the index is searched there while a CPU copy stays
 the master: GPU indexes cannot `remove_ids`, so an upsert changes the CPU copy and copies it
@@ -36,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from service.retrieval.candidates import is_in_sorted
-from service.retrieval.filters import AllowedItems
+from service.retrieval.catalog import AllowedItems
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ class ItemIndex:
         self.index = index  # what searches use: the CPU copy or its GPU clone
         self._gpu_resources = None
         self._side: faiss.Index | None = None  # HNSW: upserted items, searched exactly
-        self._side_ids = np.empty(0, np.int64)  # ids in the side index that the graph also holds
+        self._side_ids = np.empty(0, np.int64)  # graph ids searches skip: replaced or removed
         self._graph_ids: np.ndarray | None = None
         self._apply_params(index)
         if device == "gpu" or (device == "auto" and gpus_available()):
@@ -352,7 +353,7 @@ class ItemIndex:
         kept = selector_of(allowed) if allowed is not None else None
         params.sel = faiss.IDSelectorAnd(skip, kept) if kept is not None else skip
         scores, ids = self._cpu.search(queries, k, params=params)
-        if self._side is None:
+        if self._side is None or not self._side.ntotal:
             return scores, ids
         side_params = faiss.SearchParameters()
         side_params.sel = kept
@@ -419,7 +420,12 @@ class ItemIndex:
             order = np.argsort(ids.view(np.uint64), kind="stable")
             ids, list_of = ids[order], list_of[order]
         else:
-            ids = np.sort(faiss.vector_to_array(self._cpu.id_map).view(np.uint64)).view(np.int64)
+            ids = faiss.vector_to_array(self._cpu.id_map)
+            if self._side is not None:  # HNSW: the graph's ids it still serves, and the side's
+                ids = np.union1d(
+                    ids[~np.isin(ids, self._side_ids)], faiss.vector_to_array(self._side.id_map)
+                )
+            ids = np.sort(ids.view(np.uint64)).view(np.int64)
             list_of = None
         self._entries = (self._epoch, ids, list_of)
         return ids, list_of
@@ -532,10 +538,48 @@ class ItemIndex:
                 self._to_gpu()
         return len(keys) - replaced
 
+    def remove(self, ids: np.ndarray) -> int:
+        """Take items out of the index (hidden or deleted from the catalog); returns how
+        many it held. HNSW graphs cannot remove: their searches skip the ids instead."""
+        keys = np.ascontiguousarray(np.asarray(ids, dtype=np.uint64).view(np.int64))
+        with self._lock:
+            if isinstance(self._inner(self._cpu), faiss.IndexHNSW):
+                removed = self._remove_beside_graph(keys)
+            else:
+                removed = self._cpu.remove_ids(faiss.IDSelectorArray(keys))
+                if self.device == "gpu":
+                    self._to_gpu()
+            self._contents_changed()
+        return removed
+
+    def _remove_beside_graph(self, keys: np.ndarray) -> int:
+        if self._graph_ids is None:
+            self._graph_ids = np.sort(faiss.vector_to_array(self._cpu.id_map))
+        in_graph = keys[np.isin(keys, self._graph_ids) & ~np.isin(keys, self._side_ids)]
+        removed = len(in_graph)
+        if self._side is not None:
+            removed += self._side.remove_ids(faiss.IDSelectorBatch(keys))
+        # Graph ids listed here are skipped by every search; an upsert adds them back on
+        # the side index.
+        self._side_ids = np.union1d(self._side_ids, keys[np.isin(keys, self._graph_ids)])
+        if self._side is None:
+            self._side = faiss.IndexIDMap2(faiss.IndexFlatIP(self._cpu.d))
+        return removed
+
+    def contents_changed(self) -> None:
+        """Items came or went other than by the online trainer's upserts (the catalog's
+        changes): what filtered searches derived from the old contents is redone."""
+        with self._lock:
+            self._contents_changed()
+
+    def _contents_changed(self) -> None:
+        self._epoch += 1
+        self._generation, self._changes = 0, []
+
     def replace_with(self, other: "ItemIndex") -> None:
         """Serve `other`'s index from now on: searches in flight finish on the old one."""
         with self._lock:
-            self._epoch, self._generation, self._changes = self._epoch + 1, 0, []
+            self._contents_changed()
             self._cpu, self.index, self.device = other._cpu, other.index, other.device
             self._gpu_resources, self.params = other._gpu_resources, other.params
             self._side, self._side_ids, self._graph_ids = (

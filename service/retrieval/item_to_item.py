@@ -19,7 +19,7 @@ from safetensors.numpy import save_file as save_arrays
 from tqdm import tqdm
 
 from service.retrieval.candidates import SOURCE_ITEM_TO_ITEM, Candidates, is_in_sorted, labels
-from service.retrieval.filters import AllowedItems
+from service.retrieval.catalog import AllowedItems
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
-from service.retrieval.filters import AllowedItems
+from service.retrieval.catalog import AllowedItems
 from service.retrieval.index import (
     MISSING_SCORE,
     add_with_progress,
@@ -143,6 +143,12 @@ class ItemClusters:
         with self._lock:
             self.index.remove_ids(faiss.IDSelectorBatch(keys))
             self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), keys)
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Take items out of their clusters' lists (hidden or deleted from the catalog)."""
+        keys = np.ascontiguousarray(np.asarray(ids, dtype=np.uint64).view(np.int64))
+        with self._lock:
+            self.index.remove_ids(faiss.IDSelectorBatch(keys))
 
     def save(self, path: Path) -> None:
         faiss.write_index(self.index, str(path))

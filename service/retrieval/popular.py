@@ -10,7 +10,7 @@ from safetensors.numpy import load_file as load_arrays
 from safetensors.numpy import save_file as save_arrays
 
 from service.retrieval.candidates import SOURCE_POPULAR, Candidates, is_in_sorted, labels
-from service.retrieval.filters import AllowedItems
+from service.retrieval.catalog import AllowedItems
 
 POPULAR_FILE = "popular.safetensors"
 

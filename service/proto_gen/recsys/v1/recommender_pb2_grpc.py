@@ -454,6 +454,26 @@ class AdminStub:
                 request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ImportTableRequest.SerializeToString,
                 response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ImportTableResponse.FromString,
                 _registered_method=True)
+        self.UpsertItems = channel.unary_unary(
+                '/recsys.v1.Admin/UpsertItems',
+                request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.UpsertItemsRequest.SerializeToString,
+                response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CatalogChangeResponse.FromString,
+                _registered_method=True)
+        self.HideItems = channel.unary_unary(
+                '/recsys.v1.Admin/HideItems',
+                request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ItemIdsRequest.SerializeToString,
+                response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CatalogChangeResponse.FromString,
+                _registered_method=True)
+        self.UnhideItems = channel.unary_unary(
+                '/recsys.v1.Admin/UnhideItems',
+                request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ItemIdsRequest.SerializeToString,
+                response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CatalogChangeResponse.FromString,
+                _registered_method=True)
+        self.DeleteItems = channel.unary_unary(
+                '/recsys.v1.Admin/DeleteItems',
+                request_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ItemIdsRequest.SerializeToString,
+                response_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CatalogChangeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -488,6 +508,37 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpsertItems(self, request, context):
+        """Catalog items with attributes (1-10,000, distinct ids; each attribute's values replace
+        the item's): every serving process embeds them by the item tower from their
+        attributes and indexes them within seconds, before any click. The catalog changes are
+        kept on the catalog feed, so they outlive restarts (on Redis).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HideItems(self, request, context):
+        """Never answer these items (out of stock, banned), on every process within seconds,
+        until they are unhidden.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnhideItems(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteItems(self, request, context):
+        """Out of the catalog: never answered, their attributes forgotten, until upserted again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -505,6 +556,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ImportTable,
                     request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ImportTableRequest.FromString,
                     response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ImportTableResponse.SerializeToString,
+            ),
+            'UpsertItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertItems,
+                    request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.UpsertItemsRequest.FromString,
+                    response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CatalogChangeResponse.SerializeToString,
+            ),
+            'HideItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.HideItems,
+                    request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ItemIdsRequest.FromString,
+                    response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CatalogChangeResponse.SerializeToString,
+            ),
+            'UnhideItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnhideItems,
+                    request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ItemIdsRequest.FromString,
+                    response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CatalogChangeResponse.SerializeToString,
+            ),
+            'DeleteItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteItems,
+                    request_deserializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ItemIdsRequest.FromString,
+                    response_serializer=service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CatalogChangeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -591,6 +662,114 @@ class Admin:
             '/recsys.v1.Admin/ImportTable',
             service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ImportTableRequest.SerializeToString,
             service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ImportTableResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Admin/UpsertItems',
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.UpsertItemsRequest.SerializeToString,
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CatalogChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HideItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Admin/HideItems',
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ItemIdsRequest.SerializeToString,
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CatalogChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnhideItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Admin/UnhideItems',
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ItemIdsRequest.SerializeToString,
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CatalogChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.Admin/DeleteItems',
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.ItemIdsRequest.SerializeToString,
+            service_dot_proto__gen_dot_recsys_dot_v1_dot_recommender__pb2.CatalogChangeResponse.FromString,
             options,
             channel_credentials,
             insecure,
