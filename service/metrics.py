@@ -35,6 +35,11 @@ SHED = Counter(
     ["transport"],
 )
 DEGRADED = Counter("recsys_degraded_responses_total", "Responses served by a fallback.", ["reason"])
+RULES_APPLIED = Counter(
+    "recsys_rules_applied_total",
+    "Answers a business rule changed (boost, bury, max_per, diversity, pin).",
+    ["rule"],
+)
 TIER_BREAKER_OPEN = Gauge(
     "recsys_tier_breaker_open",
     "Gateway: 1 while the circuit breaker of a tier is open (its calls fail at once).",

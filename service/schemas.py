@@ -85,6 +85,93 @@ class InvalidFilter(ValueError):
     """A filter that names an attribute the catalog does not have: 422 / INVALID_ARGUMENT."""
 
 
+MAX_RULES = 16
+MAX_PINS = 50
+
+
+class AttributeFactor(BaseModel):
+    """Items holding one of `values` of `attribute` get their score multiplied by `factor`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attribute: AttributeName
+    values: AttributeValues
+    factor: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
+
+
+class Pin(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: Uint64
+    position: Annotated[int, Field(ge=1, le=MAX_K, strict=True, description="1 = first.")]
+
+
+class MaxPer(BaseModel):
+    """At most `count` items per value of `attribute` in the answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attribute: AttributeName
+    count: Annotated[int, Field(ge=1, le=MAX_K, strict=True)]
+
+
+class Rules(BaseModel):
+    """Business rules and diversity, applied after ranking (each field: unset takes the
+    service's default, `RECSYS_RULES`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    boost: Annotated[
+        list[AttributeFactor] | None,
+        Field(
+            max_length=MAX_RULES,
+            description="Scores times factor (>= 1) for items holding a value.",
+        ),
+    ] = None
+    bury: Annotated[
+        list[AttributeFactor] | None,
+        Field(
+            max_length=MAX_RULES,
+            description="Scores times factor (<= 1) for items holding a value.",
+        ),
+    ] = None
+    pin: Annotated[
+        list[Pin] | None,
+        Field(max_length=MAX_PINS, description="Items placed at positions, candidates or not."),
+    ] = None
+    max_per: MaxPer | None = None
+    diversity: Annotated[
+        float | None,
+        Field(
+            ge=0,
+            le=1,
+            allow_inf_nan=False,
+            description="MMR weight over item vectors: 0 keeps score order, 1 is most diverse.",
+        ),
+    ] = None
+
+    @model_validator(mode="after")
+    def _factors_point_their_way(self) -> "Rules":
+        if any(b.factor < 1 for b in self.boost or []):
+            raise ValueError("a boost factor is at least 1 (bury lowers scores)")
+        if any(b.factor > 1 for b in self.bury or []):
+            raise ValueError("a bury factor is at most 1 (boost raises scores)")
+        positions = [p.position for p in self.pin or []]
+        if len(set(positions)) != len(positions) or len({p.item_id for p in self.pin or []}) != len(
+            positions
+        ):
+            raise ValueError("pins need distinct items and distinct positions")
+        return self
+
+    def over(self, defaults: "Rules | None") -> "Rules":
+        """These rules, each unset field taken from `defaults`."""
+        if defaults is None:
+            return self
+        return Rules.model_validate(
+            {**defaults.model_dump(exclude_none=True), **self.model_dump(exclude_none=True)}
+        )
+
+
 class KnnEmbedOptions(BaseModel):
     """Per-request overrides of kNN-Embed's knobs, for experiments; unset: the service's settings."""
 
@@ -151,6 +238,7 @@ class RecommendRequest(BaseModel):
         ),
     ] = []
     filter: ItemFilter | None = None
+    rules: Rules | None = None
 
     @model_validator(mode="after")
     def _candidates_cover_k(self) -> "RecommendRequest":
@@ -306,6 +394,10 @@ class RecommendResponse(BaseModel):
     model_version: str
     ranker: RankerInfo | None = Field(
         description="What ranked the items; null when they are in retrieval order (fallback)."
+    )
+    rules: list[str] = Field(
+        [],
+        description="The rules that changed the answer: boost, bury, max_per, diversity, pin.",
     )
 
 

@@ -8,7 +8,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.artifacts import RankerChoice
-from service.schemas import MAX_CANDIDATES, MAX_COMPONENTS
+from service.schemas import MAX_CANDIDATES, MAX_COMPONENTS, Rules
 
 
 class Settings(BaseSettings):
@@ -89,6 +89,14 @@ class Settings(BaseSettings):
             le=1,
             description="Share of the candidates from the item-to-item source (items that co-occur "
             "with the user's latest); unset: what `recsys train`'s validation chose.",
+        ),
+    ] = None
+    rules: Annotated[
+        Rules | None,
+        Field(
+            description="Default business rules and diversity, as JSON, e.g. "
+            '\'{"max_per": {"attribute": "category", "count": 2}, "diversity": 0.2}\'; a '
+            "request's `rules` override them field by field.",
         ),
     ] = None
     filter_cache_mib: Annotated[

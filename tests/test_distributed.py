@@ -6,6 +6,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections import Counter
 
 import grpc
 import httpx2
@@ -15,11 +16,12 @@ import pytest
 from service.api.codec import candidates_from_columns, candidates_to_columns
 from service.api.grpc_server import GrpcServer
 from service.api.remote import BREAKER_FAILURES, CALL_ATTEMPTS, Tier
+from service.pipeline.in_process import RecommendPipeline
 from service.pipeline.interface import StageFailed
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.retrieval.candidates import Candidates
-from service.schemas import RankRequest
+from service.schemas import RankRequest, RecommendRequest
 from service.testing.redis_servers import free_port
 from service.testing.stack import wait_serving
 from tests.test_end_to_end import BIN, wait_ready
@@ -120,6 +122,25 @@ def test_gateway_answers_through_the_tiers_over_http_and_grpc(stack, bundle, kno
         assert (
             f'recsys_requests_total{{code="OK",endpoint="{endpoint}",transport="grpc"}}' in metrics
         )
+
+
+def test_the_gateway_applies_rules_with_the_vectors_the_retrieval_tier_sends(
+    stack, bundle, known_user, tiny_dataset
+):
+    """The gateway answers as the in-process pipeline does under the same rules:
+    diversity needs the candidates' item vectors, which cross the wire with them."""
+    http, _, _ = stack
+    asked = {
+        "user_id": known_user,
+        "k": 8,
+        "rules": {"diversity": 0.8, "max_per": {"attribute": "category", "count": 2}},
+    }
+    body = http.post("/v1/recommend", json=asked).json()
+    in_process = RecommendPipeline(bundle).recommend(RecommendRequest.model_validate(asked))
+    assert [i["item_id"] for i in body["items"]] == [i.item_id for i in in_process.items]
+    assert body["rules"] == in_process.rules and "diversity" in body["rules"]
+    category = dict(zip(tiny_dataset.items["item_id"].tolist(), tiny_dataset.items["category"]))
+    assert max(Counter(category[i["item_id"]] for i in body["items"]).values()) <= 2
 
 
 def test_the_gateway_forwards_a_visitors_session_to_the_retrieval_tier(stack, bundle, known_user):

@@ -11,6 +11,7 @@ from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.retrieval.candidates import Candidates, labels
 from service.schemas import (
     AttributeCondition,
+    AttributeFactor,
     CandidatesResponse,
     Context,
     EventsRequest,
@@ -19,6 +20,7 @@ from service.schemas import (
     RankRequest,
     RecommendRequest,
     RecommendResponse,
+    Rules,
     ScoredItem,
     SimilarItemsRequest,
     SimilarItemsResponse,
@@ -51,6 +53,39 @@ def filter_to_proto(conditions: dict[str, AttributeCondition] | None) -> dict | 
     }
 
 
+def rules_from_proto(message: pb.RecommendRequest) -> dict | None:
+    if not message.HasField("rules"):
+        return None
+    rules = message.rules
+    fields = MessageToDict(rules, preserving_proto_field_name=True)
+    if rules.pin:  # proto3 JSON writes 64-bit integers as strings
+        fields["pin"] = [{"item_id": p.item_id, "position": p.position} for p in rules.pin]
+    if rules.HasField("diversity"):
+        fields["diversity"] = rules.diversity
+    return fields
+
+
+def rules_to_proto(rules: Rules | None) -> pb.Rules | None:
+    if rules is None:
+        return None
+
+    def factors(rules_of: list[AttributeFactor] | None) -> list[pb.AttributeFactor]:
+        return [
+            pb.AttributeFactor(attribute=r.attribute, values=r.values, factor=r.factor)
+            for r in rules_of or []
+        ]
+
+    return pb.Rules(
+        boost=factors(rules.boost),
+        bury=factors(rules.bury),
+        pin=[pb.Pin(item_id=p.item_id, position=p.position) for p in rules.pin or []],
+        max_per=pb.MaxPer(attribute=rules.max_per.attribute, count=rules.max_per.count)
+        if rules.max_per
+        else None,
+        diversity=rules.diversity,
+    )
+
+
 def request_from_proto(message: pb.RecommendRequest) -> RecommendRequest:
     fields = MessageToDict(message, preserving_proto_field_name=True)
     # proto3 JSON writes 64-bit integers as strings; the contract takes integers.
@@ -58,6 +93,7 @@ def request_from_proto(message: pb.RecommendRequest) -> RecommendRequest:
     fields["exclude_item_ids"] = list(message.exclude_item_ids)
     fields["recent_item_ids"] = list(message.recent_item_ids)
     fields["filter"] = filter_from_proto(message.filter)
+    fields["rules"] = rules_from_proto(message)
     if not message.strategy:
         fields.pop("strategy", None)
     return RecommendRequest.model_validate(fields)
@@ -75,6 +111,7 @@ def request_to_proto(request: RecommendRequest) -> pb.RecommendRequest:
         knn_embed=pb.KnnEmbedOptions(**knobs) if knobs is not None else None,
         recent_item_ids=request.recent_item_ids,
         filter=filter_to_proto(request.filter),
+        rules=rules_to_proto(request.rules),
     )
 
 
@@ -173,6 +210,7 @@ def recommend_response_to_proto(result: RecommendResponse) -> pb.RecommendRespon
         degraded=result.degraded,
         model_version=result.model_version,
         ranker=ranker_to_proto(result.ranker),
+        rules=result.rules,
     )
 
 
@@ -200,6 +238,8 @@ def candidates_to_columns(found: Candidates, model_version: str) -> pb.RetrieveR
         components=components.tolist(),
         degraded=found.degraded,
         model_version=model_version,
+        vectors=found.vectors.astype("<f4").tobytes() if found.vectors is not None else b"",
+        vector_dim=found.vectors.shape[1] if found.vectors is not None else 0,
     )
 
 
@@ -211,6 +251,11 @@ def candidates_from_columns(message: pb.RetrieveResponse) -> Candidates:
         code >= len(message.source_names) for code in message.sources
     ):
         raise StageFailed("retrieval answered columns of different lengths or an unnamed source")
+    vectors = None
+    if message.vector_dim:
+        if len(message.vectors) != 4 * n * message.vector_dim:
+            raise StageFailed("retrieval answered vectors that do not fit its candidates")
+        vectors = np.frombuffer(message.vectors, dtype="<f4").reshape(n, message.vector_dim)
     components = np.array(message.components, dtype=np.int64).astype(object)
     components[components == -1] = None
     return Candidates(
@@ -221,6 +266,7 @@ def candidates_from_columns(message: pb.RetrieveResponse) -> Candidates:
         else labels(None, 0),
         message.degraded,
         components,
+        vectors.astype(np.float32) if vectors is not None else None,
     )
 
 

@@ -33,6 +33,7 @@ from service.pipeline.interface import (
     ranked_response,
     similar_response,
     timed,
+    with_default_rules,
 )
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.retrieval.candidates import Candidates
@@ -187,10 +188,15 @@ class RemotePipeline:
     def recommend(
         self, request: RecommendRequest, deadline: float | None = None
     ) -> RecommendResponse:
+        """The tiers' answer, under the request's rules over the gateway's defaults (sent
+        on to retrieval as they are, so that it adds the vectors diversity needs)."""
+        request = with_default_rules(request, self.settings.rules)
         until = self._until(deadline)
         found = self._retrieve(request, until)
         if not len(found) or not self.ranks:
-            return ranked_response(request, found, None, self.model_version, None)
+            return ranked_response(
+                request, found, None, self.model_version, None, catalog=self.catalog
+            )
         with timed(RANK):
             try:
                 ranked = self.ranking.read(
@@ -200,11 +206,12 @@ class RemotePipeline:
                 log.warning("ranking fell back to retrieval order: %s", exc)
                 DEGRADED.labels("ranking").inc()
                 return ranked_response(
-                    request, found, None, self.model_version, None, degraded=True
+                    request, found, None, self.model_version, None, True, self.catalog
                 )
         scores = np.array(ranked.scores, np.float32)
+        ranker = codec.ranker_from_proto(ranked.ranker)
         return ranked_response(
-            request, found, scores, self.model_version, codec.ranker_from_proto(ranked.ranker)
+            request, found, scores, self.model_version, ranker, catalog=self.catalog
         )
 
     def similar_items(

@@ -21,9 +21,11 @@ from service.pipeline.interface import (
     SIMILAR,
     candidate_count,
     candidates_response,
+    needs_vectors,
     ranked_response,
     similar_response,
     timed,
+    with_default_rules,
 )
 from service.ranking.models import ranker_name
 from service.ranking.ranker import Ranker
@@ -44,6 +46,7 @@ from service.schemas import (
     RankerInfo,
     RecommendRequest,
     RecommendResponse,
+    Rules,
     SimilarItemsRequest,
     SimilarItemsResponse,
 )
@@ -63,6 +66,7 @@ class PipelineOptions:
     ranker: RankerChoice = "auto"  # `service.artifacts.ranker_serves`
     item_to_item_share: float | None = None  # `service.artifacts.item_to_item_share`
     filter_cache_mib: int = 256  # compiled filters kept (`service.retrieval.catalog`)
+    rules: Rules | None = None  # requests' default rules (`service.pipeline.rules`)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "PipelineOptions":
@@ -76,6 +80,7 @@ class PipelineOptions:
             ranker=settings.ranker,
             item_to_item_share=settings.item_to_item_share,
             filter_cache_mib=settings.filter_cache_mib,
+            rules=settings.rules,
         )
 
 
@@ -177,7 +182,8 @@ class RecommendPipeline:
 
     def retrieve(self, request: RecommendRequest) -> Candidates:
         """The candidates, before ranking (what the retrieval tier answers); `InvalidFilter`
-        for a filter on an attribute the catalog lacks."""
+        for a filter on an attribute the catalog lacks. With diversity in the request's
+        rules, the candidates carry their item vectors."""
         allowed = self.catalog.allowed(request.filter)
         with timed(RETRIEVE):
             candidates = self.generator.generate(
@@ -195,6 +201,8 @@ class RecommendPipeline:
             CANDIDATES.labels(source).observe(sum(s == source for s in candidates.sources))
         if candidates.degraded:
             DEGRADED.labels("embedding_store").inc()
+        if needs_vectors(with_default_rules(request, self.options.rules)):
+            candidates.vectors = self.generator.index.vectors_of(candidates.item_ids)
         return candidates
 
     def candidates(
@@ -206,11 +214,16 @@ class RecommendPipeline:
     def recommend(
         self, request: RecommendRequest, deadline: float | None = None
     ) -> RecommendResponse:
+        request = with_default_rules(request, self.options.rules)
         found = self.retrieve(request)
         if not self.ranks:  # the artifact's validation: the ranker would make answers worse
-            return ranked_response(request, found, None, self.model_version, None)
+            return ranked_response(
+                request, found, None, self.model_version, None, catalog=self.catalog
+            )
         scores = self.ranking.rank(request.user_id, found.item_ids, found.scores, request.context)
-        return ranked_response(request, found, scores, self.model_version, self.ranker_info)
+        return ranked_response(
+            request, found, scores, self.model_version, self.ranker_info, catalog=self.catalog
+        )
 
     def similar_items(
         self, request: SimilarItemsRequest, deadline: float | None = None

@@ -13,14 +13,17 @@ from typing import Protocol
 
 import numpy as np
 
-from service.metrics import STAGE_LATENCY
+from service.metrics import RULES_APPLIED, STAGE_LATENCY
+from service.pipeline.rules import apply_rules
 from service.retrieval.candidates import Candidates
+from service.retrieval.catalog import ItemCatalog
 from service.schemas import (
     Candidate,
     CandidatesResponse,
     RankerInfo,
     RecommendRequest,
     RecommendResponse,
+    Rules,
     ScoredItem,
     SimilarItemsRequest,
     SimilarItemsResponse,
@@ -99,6 +102,19 @@ def similar_response(
     )
 
 
+def with_default_rules(request: RecommendRequest, defaults: Rules | None) -> RecommendRequest:
+    """The request with its rules over the service's defaults (`RECSYS_RULES`)."""
+    if defaults is None:
+        return request
+    rules = request.rules.over(defaults) if request.rules else defaults
+    return request.model_copy(update={"rules": rules})
+
+
+def needs_vectors(request: RecommendRequest) -> bool:
+    """Whether the answer's rules need the candidates' item vectors (diversity)."""
+    return bool(request.rules and request.rules.diversity)
+
+
 def ranked_response(
     request: RecommendRequest,
     found: Candidates,
@@ -106,9 +122,35 @@ def ranked_response(
     model_version: str,
     ranker: RankerInfo | None,
     degraded: bool = False,
+    catalog: ItemCatalog | None = None,
 ) -> RecommendResponse:
     """The top `request.k` by ranker score (ties by id); with no `scores` (ranking fell
-    back), the first k in retrieval order, `ranker` None."""
+    back), the first k in retrieval order, `ranker` None. With `request.rules` (the
+    service's defaults already under them), the rules pick the answer from all
+    candidates (`service.pipeline.rules`), over `catalog`'s attributes."""
+    if request.rules is not None and catalog is not None and len(found):
+        answer = apply_rules(
+            found.item_ids,
+            found.scores if scores is None else scores,
+            request.k,
+            request.rules,
+            catalog,
+            ranked=scores is not None,
+            vectors=found.vectors,
+        )
+        for rule in answer.applied:
+            RULES_APPLIED.labels(rule.partition(":")[0]).inc()
+        return RecommendResponse(
+            user_id=request.user_id,
+            items=[
+                ScoredItem(item_id=int(i), score=float(s))
+                for i, s in zip(answer.item_ids, answer.scores)
+            ],
+            degraded=found.degraded or degraded,
+            model_version=model_version,
+            ranker=ranker,
+            rules=answer.applied,
+        )
     if scores is None:
         order = np.arange(min(request.k, len(found.item_ids)))
         scores = found.scores

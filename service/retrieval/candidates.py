@@ -34,6 +34,7 @@ class Candidates:
     sources: np.ndarray  # object: each candidate's source name
     degraded: bool = False  # the embedding store failed: vectors were defaults
     components: np.ndarray | None = None  # object: kNN-Embed's cluster of each candidate, else None
+    vectors: np.ndarray | None = None  # (n, d) item vectors, when diversity needs them
 
     def __post_init__(self) -> None:
         if self.components is None:

@@ -134,9 +134,11 @@ class ItemCatalog:
         self.item_ids = np.asarray(item_ids, dtype=np.uint64)
         self.item_attributes = item_attributes
         self.numbers: dict[str, dict[str, int]] = {}  # column -> value -> value number
+        self._named = [("", "")]  # value number -> (column, value)
         for number, name in enumerate(attribute_values, start=1):
             column, _, value = name.partition("=")
             self.numbers.setdefault(column, {})[value] = number
+            self._named.append((column, value))
         rows, slots = np.nonzero(item_attributes[1:])
         numbers = item_attributes[1:][rows, slots]
         order = np.argsort(numbers, kind="stable")
@@ -238,6 +240,26 @@ class ItemCatalog:
             rows[position] = 0
             rows[position, : len(numbers)] = numbers
         return rows
+
+    def values_of(self, item_ids: np.ndarray, column: str) -> list[frozenset[str]]:
+        """Each item's values of `column` (empty for an item without it), upserted ones as
+        upserted, new values included."""
+        state, ids = self._state, np.asarray(item_ids, dtype=np.uint64)
+        at = np.minimum(np.searchsorted(self.item_ids, ids), max(len(self.item_ids) - 1, 0))
+        known = (self.item_ids[at] == ids) if len(self.item_ids) else np.zeros(len(ids), bool)
+        rows = self.item_attributes[np.where(known, at + 1, 0)]
+        deleted = is_in_sorted(ids, state.deleted)
+        out = []
+        for item_id, row, gone in zip(ids.tolist(), rows, deleted):
+            held = state.upserted.get(item_id)
+            if held is not None:
+                out.append(held.get(column, frozenset()))
+            elif gone:
+                out.append(frozenset())
+            else:
+                named = (self._named[n] for n in row[row > 0])
+                out.append(frozenset(value for c, value in named if c == column))
+        return out
 
     # Filters
 

@@ -492,6 +492,18 @@ class ItemIndex:
         allowed.derived_bytes += vectors.nbytes
         return kept
 
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        """The indexed vectors of `ids`, zeros for an id the index does not hold (or did
+        not when its contents last changed: an item the trainer added since)."""
+        keys = np.asarray(ids, dtype=np.uint64).view(np.int64)
+        with self._lock:
+            entries, _ = self._indexed_entries()
+            held = is_in_sorted(keys.view(np.uint64), entries.view(np.uint64))
+            vectors = np.zeros((len(keys), self._cpu.d), np.float32)
+            if held.any():
+                vectors[held] = self._reconstruct(keys[held])
+        return vectors
+
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """The indexed vectors of `ids`; a RuntimeError if the index lacks one of them."""
         keys = np.asarray(ids, dtype=np.uint64).view(np.int64)

@@ -28,7 +28,7 @@ class KnnEmbedOptions(_message.Message):
     def __init__(self, alpha: _Optional[float] = ..., components: _Optional[int] = ..., reserved_share: _Optional[float] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "context", "exclude_item_ids", "strategy", "candidates", "knn_embed", "recent_item_ids", "filter")
+    __slots__ = ("user_id", "k", "context", "exclude_item_ids", "strategy", "candidates", "knn_embed", "recent_item_ids", "filter", "rules")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class RecommendRequest(_message.Message):
     KNN_EMBED_FIELD_NUMBER: _ClassVar[int]
     RECENT_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
     user_id: int
     k: int
     context: Context
@@ -54,7 +55,48 @@ class RecommendRequest(_message.Message):
     knn_embed: KnnEmbedOptions
     recent_item_ids: _containers.RepeatedScalarFieldContainer[int]
     filter: _containers.MessageMap[str, AttributeCondition]
-    def __init__(self, user_id: _Optional[int] = ..., k: _Optional[int] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., exclude_item_ids: _Optional[_Iterable[int]] = ..., strategy: _Optional[str] = ..., candidates: _Optional[int] = ..., knn_embed: _Optional[_Union[KnnEmbedOptions, _Mapping]] = ..., recent_item_ids: _Optional[_Iterable[int]] = ..., filter: _Optional[_Mapping[str, AttributeCondition]] = ...) -> None: ...
+    rules: Rules
+    def __init__(self, user_id: _Optional[int] = ..., k: _Optional[int] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., exclude_item_ids: _Optional[_Iterable[int]] = ..., strategy: _Optional[str] = ..., candidates: _Optional[int] = ..., knn_embed: _Optional[_Union[KnnEmbedOptions, _Mapping]] = ..., recent_item_ids: _Optional[_Iterable[int]] = ..., filter: _Optional[_Mapping[str, AttributeCondition]] = ..., rules: _Optional[_Union[Rules, _Mapping]] = ...) -> None: ...
+
+class AttributeFactor(_message.Message):
+    __slots__ = ("attribute", "values", "factor")
+    ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_FIELD_NUMBER: _ClassVar[int]
+    attribute: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    factor: float
+    def __init__(self, attribute: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., factor: _Optional[float] = ...) -> None: ...
+
+class Pin(_message.Message):
+    __slots__ = ("item_id", "position")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    item_id: int
+    position: int
+    def __init__(self, item_id: _Optional[int] = ..., position: _Optional[int] = ...) -> None: ...
+
+class MaxPer(_message.Message):
+    __slots__ = ("attribute", "count")
+    ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    attribute: str
+    count: int
+    def __init__(self, attribute: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class Rules(_message.Message):
+    __slots__ = ("boost", "bury", "pin", "max_per", "diversity")
+    BOOST_FIELD_NUMBER: _ClassVar[int]
+    BURY_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_PER_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    boost: _containers.RepeatedCompositeFieldContainer[AttributeFactor]
+    bury: _containers.RepeatedCompositeFieldContainer[AttributeFactor]
+    pin: _containers.RepeatedCompositeFieldContainer[Pin]
+    max_per: MaxPer
+    diversity: float
+    def __init__(self, boost: _Optional[_Iterable[_Union[AttributeFactor, _Mapping]]] = ..., bury: _Optional[_Iterable[_Union[AttributeFactor, _Mapping]]] = ..., pin: _Optional[_Iterable[_Union[Pin, _Mapping]]] = ..., max_per: _Optional[_Union[MaxPer, _Mapping]] = ..., diversity: _Optional[float] = ...) -> None: ...
 
 class AttributeCondition(_message.Message):
     __slots__ = ("not_in",)
@@ -80,18 +122,20 @@ class RankerInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("user_id", "items", "degraded", "model_version", "ranker")
+    __slots__ = ("user_id", "items", "degraded", "model_version", "ranker", "rules")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANKER_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
     user_id: int
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     degraded: bool
     model_version: str
     ranker: RankerInfo
-    def __init__(self, user_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ..., ranker: _Optional[_Union[RankerInfo, _Mapping]] = ...) -> None: ...
+    rules: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ..., ranker: _Optional[_Union[RankerInfo, _Mapping]] = ..., rules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("item_id", "score", "source", "component")
@@ -147,7 +191,7 @@ class SimilarItemsResponse(_message.Message):
     def __init__(self, item_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
-    __slots__ = ("item_ids", "scores", "sources", "source_names", "components", "degraded", "model_version")
+    __slots__ = ("item_ids", "scores", "sources", "source_names", "components", "degraded", "model_version", "vectors", "vector_dim")
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +199,8 @@ class RetrieveResponse(_message.Message):
     COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_DIM_FIELD_NUMBER: _ClassVar[int]
     item_ids: _containers.RepeatedScalarFieldContainer[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
     sources: _containers.RepeatedScalarFieldContainer[int]
@@ -162,7 +208,9 @@ class RetrieveResponse(_message.Message):
     components: _containers.RepeatedScalarFieldContainer[int]
     degraded: bool
     model_version: str
-    def __init__(self, item_ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., sources: _Optional[_Iterable[int]] = ..., source_names: _Optional[_Iterable[str]] = ..., components: _Optional[_Iterable[int]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
+    vectors: bytes
+    vector_dim: int
+    def __init__(self, item_ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., sources: _Optional[_Iterable[int]] = ..., source_names: _Optional[_Iterable[str]] = ..., components: _Optional[_Iterable[int]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ..., vectors: _Optional[bytes] = ..., vector_dim: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("user_id", "item_id", "type", "timestamp")
