@@ -35,6 +35,11 @@ SHED = Counter(
     ["transport"],
 )
 DEGRADED = Counter("recsys_degraded_responses_total", "Responses served by a fallback.", ["reason"])
+SERVED_LISTS = Counter(
+    "recsys_served_lists_total",
+    "Served lists the served-list log wrote, or dropped (queue full, sink failing).",
+    ["outcome"],
+)
 RULES_APPLIED = Counter(
     "recsys_rules_applied_total",
     "Answers a business rule changed (boost, bury, max_per, diversity, pin).",

@@ -399,6 +399,11 @@ class RecommendResponse(BaseModel):
         [],
         description="The rules that changed the answer: boost, bury, max_per, diversity, pin.",
     )
+    request_id: str = Field(
+        "",
+        description="This answer's id: send it back on the events it leads to (and find "
+        "the list in the served-list log).",
+    )
 
 
 class CandidatesResponse(BaseModel):
@@ -406,6 +411,7 @@ class CandidatesResponse(BaseModel):
     candidates: list[Candidate]
     degraded: bool
     model_version: str
+    request_id: str = ""
 
 
 class SimilarItemsRequest(BaseModel):
@@ -428,6 +434,7 @@ class SimilarItemsResponse(BaseModel):
         description="True when the retrieval tier failed and popular items answered."
     )
     model_version: str
+    request_id: str = ""
 
 
 class UnknownItem(LookupError):
@@ -446,6 +453,13 @@ class Event(BaseModel):
         description="Any 64-bit id: an item the catalog does not know yet is welcome."
     )
     type: EventType
+    request_id: Annotated[
+        str | None,
+        Field(
+            pattern=r"^[0-9a-f]{32}$",
+            description="The `request_id` of the answer the event reacts to, if any.",
+        ),
+    ] = None
     timestamp: Annotated[
         float | None,
         Field(description="When it happened: Unix seconds or ISO 8601; default: when it arrives."),

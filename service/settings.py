@@ -99,6 +99,19 @@ class Settings(BaseSettings):
             "request's `rules` override them field by field.",
         ),
     ] = None
+    served_log: Annotated[
+        Literal["off", "redis", "parquet"],
+        Field(
+            description="Log every served list (sampled): to a Redis stream "
+            "(`served_log_stream`, needs RECSYS_REDIS_URL) or Parquet files (`served_log_dir`)."
+        ),
+    ] = "off"
+    served_log_sample: Annotated[
+        float, Field(ge=0, le=1, description="Share of the requests whose list is logged.")
+    ] = 1.0
+    served_log_stream: Annotated[str, Field(min_length=1)] = "recsys:served"
+    served_log_max_length: Annotated[int, Field(ge=1000)] = 1_000_000
+    served_log_dir: Path | None = None
     filter_cache_mib: Annotated[
         int,
         Field(
@@ -312,6 +325,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 "RECSYS_DEFAULT_DEADLINE_SECONDS must not exceed RECSYS_MAX_DEADLINE_SECONDS"
             )
+        if self.served_log == "redis" and self.redis_url is None:
+            raise ValueError("RECSYS_SERVED_LOG=redis needs RECSYS_REDIS_URL")
+        if self.served_log == "parquet" and self.served_log_dir is None:
+            raise ValueError("RECSYS_SERVED_LOG=parquet needs RECSYS_SERVED_LOG_DIR")
         return self
 
     @property

@@ -141,6 +141,7 @@ def similar_response_to_proto(answer: SimilarItemsResponse) -> pb.SimilarItemsRe
         items=scored_items_to_proto(answer.items),
         degraded=answer.degraded,
         model_version=answer.model_version,
+        request_id=answer.request_id,
     )
 
 
@@ -165,6 +166,7 @@ def events_from_proto(message: pb.SendEventsRequest) -> EventsRequest:
                     "user_id": e.user_id,
                     "item_id": e.item_id,
                     "type": e.type,
+                    **({"request_id": e.request_id} if e.request_id else {}),
                     **(
                         {"timestamp": e.timestamp.seconds + e.timestamp.nanos / 1e9}
                         if e.HasField("timestamp")
@@ -211,6 +213,7 @@ def recommend_response_to_proto(result: RecommendResponse) -> pb.RecommendRespon
         model_version=result.model_version,
         ranker=ranker_to_proto(result.ranker),
         rules=result.rules,
+        request_id=result.request_id,
     )
 
 
@@ -223,6 +226,7 @@ def candidates_to_proto(result: CandidatesResponse) -> pb.CandidatesResponse:
         ],
         degraded=result.degraded,
         model_version=result.model_version,
+        request_id=result.request_id,
     )
 
 

@@ -16,6 +16,7 @@ from service.bundle import ModelBundle
 from service.online.parts import open_online
 from service.online.runtime import make_index_sync, make_trainer
 from service.pipeline.in_process import PipelineOptions, RecommendPipeline
+from service.pipeline.served_log import open_served_log
 from service.retrieval.index import SearchParams
 from service.retrieval.index_versions import IndexReloader
 from service.settings import Settings
@@ -48,7 +49,11 @@ def load_embedded(settings: Settings) -> Served:
     log.info("embedding table: %s", type(store).__name__)
     online = open_online(settings, store)
     pipeline = RecommendPipeline(
-        bundle, store, PipelineOptions.from_settings(settings), online.recent
+        bundle,
+        store,
+        PipelineOptions.from_settings(settings),
+        online.recent,
+        open_served_log(settings),
     )
     swap = None
     if settings.index_sync:

@@ -17,6 +17,7 @@ from service.artifacts import ranker_serves, read_manifest, resolve_version
 from service.data.feature_space import FeatureSpace
 from service.online.catalog_follow import CatalogFollower, apply_to_catalog
 from service.online.parts import BLOCK_SECONDS, open_event_log
+from service.pipeline.served_log import open_served_log
 from service.retrieval.catalog import ItemCatalog
 from service.retrieval.popular import PopularItems
 from service.settings import Settings
@@ -41,7 +42,10 @@ def load_gateway(settings: Settings) -> Served:
     follower = CatalogFollower(online.catalog, partial(apply_to_catalog, catalog), BLOCK_SECONDS)
     follower.catch_up()  # before serving: the fallback never answers a hidden item
     online.start("catalog-follow", follower.run)
-    return Served(pipeline=RemotePipeline(settings, popular, catalog, ranks), online=online)
+    return Served(
+        pipeline=RemotePipeline(settings, popular, catalog, ranks, open_served_log(settings)),
+        online=online,
+    )
 
 
 def build_app(settings: Settings) -> FastAPI:

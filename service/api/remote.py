@@ -30,11 +30,13 @@ from service.pipeline.interface import (
     candidate_count,
     candidates_response,
     excluded_ids,
+    log_served,
     ranked_response,
     similar_response,
     timed,
     with_default_rules,
 )
+from service.pipeline.served_log import ServedListLogger
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.retrieval.candidates import Candidates
 from service.retrieval.catalog import ItemCatalog
@@ -133,12 +135,14 @@ class RemotePipeline:
         popular: PopularItems,
         catalog: ItemCatalog,
         ranks: bool = True,
+        served_log: ServedListLogger | None = None,
     ):
         """`catalog`: the catalog (kept current by the catalog feed), to refuse a filter the
         tier would refuse (a refusal is no tier failure) and to keep the fallback's popular
         items to the filter and off hidden items; `ranks`: whether
         answers are ranked (`service.artifacts.ranker_serves`); if not, the ranking tier is
-        not called and answers keep retrieval order."""
+        not called and answers keep retrieval order; `served_log`: where answers are logged."""
+        self.served_log = served_log
         self.settings = settings
         self.popular = popular
         self.catalog = catalog
@@ -193,6 +197,11 @@ class RemotePipeline:
         request = with_default_rules(request, self.settings.rules)
         until = self._until(deadline)
         found = self._retrieve(request, until)
+        answer = self._ranked(request, found, until)
+        log_served(self.served_log, request, answer, found)
+        return answer
+
+    def _ranked(self, request: RecommendRequest, found: Candidates, until: float):
         if not len(found) or not self.ranks:
             return ranked_response(
                 request, found, None, self.model_version, None, catalog=self.catalog
@@ -250,5 +259,7 @@ class RemotePipeline:
             raise
 
     def close(self) -> None:
+        if self.served_log is not None:
+            self.served_log.close()
         self.retrieval.close()
         self.ranking.close()

@@ -35,6 +35,7 @@ class LoggedEvent:
     item_id: int
     type: str
     timestamp: float  # when it happened, Unix seconds
+    request_id: str | None = None  # the answer it reacts to, if the client said
 
     @property
     def appended_at(self) -> float:
@@ -43,17 +44,25 @@ class LoggedEvent:
 
 def event_fields(event: Event, now: float) -> dict[str, str]:
     """An event as the log's string fields; an event without a timestamp happened `now`."""
-    return {
+    fields = {
         "user": str(event.user_id),
         "item": str(event.item_id),
         "type": event.type,
         "ts": repr(event.timestamp if event.timestamp is not None else now),
     }
+    if event.request_id is not None:
+        fields["req"] = event.request_id
+    return fields
 
 
 def logged_event(entry_id: str, fields: dict[str, str]) -> LoggedEvent:
     return LoggedEvent(
-        entry_id, int(fields["user"]), int(fields["item"]), fields["type"], float(fields["ts"])
+        entry_id,
+        int(fields["user"]),
+        int(fields["item"]),
+        fields["type"],
+        float(fields["ts"]),
+        fields.get("req"),
     )
 
 

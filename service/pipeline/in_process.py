@@ -21,12 +21,14 @@ from service.pipeline.interface import (
     SIMILAR,
     candidate_count,
     candidates_response,
+    log_served,
     needs_vectors,
     ranked_response,
     similar_response,
     timed,
     with_default_rules,
 )
+from service.pipeline.served_log import ServedListLogger
 from service.ranking.models import ranker_name
 from service.ranking.ranker import Ranker
 from service.retrieval.candidates import (
@@ -133,9 +135,12 @@ class RecommendPipeline:
         store: EmbeddingStore | None = None,
         options: PipelineOptions = PipelineOptions(),
         recent: RecentItems | None = None,
+        served_log: ServedListLogger | None = None,
     ):
         """`store` holds the artifact's id vectors (by default an in-process one is filled);
-        `recent` the users' items since the artifact was trained (none: the artifact's only)."""
+        `recent` the users' items since the artifact was trained (none: the artifact's only);
+        `served_log`: where answers are logged (none: not logged)."""
+        self.served_log = served_log
         self.bundle = bundle
         self.options = options
         self.store = store = store if store is not None else in_memory_store(bundle)
@@ -217,13 +222,18 @@ class RecommendPipeline:
         request = with_default_rules(request, self.options.rules)
         found = self.retrieve(request)
         if not self.ranks:  # the artifact's validation: the ranker would make answers worse
-            return ranked_response(
+            answer = ranked_response(
                 request, found, None, self.model_version, None, catalog=self.catalog
             )
-        scores = self.ranking.rank(request.user_id, found.item_ids, found.scores, request.context)
-        return ranked_response(
-            request, found, scores, self.model_version, self.ranker_info, catalog=self.catalog
-        )
+        else:
+            scores = self.ranking.rank(
+                request.user_id, found.item_ids, found.scores, request.context
+            )
+            answer = ranked_response(
+                request, found, scores, self.model_version, self.ranker_info, catalog=self.catalog
+            )
+        log_served(self.served_log, request, answer, found)
+        return answer
 
     def similar_items(
         self, request: SimilarItemsRequest, deadline: float | None = None
@@ -254,4 +264,6 @@ class RecommendPipeline:
         return similar_response(request, ids, scores, self.model_version, degraded)
 
     def close(self) -> None:
+        if self.served_log is not None:
+            self.served_log.close()
         self.store.close()

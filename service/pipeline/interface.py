@@ -8,6 +8,7 @@ stages and build their answers here, so the two modes answer alike. Numpy and th
 only: a gateway imports this without loading a model.
 """
 
+import time
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from service.metrics import RULES_APPLIED, STAGE_LATENCY
 from service.pipeline.rules import apply_rules
+from service.pipeline.served_log import ServedList, ServedListLogger, new_request_id
 from service.retrieval.candidates import Candidates
 from service.retrieval.catalog import ItemCatalog
 from service.schemas import (
@@ -75,8 +77,40 @@ def excluded_ids(request: RecommendRequest) -> np.ndarray:
     return np.unique(np.array(request.exclude_item_ids, dtype=np.uint64))
 
 
+def log_served(
+    logger: ServedListLogger | None,
+    request: RecommendRequest,
+    answer: RecommendResponse,
+    found: Candidates,
+) -> None:
+    """The answer to the served-list log, each item with the source that found it (`pin`
+    for a pinned item that was no candidate)."""
+    if logger is None:
+        return
+    timestamp = time.time()
+
+    def served() -> ServedList:  # made on the log's thread, off the request path
+        source = dict(zip(found.item_ids.tolist(), found.sources.tolist()))
+        ids = [item.item_id for item in answer.items]
+        context = request.context.model_dump(exclude_none=True) if request.context else None
+        return ServedList(
+            request_id=answer.request_id,
+            user_id=request.user_id,
+            item_ids=ids,
+            scores=[item.score for item in answer.items],
+            sources=[str(source.get(i, "pin")) for i in ids],
+            model_version=answer.model_version,
+            rules=answer.rules,
+            context=context,
+            timestamp=timestamp,
+        )
+
+    logger.record(served, answer.request_id)
+
+
 def candidates_response(user_id: int, found: Candidates, model_version: str) -> CandidatesResponse:
     return CandidatesResponse(
+        request_id=new_request_id(),
         user_id=user_id,
         candidates=[
             Candidate(item_id=int(i), score=float(s), source=src, component=c)
@@ -95,6 +129,7 @@ def similar_response(
     degraded: bool = False,
 ) -> SimilarItemsResponse:
     return SimilarItemsResponse(
+        request_id=new_request_id(),
         item_id=request.item_id,
         items=[ScoredItem(item_id=int(i), score=float(s)) for i, s in zip(ids, scores)],
         degraded=degraded,
@@ -141,6 +176,7 @@ def ranked_response(
         for rule in answer.applied:
             RULES_APPLIED.labels(rule.partition(":")[0]).inc()
         return RecommendResponse(
+            request_id=new_request_id(),
             user_id=request.user_id,
             items=[
                 ScoredItem(item_id=int(i), score=float(s))
@@ -157,6 +193,7 @@ def ranked_response(
     else:
         order = np.lexsort((found.item_ids, -scores))[: request.k]
     return RecommendResponse(
+        request_id=new_request_id(),
         user_id=request.user_id,
         items=[ScoredItem(item_id=int(found.item_ids[i]), score=float(scores[i])) for i in order],
         degraded=found.degraded or degraded,

@@ -122,20 +122,22 @@ class RankerInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("user_id", "items", "degraded", "model_version", "ranker", "rules")
+    __slots__ = ("user_id", "items", "degraded", "model_version", "ranker", "rules", "request_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANKER_FIELD_NUMBER: _ClassVar[int]
     RULES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     user_id: int
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     degraded: bool
     model_version: str
     ranker: RankerInfo
     rules: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, user_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ..., ranker: _Optional[_Union[RankerInfo, _Mapping]] = ..., rules: _Optional[_Iterable[str]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, user_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ..., ranker: _Optional[_Union[RankerInfo, _Mapping]] = ..., rules: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("item_id", "score", "source", "component")
@@ -150,16 +152,18 @@ class Candidate(_message.Message):
     def __init__(self, item_id: _Optional[int] = ..., score: _Optional[float] = ..., source: _Optional[str] = ..., component: _Optional[int] = ...) -> None: ...
 
 class CandidatesResponse(_message.Message):
-    __slots__ = ("user_id", "candidates", "degraded", "model_version")
+    __slots__ = ("user_id", "candidates", "degraded", "model_version", "request_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     user_id: int
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     degraded: bool
     model_version: str
-    def __init__(self, user_id: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, user_id: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class SimilarItemsRequest(_message.Message):
     __slots__ = ("item_id", "k", "filter")
@@ -179,16 +183,18 @@ class SimilarItemsRequest(_message.Message):
     def __init__(self, item_id: _Optional[int] = ..., k: _Optional[int] = ..., filter: _Optional[_Mapping[str, AttributeCondition]] = ...) -> None: ...
 
 class SimilarItemsResponse(_message.Message):
-    __slots__ = ("item_id", "items", "degraded", "model_version")
+    __slots__ = ("item_id", "items", "degraded", "model_version", "request_id")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     item_id: int
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     degraded: bool
     model_version: str
-    def __init__(self, item_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, item_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
     __slots__ = ("item_ids", "scores", "sources", "source_names", "components", "degraded", "model_version", "vectors", "vector_dim")
@@ -213,16 +219,18 @@ class RetrieveResponse(_message.Message):
     def __init__(self, item_ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., sources: _Optional[_Iterable[int]] = ..., source_names: _Optional[_Iterable[str]] = ..., components: _Optional[_Iterable[int]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ..., vectors: _Optional[bytes] = ..., vector_dim: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("user_id", "item_id", "type", "timestamp")
+    __slots__ = ("user_id", "item_id", "type", "timestamp", "request_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     user_id: int
     item_id: int
     type: str
     timestamp: _timestamp_pb2.Timestamp
-    def __init__(self, user_id: _Optional[int] = ..., item_id: _Optional[int] = ..., type: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, user_id: _Optional[int] = ..., item_id: _Optional[int] = ..., type: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class SendEventsRequest(_message.Message):
     __slots__ = ("events",)
