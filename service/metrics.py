@@ -40,6 +40,27 @@ SERVED_LISTS = Counter(
     "Served lists the served-list log wrote, or dropped (queue full, sink failing).",
     ["outcome"],
 )
+EXPERIMENT_REQUESTS = Counter(
+    "recsys_experiment_requests_total",
+    "Requests answered, by experiment arm and whether a fallback answered.",
+    ["experiment", "arm", "degraded"],
+)
+EXPERIMENT_LATENCY = Histogram(
+    "recsys_experiment_request_duration_seconds",
+    "Time to answer, by experiment arm.",
+    ["experiment", "arm"],
+    buckets=LATENCY_BUCKETS,
+)
+EXPERIMENT_EVENTS = Counter(
+    "recsys_experiment_events_total",
+    "Events accepted, by the experiment arm of their user (clicks / impressions: CTR by arm).",
+    ["experiment", "arm", "type"],
+)
+ARTIFACT_MEMORY = Gauge(
+    "recsys_artifact_memory_bytes",
+    "Resident memory an artifact version added when it was loaded beside the served one.",
+    ["version"],
+)
 RULES_APPLIED = Counter(
     "recsys_rules_applied_total",
     "Answers a business rule changed (boost, bury, max_per, diversity, pin).",

@@ -200,6 +200,52 @@ class KnnEmbedOptions(BaseModel):
     ] = None
 
 
+class ArmDefaults(BaseModel):
+    """What an arm changes in its users' requests, where a request leaves the field unset
+    (rules: field by field, a request's own rules over the arm's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Strategy | None = None
+    candidates: Annotated[int | None, Field(ge=1, le=MAX_CANDIDATES, strict=True)] = None
+    knn_embed: KnnEmbedOptions | None = None
+    rules: Rules | None = None
+
+
+class Arm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[\w.-]+$")]
+    weight: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    version: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            max_length=128,
+            pattern=r"^[\w.-]+$",
+            description="An artifact version under the artifact root; unset: the one served.",
+        ),
+    ] = None
+    request: ArmDefaults = ArmDefaults()
+
+
+class Experiment(BaseModel):
+    """Users split by a salted hash of their id into arms, in proportion to their weights;
+    a user stays in their arm for as long as the experiment's name, salt and arms stay."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[\w.-]+$")]
+    salt: Annotated[str, StringConstraints(max_length=64)] = ""
+    arms: Annotated[list[Arm], Field(min_length=1, max_length=16)]
+
+    @model_validator(mode="after")
+    def _distinct_arms(self) -> "Experiment":
+        if len({arm.name for arm in self.arms}) != len(self.arms):
+            raise ValueError("arm names must be distinct")
+        return self
+
+
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -404,6 +450,8 @@ class RecommendResponse(BaseModel):
         description="This answer's id: send it back on the events it leads to (and find "
         "the list in the served-list log).",
     )
+    experiment: str | None = Field(None, description="The experiment the user is in, if any.")
+    arm: str | None = Field(None, description="The experiment's arm that answered.")
 
 
 class CandidatesResponse(BaseModel):
@@ -412,6 +460,8 @@ class CandidatesResponse(BaseModel):
     degraded: bool
     model_version: str
     request_id: str = ""
+    experiment: str | None = None
+    arm: str | None = None
 
 
 class SimilarItemsRequest(BaseModel):

@@ -8,7 +8,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.artifacts import RankerChoice
-from service.schemas import MAX_CANDIDATES, MAX_COMPONENTS, Rules
+from service.schemas import MAX_CANDIDATES, MAX_COMPONENTS, Experiment, Rules
 
 
 class Settings(BaseSettings):
@@ -97,6 +97,13 @@ class Settings(BaseSettings):
             description="Default business rules and diversity, as JSON, e.g. "
             '\'{"max_per": {"attribute": "category", "count": 2}, "diversity": 0.2}\'; a '
             "request's `rules` override them field by field.",
+        ),
+    ] = None
+    experiment: Annotated[
+        Experiment | None,
+        Field(
+            description="An A/B experiment, as JSON: users split by a salted hash of their id "
+            "into arms naming request defaults and (embedded service) an artifact version.",
         ),
     ] = None
     served_log: Annotated[

@@ -214,6 +214,8 @@ def recommend_response_to_proto(result: RecommendResponse) -> pb.RecommendRespon
         ranker=ranker_to_proto(result.ranker),
         rules=result.rules,
         request_id=result.request_id,
+        experiment=result.experiment or "",
+        arm=result.arm or "",
     )
 
 
@@ -227,6 +229,8 @@ def candidates_to_proto(result: CandidatesResponse) -> pb.CandidatesResponse:
         degraded=result.degraded,
         model_version=result.model_version,
         request_id=result.request_id,
+        experiment=result.experiment or "",
+        arm=result.arm or "",
     )
 
 

@@ -3,6 +3,7 @@ in-process pipeline behind HTTP and gRPC, and the online-learning parts (event l
 sync, and the trainer when it runs in process). The retrieval tier loads the same parts."""
 
 import logging
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI
@@ -13,8 +14,10 @@ from service.api.process import http_app
 from service.api.served import Served
 from service.artifact_tables import open_store
 from service.bundle import ModelBundle
+from service.metrics import ARTIFACT_MEMORY
 from service.online.parts import open_online
 from service.online.runtime import make_index_sync, make_trainer
+from service.pipeline.experiments import Assignment, ExperimentPipeline
 from service.pipeline.in_process import PipelineOptions, RecommendPipeline
 from service.pipeline.served_log import open_served_log
 from service.retrieval.index import SearchParams
@@ -72,10 +75,56 @@ def load_embedded(settings: Settings) -> Served:
     if settings.online_trainer == "in_process":
         online.start("online-trainer", make_trainer(settings, bundle, store, online).run)
     return Served(
-        pipeline=pipeline,
+        pipeline=with_experiment(settings, pipeline, params),
         online=online,
         admin=IndexAdmin(reloader, store, online.updates, online.catalog, settings.artifacts),
     )
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux: VmRSS), 0 where it cannot be read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def with_experiment(settings: Settings, pipeline: RecommendPipeline, params: SearchParams):
+    """The pipeline, or the experiment's over it and over the artifact versions its arms
+    name (each loaded beside the served one, from its own files, with an in-process table
+    and no online learning: a version under test answers as its artifact does)."""
+    if settings.experiment is None:
+        return pipeline
+    by_version = {}
+    for version in sorted({arm.version for arm in settings.experiment.arms if arm.version}):
+        if version == pipeline.model_version:
+            continue
+        before = resident_bytes()
+        bundle = ModelBundle.load(
+            Path(settings.artifacts) / version,
+            root=settings.artifacts,
+            index_params=params,
+            index_device=settings.index_device,
+            ranker_variant=settings.ranker_variant,
+        )
+        by_version[version] = RecommendPipeline(
+            bundle, options=PipelineOptions.from_settings(settings)
+        )
+        added = max(resident_bytes() - before, 0)
+        ARTIFACT_MEMORY.labels(version).set(added)
+        log.info(
+            "experiment %s: version %s loaded beside %s, %.0f MiB resident",
+            settings.experiment.name,
+            version,
+            pipeline.model_version,
+            added / 2**20,
+        )
+    arms = [(arm.name, arm.weight, arm.version) for arm in settings.experiment.arms]
+    log.info("experiment %s: arms (name, weight, version) %s", settings.experiment.name, arms)
+    return ExperimentPipeline(Assignment(settings.experiment), pipeline, by_version)
 
 
 def build_app(settings: Settings) -> FastAPI:

@@ -17,6 +17,7 @@ from service.artifacts import ranker_serves, read_manifest, resolve_version
 from service.data.feature_space import FeatureSpace
 from service.online.catalog_follow import CatalogFollower, apply_to_catalog
 from service.online.parts import BLOCK_SECONDS, open_event_log
+from service.pipeline.experiments import Assignment, ExperimentPipeline
 from service.pipeline.served_log import open_served_log
 from service.retrieval.catalog import ItemCatalog
 from service.retrieval.popular import PopularItems
@@ -42,13 +43,18 @@ def load_gateway(settings: Settings) -> Served:
     follower = CatalogFollower(online.catalog, partial(apply_to_catalog, catalog), BLOCK_SECONDS)
     follower.catch_up()  # before serving: the fallback never answers a hidden item
     online.start("catalog-follow", follower.run)
-    return Served(
-        pipeline=RemotePipeline(settings, popular, catalog, ranks, open_served_log(settings)),
-        online=online,
-    )
+    pipeline = RemotePipeline(settings, popular, catalog, ranks, open_served_log(settings))
+    if settings.experiment is not None:  # the arms' defaults go on to the tiers
+        pipeline = ExperimentPipeline(Assignment(settings.experiment), pipeline, {})
+    return Served(pipeline=pipeline, online=online)
 
 
 def build_app(settings: Settings) -> FastAPI:
+    if settings.experiment is not None and any(a.version for a in settings.experiment.arms):
+        raise ValueError(
+            "a gateway's experiment arms cannot name artifact versions: its tiers serve one; "
+            "run tiers per version behind their own gateway, or serve the versions embedded"
+        )
     if not settings.remote_tiers:
         raise ValueError("a gateway needs RECSYS_RETRIEVAL_ADDRESS and RECSYS_RANKING_ADDRESS")
     return http_app(settings, load_gateway, lambda served: [RecommenderServicer(served)])

@@ -23,6 +23,7 @@ from service.api import codec
 from service.api.served import Served
 from service.metrics import REQUEST_LATENCY, REQUESTS
 from service.online.streams import EventLogUnavailable, accept_events
+from service.pipeline.experiments import count_events
 from service.proto_gen.recsys.v1 import recommender_pb2 as pb
 from service.proto_gen.recsys.v1 import recommender_pb2_grpc as pb_grpc
 from service.schemas import InvalidFilter, UnknownItem
@@ -156,7 +157,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         with answering("SendEvents", context):
             online = loaded(self.served.online)
             parsed = validated(codec.events_from_proto, request)
-            return pb.SendEventsResponse(accepted=accept_events(online.events, parsed).accepted)
+            accepted = accept_events(online.events, parsed).accepted
+            count_events(self.served.pipeline, parsed)
+            return pb.SendEventsResponse(accepted=accepted)
 
     def SimilarItems(
         self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext

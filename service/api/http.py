@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from service.api.middleware import BodyLimit, InFlightLimit, RequestMetrics
 from service.online.streams import EventLog, EventLogUnavailable, accept_events
+from service.pipeline.experiments import count_events
 from service.pipeline.interface import Pipeline
 from service.schemas import (
     CandidatesResponse,
@@ -115,10 +116,12 @@ def similar_items(
 
 
 @router.post("/v1/events", status_code=202, response_model=EventsResponse, tags=["events"])
-def events(body: EventsRequest, log: EventLogDep) -> EventsResponse:
+def events(body: EventsRequest, log: EventLogDep, request: Request) -> EventsResponse:
     """Append what users did (impressions, clicks, purchases) to the event log, all or
     none; answered once the log holds them. The online trainer learns from them."""
-    return accept_events(log, body)
+    accepted = accept_events(log, body)
+    count_events(getattr(request.app.state, "pipeline", None), body)
+    return accepted
 
 
 @router.get("/healthz", tags=["health"])

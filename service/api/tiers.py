@@ -57,7 +57,10 @@ def warm_up_ranking(ranking: RankingStage) -> None:
 
 def load_retrieval(settings: Settings) -> Served:
     # The trainer runs as its own process (`recsys serve online-train`) beside the tiers.
-    served = load_embedded(settings.model_copy(update={"online_trainer": "off"}))
+    # The gateway runs experiments (it assigns arms and forwards their defaults).
+    served = load_embedded(
+        settings.model_copy(update={"online_trainer": "off", "experiment": None})
+    )
     warm_up_retrieval(served.pipeline)
     return served
 

@@ -122,7 +122,7 @@ class RankerInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("user_id", "items", "degraded", "model_version", "ranker", "rules", "request_id")
+    __slots__ = ("user_id", "items", "degraded", "model_version", "ranker", "rules", "request_id", "experiment", "arm")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,8 @@ class RecommendResponse(_message.Message):
     RANKER_FIELD_NUMBER: _ClassVar[int]
     RULES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     user_id: int
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     degraded: bool
@@ -137,7 +139,9 @@ class RecommendResponse(_message.Message):
     ranker: RankerInfo
     rules: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
-    def __init__(self, user_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ..., ranker: _Optional[_Union[RankerInfo, _Mapping]] = ..., rules: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    experiment: str
+    arm: str
+    def __init__(self, user_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ..., ranker: _Optional[_Union[RankerInfo, _Mapping]] = ..., rules: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("item_id", "score", "source", "component")
@@ -152,18 +156,22 @@ class Candidate(_message.Message):
     def __init__(self, item_id: _Optional[int] = ..., score: _Optional[float] = ..., source: _Optional[str] = ..., component: _Optional[int] = ...) -> None: ...
 
 class CandidatesResponse(_message.Message):
-    __slots__ = ("user_id", "candidates", "degraded", "model_version", "request_id")
+    __slots__ = ("user_id", "candidates", "degraded", "model_version", "request_id", "experiment", "arm")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     user_id: int
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     degraded: bool
     model_version: str
     request_id: str
-    def __init__(self, user_id: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    experiment: str
+    arm: str
+    def __init__(self, user_id: _Optional[int] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class SimilarItemsRequest(_message.Message):
     __slots__ = ("item_id", "k", "filter")
