@@ -4,8 +4,8 @@
 `service.pipeline.in_process.RecommendPipeline` runs retrieval and ranking in this process
 (the embedded service, and inside the retrieval tier); `service.api.remote.RemotePipeline`
 is the gateway's, calling the tiers over gRPC. Both size the candidate set, time their
-stages and build their answers here, so the two modes answer alike. Numpy and the contract
-only: a gateway imports this without loading a model.
+stages, apply the business rules, log what they served and build their answers here, so
+the two modes answer alike. No model library: a gateway imports this without loading one.
 """
 
 import time
