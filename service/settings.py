@@ -106,6 +106,13 @@ class Settings(BaseSettings):
             "into arms naming request defaults and (embedded service) an artifact version.",
         ),
     ] = None
+    inspector: Annotated[
+        bool,
+        Field(
+            description="Serve the inspector page at /inspector (embedded service; its data "
+            "calls need RECSYS_ADMIN_TOKEN).",
+        ),
+    ] = False
     served_log: Annotated[
         Literal["off", "redis", "parquet"],
         Field(
@@ -331,6 +338,10 @@ class Settings(BaseSettings):
         if self.default_deadline_seconds > self.max_deadline_seconds:
             raise ValueError(
                 "RECSYS_DEFAULT_DEADLINE_SECONDS must not exceed RECSYS_MAX_DEADLINE_SECONDS"
+            )
+        if self.inspector and self.admin_token is None:
+            raise ValueError(
+                "RECSYS_INSPECTOR needs RECSYS_ADMIN_TOKEN: its calls show users' data"
             )
         if self.served_log == "redis" and self.redis_url is None:
             raise ValueError("RECSYS_SERVED_LOG=redis needs RECSYS_REDIS_URL")

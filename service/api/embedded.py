@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from service.api.admin import AdminServicer, IndexAdmin, admin_router
 from service.api.grpc_server import RecommenderServicer
+from service.api.inspector import inspector_router
 from service.api.process import http_app
 from service.api.served import Served
 from service.artifact_tables import open_store
@@ -138,4 +139,7 @@ def build_app(settings: Settings) -> FastAPI:
     def services(served: Served) -> list:
         return [RecommenderServicer(served), *([AdminServicer(served, token)] if token else [])]
 
-    return http_app(settings, load_embedded, services, [admin_router(token)] if token else [])
+    routers = [admin_router(token)] if token else []
+    if settings.inspector:
+        routers.append(inspector_router(token))
+    return http_app(settings, load_embedded, services, routers)
