@@ -226,6 +226,14 @@ class Arm(BaseModel):
             description="An artifact version under the artifact root; unset: the one served.",
         ),
     ] = None
+    ranker_variant: Annotated[
+        str | None,
+        Field(
+            pattern=r"^[\w.-]+$",
+            description="The ranker variant this arm serves (full, output_features, "
+            "weight_svd, ...); unset: RECSYS_RANKER_VARIANT's.",
+        ),
+    ] = None
     request: ArmDefaults = ArmDefaults()
 
 

@@ -6,6 +6,7 @@ import shutil
 from collections import Counter
 
 import grpc
+import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
@@ -62,7 +63,7 @@ def events_counted(arm: str, kind: str) -> float:
     return value or 0.0
 
 
-def test_each_arm_answers_from_its_version_with_its_defaults(two_versions, tiny_dataset):
+def test_each_arm_answers_from_its_version_with_its_defaults(two_versions, tiny_dataset, tmp_path):
     root, older, newer = two_versions
     arms = (
         {"name": "control"},
@@ -71,16 +72,22 @@ def test_each_arm_answers_from_its_version_with_its_defaults(two_versions, tiny_
             "version": older,
             "request": {"rules": {"max_per": {"attribute": "category", "count": 1}}},
         },
+        {"name": "compressed", "ranker_variant": "output_features"},
     )
     settings = Settings(
-        artifacts=root, host="127.0.0.1", grpc_port=free_port(), experiment=experiment(*arms)
+        artifacts=root,
+        host="127.0.0.1",
+        grpc_port=free_port(),
+        experiment=experiment(*arms),
+        served_log="parquet",
+        served_log_dir=tmp_path,
     )
     assignment = Assignment(settings.experiment)
     users = [int(u) for u in ModelBundle.load(root).features.users.ids[:40]]
     by_arm = {u: assignment.arm_of(u).name for u in users}
-    assert set(by_arm.values()) == {"control", "treatment"}
+    assert set(by_arm.values()) == {"control", "treatment", "compressed"}
     category = dict(zip(tiny_dataset.items["item_id"].tolist(), tiny_dataset.items["category"]))
-    clicks_before = {arm: events_counted(arm, "click") for arm in ("control", "treatment")}
+    clicks_before = {arm: events_counted(arm, "click") for arm in set(by_arm.values())}
     with (
         TestClient(build_app(settings)) as http,
         grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel,
@@ -94,17 +101,23 @@ def test_each_arm_answers_from_its_version_with_its_defaults(two_versions, tiny_
             if by_arm[user] == "treatment":  # the arm's rule: one item per category
                 assert len({category[i["item_id"]] for i in answer["items"]}) == 5
                 assert "max_per" in answer["rules"]
+            compressed = by_arm[user] == "compressed"
+            assert (answer["ranker"]["variant"] == "output_features") == compressed
             over_grpc = stub.Recommend(pb.RecommendRequest(user_id=user, k=5), timeout=10)
             assert (over_grpc.experiment, over_grpc.arm) == ("exp1", by_arm[user])
             assert [i.item_id for i in over_grpc.items] == [i["item_id"] for i in answer["items"]]
         clicks = [{"user_id": u, "item_id": 1, "type": "click"} for u in users]
         assert http.post("/v1/events", json={"events": clicks}).status_code == 202
         metrics = http.get("/metrics").text
-    for arm in ("control", "treatment"):
+    for arm in ("control", "treatment", "compressed"):
         served = sum(1 for a in by_arm.values() if a == arm)
         assert events_counted(arm, "click") - clicks_before[arm] == served
         assert f'recsys_experiment_requests_total{{arm="{arm}"' in metrics
     assert f'recsys_artifact_memory_bytes{{version="{older}"}}' in metrics
+    logged = [r for f in tmp_path.glob("served-*.parquet") for r in pq.read_table(f).to_pylist()]
+    assert len(logged) == 2 * len(users)  # each user asked over HTTP and over gRPC
+    assert all(r["experiment"] == "exp1" for r in logged)
+    assert Counter(r["arm"] for r in logged) == Counter(2 * list(by_arm.values()))
 
 
 def test_a_gateway_refuses_arms_that_name_versions():
@@ -114,5 +127,5 @@ def test_a_gateway_refuses_arms_that_name_versions():
         redis_url="redis://127.0.0.1:1",
         experiment=experiment({"name": "a"}, {"name": "b", "version": "v2"}),
     )
-    with pytest.raises(ValueError, match="cannot name artifact versions"):
+    with pytest.raises(ValueError, match="cannot name artifact versions or ranker variants"):
         gateway.build_app(settings)

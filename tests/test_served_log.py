@@ -93,6 +93,8 @@ def test_the_redis_layout_of_a_served_list(redis_server):
         b"rules": b"boost",
         b"context": b'{"hour": 9}',
         b"ts": b"1700000000.5",
+        b"experiment": b"",
+        b"arm": b"",
     }
     client.close()
 

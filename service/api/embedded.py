@@ -2,6 +2,7 @@
 in-process pipeline behind HTTP and gRPC, and the online-learning parts (event log, index
 sync, and the trainer when it runs in process). The retrieval tier loads the same parts."""
 
+import copy
 import logging
 from pathlib import Path
 
@@ -14,13 +15,13 @@ from service.api.inspector import inspector_router
 from service.api.process import http_app
 from service.api.served import Served
 from service.artifact_tables import open_store
-from service.bundle import ModelBundle
+from service.bundle import ModelBundle, RankingParts
 from service.metrics import ARTIFACT_MEMORY
 from service.online.parts import open_online
 from service.online.runtime import make_index_sync, make_trainer
 from service.pipeline.experiments import Assignment, ExperimentPipeline
-from service.pipeline.in_process import PipelineOptions, RecommendPipeline
-from service.pipeline.served_log import open_served_log
+from service.pipeline.in_process import PipelineOptions, RankingStage, RecommendPipeline
+from service.pipeline.served_log import ServedListLogger, open_served_log
 from service.retrieval.index import SearchParams
 from service.retrieval.index_versions import IndexReloader
 from service.settings import Settings
@@ -93,39 +94,67 @@ def resident_bytes() -> int:
     return 0
 
 
+def with_ranker_variant(pipeline: RecommendPipeline, variant: str) -> RecommendPipeline:
+    """The pipeline with another of its artifact's ranker variants: everything else (index,
+    tables, catalog, online learning) shared."""
+    other = copy.copy(pipeline)
+    other.ranking = RankingStage(RankingParts.load(pipeline.bundle.folder, variant))
+    other.ranker_info = other.ranking.ranker_info
+    return other
+
+
+def load_version(
+    settings: Settings,
+    version: str,
+    variant: str | None,
+    params: SearchParams,
+    served_log: ServedListLogger | None,
+) -> RecommendPipeline:
+    """Another artifact version's pipeline, for an experiment's arm (its answers logged
+    with the served version's); its memory reported."""
+    before = resident_bytes()
+    bundle = ModelBundle.load(
+        Path(settings.artifacts) / version,
+        root=settings.artifacts,
+        index_params=params,
+        index_device=settings.index_device,
+        ranker_variant=variant,
+    )
+    options = PipelineOptions.from_settings(settings)
+    loaded = RecommendPipeline(bundle, options=options, served_log=served_log)
+    added = max(resident_bytes() - before, 0)
+    ARTIFACT_MEMORY.labels(version).set(added)
+    log.info("experiment: version %s loaded, %.0f MiB resident", version, added / 2**20)
+    return loaded
+
+
 def with_experiment(settings: Settings, pipeline: RecommendPipeline, params: SearchParams):
-    """The pipeline, or the experiment's over it and over the artifact versions its arms
-    name (each loaded beside the served one, from its own files, with an in-process table
-    and no online learning: a version under test answers as its artifact does)."""
+    """The pipeline, or the experiment's over it and over the artifact versions and ranker
+    variants its arms name. Another version is loaded beside the served one, from its own
+    files, with an in-process table and no online learning (a version under test answers
+    as its artifact does); another variant of the served version shares all but the ranker."""
     if settings.experiment is None:
         return pipeline
-    by_version = {}
-    for version in sorted({arm.version for arm in settings.experiment.arms if arm.version}):
-        if version == pipeline.model_version:
+    built: dict[tuple, RecommendPipeline] = {}
+    owned, by_arm = [], {}
+    for arm in settings.experiment.arms:
+        version = arm.version if arm.version != pipeline.model_version else None
+        variant = arm.ranker_variant if arm.ranker_variant != pipeline.ranker_info.variant else None
+        if version is None and variant is None:
             continue
-        before = resident_bytes()
-        bundle = ModelBundle.load(
-            Path(settings.artifacts) / version,
-            root=settings.artifacts,
-            index_params=params,
-            index_device=settings.index_device,
-            ranker_variant=settings.ranker_variant,
-        )
-        by_version[version] = RecommendPipeline(
-            bundle, options=PipelineOptions.from_settings(settings)
-        )
-        added = max(resident_bytes() - before, 0)
-        ARTIFACT_MEMORY.labels(version).set(added)
-        log.info(
-            "experiment %s: version %s loaded beside %s, %.0f MiB resident",
-            settings.experiment.name,
-            version,
-            pipeline.model_version,
-            added / 2**20,
-        )
-    arms = [(arm.name, arm.weight, arm.version) for arm in settings.experiment.arms]
-    log.info("experiment %s: arms (name, weight, version) %s", settings.experiment.name, arms)
-    return ExperimentPipeline(Assignment(settings.experiment), pipeline, by_version)
+        key = (version, variant)
+        if key not in built and version is None:
+            built[key] = with_ranker_variant(pipeline, variant)
+        elif key not in built:
+            variant = variant or settings.ranker_variant
+            built[key] = load_version(settings, version, variant, params, pipeline.served_log)
+            owned.append(built[key])
+        by_arm[arm.name] = built[key]
+    arms = [(a.name, a.weight, a.version, a.ranker_variant) for a in settings.experiment.arms]
+    log.info(
+        "experiment %s: arms (name, weight, version, ranker) %s", settings.experiment.name, arms
+    )
+    return ExperimentPipeline(Assignment(settings.experiment), pipeline, by_arm, owned)
 
 
 def build_app(settings: Settings) -> FastAPI:

@@ -50,10 +50,12 @@ def load_gateway(settings: Settings) -> Served:
 
 
 def build_app(settings: Settings) -> FastAPI:
-    if settings.experiment is not None and any(a.version for a in settings.experiment.arms):
+    arms = settings.experiment.arms if settings.experiment is not None else []
+    if any(arm.version or arm.ranker_variant for arm in arms):
         raise ValueError(
-            "a gateway's experiment arms cannot name artifact versions: its tiers serve one; "
-            "run tiers per version behind their own gateway, or serve the versions embedded"
+            "a gateway's experiment arms cannot name artifact versions or ranker variants: its "
+            "tiers serve one of each; run tiers per arm behind their own gateway, or serve "
+            "the arms embedded"
         )
     if not settings.remote_tiers:
         raise ValueError("a gateway needs RECSYS_RETRIEVAL_ADDRESS and RECSYS_RANKING_ADDRESS")

@@ -1,6 +1,6 @@
 """Experiments (A/B): users split by a salted hash of their id into arms, each arm naming
 request defaults (strategy, candidates, kNN-Embed knobs, rules) and, in the embedded
-service, an artifact version served beside the default one.
+service, an artifact version and a ranker variant served beside the default ones.
 
 Assignment is sticky and needs no state: sha256("<salt>:<name>:<user id>") places the user
 on [0, 1), and the arms take consecutive shares in proportion to their weights. Every
@@ -20,6 +20,7 @@ import numpy as np
 
 from service.metrics import EXPERIMENT_EVENTS, EXPERIMENT_LATENCY, EXPERIMENT_REQUESTS
 from service.pipeline.interface import Pipeline
+from service.pipeline.served_log import ARM
 from service.schemas import (
     Arm,
     CandidatesResponse,
@@ -77,14 +78,23 @@ def count_events(pipeline: Pipeline | None, request: EventsRequest) -> None:
 
 
 class ExperimentPipeline:
-    """A `Pipeline` over one per artifact version: each request goes to its user's arm,
-    with the arm's defaults, and the answer says which."""
+    """A `Pipeline` over one per arm: each request goes to its user's arm, with the arm's
+    defaults, and the answer (and the served-list log) says which."""
 
-    def __init__(self, assignment: Assignment, default: Pipeline, by_version: dict[str, Pipeline]):
-        """`by_version`: the pipelines of the versions arms name (others: `default`)."""
+    def __init__(
+        self,
+        assignment: Assignment,
+        default: Pipeline,
+        by_arm: dict[str, Pipeline],
+        owned: list[Pipeline] = (),
+    ):
+        """`by_arm`: the pipelines of arms that serve another version or ranker variant
+        (others: `default`); `owned`: those to close with this one (a variant's pipeline
+        shares the default's parts)."""
         self.assignment = assignment
         self.default = default
-        self.by_version = by_version
+        self.by_arm = by_arm
+        self.owned = list(owned)
 
     @property
     def name(self) -> str:
@@ -96,8 +106,7 @@ class ExperimentPipeline:
 
     def _routed(self, request: RecommendRequest) -> tuple[Arm, RecommendRequest, Pipeline]:
         arm = self.assignment.arm_of(request.user_id)
-        pipeline = self.by_version.get(arm.version, self.default) if arm.version else self.default
-        return arm, with_arm_defaults(request, arm), pipeline
+        return arm, with_arm_defaults(request, arm), self.by_arm.get(arm.name, self.default)
 
     def _counted(self, arm: Arm, started: float, degraded: bool) -> None:
         EXPERIMENT_REQUESTS.labels(self.name, arm.name, str(degraded).lower()).inc()
@@ -108,7 +117,11 @@ class ExperimentPipeline:
     ) -> RecommendResponse:
         started = time.perf_counter()
         arm, request, pipeline = self._routed(request)
-        answer = pipeline.recommend(request, deadline)
+        token = ARM.set((self.name, arm.name))
+        try:
+            answer = pipeline.recommend(request, deadline)
+        finally:
+            ARM.reset(token)
         self._counted(arm, started, answer.degraded)
         return answer.model_copy(update={"experiment": self.name, "arm": arm.name})
 
@@ -129,7 +142,7 @@ class ExperimentPipeline:
 
     def close(self) -> None:
         self.default.close()
-        for pipeline in self.by_version.values():
+        for pipeline in self.owned:
             pipeline.close()
 
     def __getattr__(self, name: str):

@@ -16,7 +16,7 @@ import numpy as np
 
 from service.metrics import RULES_APPLIED, STAGE_LATENCY
 from service.pipeline.rules import apply_rules
-from service.pipeline.served_log import ServedList, ServedListLogger, new_request_id
+from service.pipeline.served_log import ARM, ServedList, ServedListLogger, new_request_id
 from service.retrieval.candidates import Candidates
 from service.retrieval.catalog import ItemCatalog
 from service.schemas import (
@@ -87,7 +87,7 @@ def log_served(
     for a pinned item that was no candidate)."""
     if logger is None:
         return
-    timestamp = time.time()
+    timestamp, (experiment, arm) = time.time(), ARM.get() or (None, None)
 
     def served() -> ServedList:  # made on the log's thread, off the request path
         source = dict(zip(found.item_ids.tolist(), found.sources.tolist()))
@@ -103,6 +103,8 @@ def log_served(
             rules=answer.rules,
             context=context,
             timestamp=timestamp,
+            experiment=experiment,
+            arm=arm,
         )
 
     logger.record(served, answer.request_id)

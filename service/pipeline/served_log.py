@@ -16,11 +16,12 @@ Sinks:
 - Redis: one stream (`RECSYS_SERVED_LOG_STREAM`, capped at about `RECSYS_SERVED_LOG_MAX_LENGTH`
   entries), one entry per list: fields `request`, `user` (decimal), `items` (little-endian
   uint64, concatenated), `scores` (little-endian float32), `sources` (comma-separated),
-  `model`, `rules` (comma-separated), `context` (JSON, or empty), `ts` (Unix seconds).
+  `model`, `rules` (comma-separated), `context` (JSON, or empty), `ts` (Unix seconds),
+  `experiment` and `arm` (empty outside an experiment).
 - Parquet: files under `RECSYS_SERVED_LOG_DIR`, one per batch written (at most every
   `flush_seconds`), named `served-<UTC time>-<pid>-<n>.parquet`, columns `request_id`,
   `user_id`, `item_ids`, `scores`, `sources`, `model_version`, `rules`, `context`,
-  `timestamp`.
+  `timestamp`, `experiment`, `arm`.
 """
 
 import json
@@ -31,6 +32,7 @@ import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +48,9 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 BATCH = 512
+# The experiment and arm the request being answered is in (set by the experiment's
+# pipeline around the call it routes): the served list records them.
+ARM: ContextVar[tuple[str, str] | None] = ContextVar("arm", default=None)
 
 
 def new_request_id() -> str:
@@ -68,6 +73,8 @@ class ServedList:
     rules: list[str]
     context: dict | None
     timestamp: float
+    experiment: str | None = None
+    arm: str | None = None
 
 
 class ServedListSink(ABC):
@@ -108,6 +115,8 @@ class RedisServedLog(ServedListSink):
                     "rules": ",".join(served.rules),
                     "context": json.dumps(served.context) if served.context else "",
                     "ts": repr(served.timestamp),
+                    "experiment": served.experiment or "",
+                    "arm": served.arm or "",
                 },
                 maxlen=self.max_length,
                 approximate=True,
@@ -129,6 +138,8 @@ SCHEMA = pa.schema(
         ("rules", pa.list_(pa.string())),
         ("context", pa.string()),
         ("timestamp", pa.float64()),
+        ("experiment", pa.string()),
+        ("arm", pa.string()),
     ]
 )
 
@@ -152,6 +163,8 @@ class ParquetServedLog(ServedListSink):
                     "rules": s.rules,
                     "context": json.dumps(s.context) if s.context else None,
                     "timestamp": s.timestamp,
+                    "experiment": s.experiment,
+                    "arm": s.arm,
                 }
                 for s in lists
             ],
@@ -237,7 +250,9 @@ class ServedListLogger:
                 self._write(lists)
 
     def close(self) -> None:
-        """Write what is queued, then stop."""
+        """Write what is queued, then stop (once: pipelines of an experiment share it)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._thread.join(timeout=10)
         self._write(self._drain())
