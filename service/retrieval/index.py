@@ -404,9 +404,10 @@ class ItemIndex:
         return search_preassigned(ivf, queries, k, lists, coarse_scores[:, :width], params)
 
     def _indexed_entries(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """The ids the index held when its contents were last replaced (sorted, int64) and,
-        for IVF, each one's list. Upserts since then replaced items or added ids from
-        events, which carry no attributes and so meet no filter: the snapshot holds."""
+        """The ids the index held when its contents last changed (sorted, int64) and, for
+        IVF, each one's list. The trainer's upserts since then replaced items or added ids
+        from events, which carry no attributes and so meet no filter: the snapshot holds.
+        The catalog's changes call `contents_changed`, which takes a new snapshot."""
         if self._entries is not None and self._entries[0] == self._epoch:
             return self._entries[1], self._entries[2]
         if isinstance(self._cpu, faiss.IndexIVF):
