@@ -11,7 +11,6 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from service.api.embedded import build_app
 from service.online.memory_streams import InMemoryCatalogFeed
 from service.online.redis_streams import RedisCatalogFeed
 from service.online.streams import CatalogChange, CatalogFeed
@@ -21,8 +20,7 @@ from service.retrieval import index as index_module
 from service.retrieval.catalog import ItemCatalog
 from service.retrieval.index import ItemIndex
 from service.schemas import AttributeCondition
-from service.settings import Settings
-from service.testing.redis_servers import free_port
+from tests.test_admin import serve
 
 TOKEN = "catalog-admin-token-for-tests"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -123,19 +121,14 @@ def test_the_catalog_feed_layout_on_redis_and_in_process(redis_server):
 
 
 def replica(artifacts, redis_url: str, namespace: str):
-    settings = Settings(
-        artifacts=artifacts,
-        host="127.0.0.1",
-        grpc_port=free_port(),
-        grpc_workers=4,
-        index_poll_seconds=0,
+    return serve(
+        artifacts,
         admin_token=TOKEN,
         redis_url=redis_url,
         redis_namespace=namespace,
         catalog_stream=f"catalog-{namespace}",
         online_trainer="off",
     )
-    return TestClient(build_app(settings)), f"127.0.0.1:{settings.grpc_port}"
 
 
 @pytest.fixture

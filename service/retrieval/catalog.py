@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.data.feature_space import MAX_ATTRIBUTES_PER_ITEM, FeatureSpace
+from service.data.feature_space import MAX_ATTRIBUTES_PER_ITEM, FeatureSpace, IdVocabulary
 from service.retrieval.candidates import is_in_sorted
 from service.schemas import AttributeCondition, InvalidFilter
 
@@ -102,6 +102,7 @@ class CatalogChanges:
     hidden: np.ndarray = field(default_factory=lambda: EMPTY_IDS)
     deleted: np.ndarray = field(default_factory=lambda: EMPTY_IDS)
     blocked: np.ndarray = field(default_factory=lambda: EMPTY_IDS)  # hidden or deleted
+    columns: frozenset = frozenset()  # the attributes upserted items hold
 
     @classmethod
     def of(cls, upserted: dict, hidden: np.ndarray, deleted: np.ndarray) -> "CatalogChanges":
@@ -113,6 +114,7 @@ class CatalogChanges:
             hidden,
             deleted,
             np.union1d(hidden, deleted).astype(np.uint64),
+            frozenset(c for held in upserted.values() for c in held),
         )
 
 
@@ -132,6 +134,7 @@ class ItemCatalog:
         1-based value numbers per item row, row 0 the unknown item, 0 padding
         (`FeatureSpace`); `attribute_values`: "column=value" per value number - 1."""
         self.item_ids = np.asarray(item_ids, dtype=np.uint64)
+        self._vocabulary = IdVocabulary(self.item_ids)  # id -> row of `item_attributes`
         self.item_attributes = item_attributes
         self.numbers: dict[str, dict[str, int]] = {}  # column -> value -> value number
         self._named = [("", "")]  # value number -> (column, value)
@@ -157,8 +160,7 @@ class ItemCatalog:
 
     @property
     def columns(self) -> list[str]:
-        upserted = {c for held in self._state.upserted.values() for c in held}
-        return sorted(set(self.numbers) | upserted)
+        return sorted(set(self.numbers) | self._state.columns)
 
     @property
     def hidden(self) -> np.ndarray:
@@ -223,9 +225,7 @@ class ItemCatalog:
         attribute embeddings take them: an upserted item's values the artifact knows (a
         value it never saw has no embedding and is left out), else the artifact's."""
         state, ids = self._state, np.asarray(item_ids, dtype=np.uint64)
-        at = np.minimum(np.searchsorted(self.item_ids, ids), max(len(self.item_ids) - 1, 0))
-        known = (self.item_ids[at] == ids) if len(self.item_ids) else np.zeros(len(ids), bool)
-        rows = self.item_attributes[np.where(known, at + 1, 0)].copy()
+        rows = self.item_attributes[self._vocabulary.rows(ids)]  # fancy indexing: a copy
         rows[is_in_sorted(ids, state.deleted)] = 0
         for position, item_id in enumerate(ids.tolist()):
             held = state.upserted.get(item_id)
@@ -245,9 +245,7 @@ class ItemCatalog:
         """Each item's values of `column` (empty for an item without it), upserted ones as
         upserted, new values included."""
         state, ids = self._state, np.asarray(item_ids, dtype=np.uint64)
-        at = np.minimum(np.searchsorted(self.item_ids, ids), max(len(self.item_ids) - 1, 0))
-        known = (self.item_ids[at] == ids) if len(self.item_ids) else np.zeros(len(ids), bool)
-        rows = self.item_attributes[np.where(known, at + 1, 0)]
+        rows = self.item_attributes[self._vocabulary.rows(ids)]
         deleted = is_in_sorted(ids, state.deleted)
         out = []
         for item_id, row, gone in zip(ids.tolist(), rows, deleted):
