@@ -1,20 +1,25 @@
 """/v1/recommend served embedded (one process) and distributed (gateway -> retrieval and
 ranking tiers over gRPC), against the raw compute one request needs, all in one run.
 
-    python bench/serving_topology.py [--quick] [--json PATH] [--items N] [--concurrency C]
-                                     [--requests N] [--artifacts PATH]
+    python bench/serving_topology.py [--quick] [--json PATH] [--items N]
+                                     [--concurrency C [C ...]] [--requests N] [--artifacts PATH]
 
 A synthetic artifact (100k items; --quick: 20k) trained by `recsys train`, one Redis holding
 the embedding tables for both topologies (the local cache in front of it on, as deployed),
-the online trainer off (no events are sent). Each topology runs as real processes on
-loopback; one client thread, then C (default 4), send the same known users' requests
-(two_tower, k=10, 200 candidates ranked) over httpx, after a warm-up; the clients share
-the machine's CPUs with the servers. Also reports each process's resident memory. Raw
-compute is the same requests' work with no service around it, one request at a time in
-this process: one Redis MGET of the user's
-row and history rows, one FAISS `Index.search` for 200 candidates, one ranker forward over
+the online trainer off (no events are sent), the ranker on (RECSYS_RANKER=on: every request
+is ranked, whatever validation chose). Each topology runs as real processes on loopback;
+1, 4 and 16 client threads (--concurrency) send the same known users' requests (two_tower,
+k=10, 200 candidates ranked) over httpx, after a warm-up; the clients share the machine's
+CPUs with the servers. The embedded service runs twice: ranking batched across requests
+(RECSYS_RANK_BATCH_DELAY_MS, default 1) and not (0). Also reports each process's resident
+memory.
+
+Raw compute is the same requests' work with no service around it, one request at a time in
+this process: one Redis MGET of the user's row and history rows, the user tower's forward
+on the decoded rows, one FAISS `Index.search` for 200 candidates, one ranker forward over
 the 200 candidates' prepared features. Reports throughput, p50/p99 and how many answers
-were degraded (a fallback answered).
+were degraded (a fallback answered); for one client, the mean time inside the server by
+stage (retrieve, rank) and outside them (HTTP, validation, answer building).
 """
 
 import argparse
@@ -36,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from service.bundle import ModelBundle  # noqa: E402
 from service.embeddings.redis_store import RedisEmbeddingStore, RedisStoreConfig  # noqa: E402
 from service.probe import grpc_status  # noqa: E402
+from service.retrieval.index import set_search_threads  # noqa: E402
 from service.testing.redis_servers import RedisServer, free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -190,25 +196,28 @@ def server_means_ms(before: dict, after: dict) -> dict[str, float]:
         )
         return round(total / count * 1e3, 3)
 
-    return {
+    means = {
         "request": mean(
             "recsys_request_duration_seconds", 'endpoint="/v1/recommend",transport="http"'
         ),
         "retrieve": mean("recsys_stage_duration_seconds", 'stage="retrieve"'),
         "rank": mean("recsys_stage_duration_seconds", 'stage="rank"'),
     }
+    means["outside_stages"] = round(means["request"] - means["retrieve"] - means["rank"], 3)
+    return means
 
 
-def load_levels(url: str, users: np.ndarray, concurrency: int, warmup: int) -> dict:
-    """One client (latency without queueing), then `concurrency` clients (throughput); for the
-    one-client run also the mean time inside the server and in each stage (the gateway's
-    stages are its calls to the tiers)."""
-    before = latency_sums(url)
-    levels = {"c1": drive(url, users, 1, warmup)}
-    levels["c1"]["server_mean_ms"] = server_means_ms(before, latency_sums(url))
-    if concurrency > 1:
-        levels[f"c{concurrency}"] = drive(url, users, concurrency, warmup)
-    return levels
+def load_levels(url: str, users: np.ndarray, levels: list[int], warmup: int) -> dict:
+    """Each client count in turn: one client (latency without queueing), more (throughput);
+    for the one-client run also the mean time inside the server and in each stage (the
+    gateway's stages are its calls to the tiers)."""
+    results = {}
+    for clients in levels:
+        before = latency_sums(url)
+        results[f"c{clients}"] = drive(url, users, clients, warmup)
+        if clients == 1:
+            results["c1"]["server_mean_ms"] = server_means_ms(before, latency_sums(url))
+    return results
 
 
 def raw_compute(bundle: ModelBundle, redis_url: str, users: np.ndarray) -> dict:
@@ -221,31 +230,36 @@ def raw_compute(bundle: ModelBundle, redis_url: str, users: np.ndarray) -> dict:
     pipeline = RecommendPipeline(bundle, store)
     generator, ranker = pipeline.generator, pipeline.ranking.ranker
     prepared = []
-    for user in users:  # everything that is not the three calls timed below
+    for user in users:  # everything that is not the four calls timed below
         history, _ = generator.history(int(user))
         vector, _ = generator.user_vector(int(user), history)
         recent = history[-generator.history_length :]
         keys = store.keys("user", [int(user)]) + store.keys("item", [int(i) for i in recent])
+        rows = store.get_many("user", [int(user)]), store.get_many("item", recent)
+        tower_inputs = (rows[0].vectors, rows[1].vectors[None], rows[1].found[None])
         scores, ids = bundle.index.index.search(vector.reshape(1, -1), CANDIDATES)
         batch = ranker.encoder.encode_request(
             int(user), ids[0].astype(np.uint64), scores[0], None, None
         )
-        prepared.append((keys, vector.reshape(1, -1), batch))
-    client, index, model = store.client, bundle.index.index, ranker.model
-    parts = {"redis_mget": [], "faiss_search": [], "ranker_forward": []}
+        prepared.append((keys, tower_inputs, vector.reshape(1, -1), batch))
+    client, index, forward = store.client, bundle.index.index, ranker.forward
+    user_tower = generator.user_tower
+    parts = {"redis_mget": [], "user_tower": [], "faiss_search": [], "ranker_forward": []}
     totals = []
     with torch.inference_mode():
-        for keys, vector, batch in prepared:
+        for keys, tower_inputs, vector, batch in prepared:
             t0 = time.perf_counter()
             client.mget(keys)
             t1 = time.perf_counter()
-            index.search(vector, CANDIDATES)
+            user_tower(*tower_inputs)
             t2 = time.perf_counter()
-            model(batch.categorical, batch.attributes, batch.numeric)
+            index.search(vector, CANDIDATES)
             t3 = time.perf_counter()
-            for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+            forward(batch)
+            t4 = time.perf_counter()
+            for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 parts[name].append(seconds)
-            totals.append(t3 - t0)
+            totals.append(t4 - t0)
     pipeline.close()
     return {
         "requests": len(users),
@@ -255,12 +269,17 @@ def raw_compute(bundle: ModelBundle, redis_url: str, users: np.ndarray) -> dict:
     }
 
 
+MODES = ("embedded", "embedded_unbatched", "distributed")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="20k items, 400 requests")
+    parser.add_argument("--quick", action="store_true", help="20k items, 400 requests a level")
     parser.add_argument("--items", type=int)
     parser.add_argument("--requests", type=int)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 4, 16], help="client counts (1 first)"
+    )
     parser.add_argument(
         "--artifacts", type=Path, help="serve this artifact instead of training one"
     )
@@ -268,12 +287,14 @@ def main() -> None:
     args = parser.parse_args()
     items = args.items or (20_000 if args.quick else 100_000)
     n_requests = args.requests or (400 if args.quick else 3000)
+    levels = sorted({1, *args.concurrency})
     warmup = 50
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # raw compute in one thread, as each server is configured
+    set_search_threads(1)
 
     with tempfile.TemporaryDirectory() as scratch:
         artifacts = args.artifacts or train(Path(scratch) / "artifacts", items)
-        bundle = ModelBundle.load(artifacts)
+        bundle = ModelBundle.load(artifacts, ranker_variant="auto")  # as the service serves it
         rng = np.random.default_rng(0)
         users = rng.choice(bundle.histories.user_ids, warmup + n_requests)
         redis = RedisServer()
@@ -285,28 +306,34 @@ def main() -> None:
             RECSYS_ONLINE_TRAINER="off",
             RECSYS_INDEX_POLL_SECONDS="0",
             RECSYS_LOG_LEVEL="WARNING",
+            RECSYS_RANKER="on",
         )
         results = {
             "items": len(bundle.index),
-            "concurrency": args.concurrency,
+            "concurrency": levels,
             "cpus": os.cpu_count(),
+            "ranker_variant": bundle.ranker_variant,
         }
+        processes = Processes(env)
         try:
-            processes = Processes(env)
             print("raw compute", flush=True)
             processes.start("retrieval")  # fills the namespace in Redis from the artifact
             processes.stop()
             results["raw_compute"] = raw_compute(bundle, redis.url, users[warmup:])
-            print("embedded", flush=True)
-            ports = processes.start("all")
-            results["embedded"] = load_levels(
-                f"http://127.0.0.1:{ports['RECSYS_HTTP_PORT']}/v1/recommend",
-                users,
-                args.concurrency,
-                warmup,
-            )
-            results["rss_mib"] = processes.rss_mib()
-            processes.stop()
+            for mode, extra in (
+                ("embedded", {}),
+                ("embedded_unbatched", {"RECSYS_RANK_BATCH_DELAY_MS": "0"}),
+            ):
+                print(mode, flush=True)
+                ports = processes.start("all", **extra)
+                results[mode] = load_levels(
+                    f"http://127.0.0.1:{ports['RECSYS_HTTP_PORT']}/v1/recommend",
+                    users,
+                    levels,
+                    warmup,
+                )
+                results.setdefault("rss_mib", {}).update(processes.rss_mib())
+                processes.stop()
             print("distributed", flush=True)
             retrieval, ranking = processes.start("retrieval"), processes.start("ranking")
             gateway = processes.start(
@@ -317,58 +344,67 @@ def main() -> None:
             results["distributed"] = load_levels(
                 f"http://127.0.0.1:{gateway['RECSYS_HTTP_PORT']}/v1/recommend",
                 users,
-                args.concurrency,
+                levels,
                 warmup,
             )
             results["rss_mib"].update(processes.rss_mib())
-            processes.stop()
         finally:
             processes.stop()
             redis.stop()
 
     raw = results["raw_compute"]
-    for mode in ("embedded", "distributed"):
+    for mode in MODES:
         for level in results[mode].values():
             level["p50_over_raw"] = round(level["p50"] / raw["p50"], 2)
+    top = f"c{levels[-1]}"
+    # Saturation throughput against what the cores could do at the raw single-thread rate.
+    results["saturation_over_cores_x_raw"] = round(
+        results["embedded"][top]["throughput_rps"]
+        / (results["cpus"] * raw["throughput_rps_one_thread"]),
+        3,
+    )
     results["distributed_over_embedded"] = {
         level: {
-            "throughput": round(
-                results["distributed"][level]["throughput_rps"]
-                / results["embedded"][level]["throughput_rps"],
-                2,
-            ),
-            "p50": round(
-                results["distributed"][level]["p50"] / results["embedded"][level]["p50"], 2
-            ),
-            "p99": round(
-                results["distributed"][level]["p99"] / results["embedded"][level]["p99"], 2
-            ),
+            metric: round(results["distributed"][level][key] / results["embedded"][level][key], 2)
+            for metric, key in (("throughput", "throughput_rps"), ("p50", "p50"), ("p99", "p99"))
+        }
+        for level in results["embedded"]
+    }
+    results["batched_over_unbatched"] = {
+        level: {
+            metric: round(
+                results["embedded"][level][key] / results["embedded_unbatched"][level][key], 2
+            )
+            for metric, key in (("throughput", "throughput_rps"), ("p99", "p99"))
         }
         for level in results["embedded"]
     }
     print(
-        f"\n{results['items']:,} items, {results['cpus']} CPUs, client threads on the same machine"
+        f"\n{results['items']:,} items, {results['cpus']} CPUs, client threads on the same "
+        f"machine, ranker {results['ranker_variant']}"
     )
     print("| path | clients | requests/s | p50 ms | p99 ms | degraded | p50 / raw p50 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(
-        f"| raw compute (MGET + FAISS search + ranker forward) | 1 | {raw['throughput_rps_one_thread']} | "
-        f"{raw['p50']} | {raw['p99']} | - | 1.00 |"
+        f"| raw compute (MGET + user tower + FAISS search + ranker forward) | 1 | "
+        f"{raw['throughput_rps_one_thread']} | {raw['p50']} | {raw['p99']} | - | 1.00 |"
     )
-    for mode in ("embedded", "distributed"):
+    for mode in MODES:
         for level, r in results[mode].items():
             print(
-                f"| {mode} /v1/recommend | {level[1:]} | {r['throughput_rps']} | {r['p50']} | {r['p99']} | "
-                f"{r['degraded']} | {r['p50_over_raw']} |"
+                f"| {mode} /v1/recommend | {level[1:]} | {r['throughput_rps']} | {r['p50']} | "
+                f"{r['p99']} | {r['degraded']} | {r['p50_over_raw']} |"
             )
     print(f"raw parts p50 ms: {raw['parts_p50_ms']}")
     print(f"resident memory after the run, MiB: {results['rss_mib']}")
-    for mode in ("embedded", "distributed"):
+    for mode in MODES:
         print(
             f"{mode}, one client, mean inside the server (warm-up included), ms: "
             f"{results[mode]['c1']['server_mean_ms']}"
         )
+    print(f"embedded at {top} / (cpus x raw): {results['saturation_over_cores_x_raw']}")
     print(f"distributed / embedded: {results['distributed_over_embedded']}")
+    print(f"batched / unbatched ranking (embedded): {results['batched_over_unbatched']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

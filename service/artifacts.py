@@ -107,6 +107,47 @@ def ranker_serves(manifest: dict, choice: RankerChoice = "auto") -> bool:
     return bool(manifest.get("validation", {}).get("choices", {}).get("ranker", True))
 
 
+RankerVariantChoice = Literal["auto", "trained", "output_features", "weight_svd"]
+# Deep CTR models sit within about 0.001-0.002 AUC of each other on public benchmarks: a
+# compressed copy within this much of the ranker as trained has lost nothing measurable.
+COMPRESSED_AUC_TOLERANCE = 0.001
+
+
+def ranker_variant_serves(manifest: dict, choice: RankerVariantChoice = "auto") -> str | None:
+    """The ranker variant to serve (None: the ranker as trained): "trained" and a variant's
+    name say so; "auto" takes the smallest compressed copy whose validation AUC is within
+    `COMPRESSED_AUC_TOLERANCE` of the ranker as trained, else the ranker as trained."""
+    if choice == "trained":
+        return None
+    if choice != "auto":
+        return choice
+    measured = manifest.get("metrics", {}).get("ranker", {})
+    trained_auc = measured.get("val_auc")
+    if trained_auc is None:  # no ranker was trained: nothing to compare with
+        return None
+    qualifying = [
+        (figures["bytes"]["total"], name)
+        for name, figures in measured.get("variants", {}).items()
+        if figures["val_auc"] >= trained_auc - COMPRESSED_AUC_TOLERANCE
+    ]
+    return min(qualifying)[1] if qualifying else None
+
+
+def ranker_variant_figures(manifest: dict, variant: str) -> dict[str, str]:
+    """What the served variant measured on validation beside the ranker as trained (AUC,
+    float32 bytes), as strings for an info metric; empty for an artifact without them."""
+    measured = manifest.get("metrics", {}).get("ranker", {})
+    if "val_auc" not in measured:
+        return {}
+    served = measured.get("variants", {}).get(variant, measured)
+    return {
+        "ranker_val_auc": f"{served['val_auc']:.4f}",
+        "ranker_bytes": str(served["bytes"]["total"]),
+        "ranker_trained_val_auc": f"{measured['val_auc']:.4f}",
+        "ranker_trained_bytes": str(measured["bytes"]["total"]),
+    }
+
+
 def item_to_item_share(manifest: dict, setting: float | None = None) -> float:
     """The share of candidates the item-to-item source takes: the setting when given, else
     what `recsys train`'s validation chose (none for an artifact trained without it)."""

@@ -7,7 +7,15 @@ from safetensors.torch import load_file as load_tensors
 from safetensors.torch import save_file as save_tensors
 from torch import nn
 
-from service.artifacts import FORMAT, read_manifest, resolve_version, write_version
+from service.artifacts import (
+    FORMAT,
+    RankerVariantChoice,
+    ranker_variant_figures,
+    ranker_variant_serves,
+    read_manifest,
+    resolve_version,
+    write_version,
+)
 from service.data.feature_space import FeatureSpace
 from service.data.histories import UserHistories
 from service.embeddings.store import TableConfig
@@ -32,9 +40,12 @@ class RankingParts:
     ranker: nn.Module
     ranker_variant: str
     score_scale: float  # 1 / the two-tower temperature: retrieval cosines as the ranker saw them
+    figures: dict[str, str] = field(default_factory=dict)  # `ranker_variant_figures`
 
     @classmethod
-    def load(cls, path: str | Path, ranker_variant: str | None = None) -> "RankingParts":
+    def load(
+        cls, path: str | Path, ranker_variant: RankerVariantChoice | str | None = None
+    ) -> "RankingParts":
         """From the newest version under `path` (or `path` itself), the named ranker variant
         (None: as trained); the ranking tier loads only this."""
         folder = resolve_version(path)
@@ -47,6 +58,7 @@ class RankingParts:
             ranker.eval(),
             variant,
             1.0 / temperature,
+            ranker_variant_figures(manifest, variant),
         )
 
 
@@ -92,6 +104,7 @@ class ModelBundle:
             self.ranker,
             self.ranker_variant,
             1.0 / self.two_tower.config.temperature,
+            ranker_variant_figures(self.manifest, self.ranker_variant),
         )
 
     def save(
@@ -158,10 +171,10 @@ class ModelBundle:
         root: str | Path | None = None,
         index_params: SearchParams = SearchParams(),
         index_device: Device = "cpu",
-        ranker_variant: str | None = None,
+        ranker_variant: RankerVariantChoice | str | None = None,
     ) -> "ModelBundle":
         """The newest version under `path` (or `path` itself), serving its newest index version
-        and the named ranker variant (None: the ranker as trained)."""
+        and the named ranker variant (None: the ranker as trained; "auto": `load_ranker`)."""
         folder = resolve_version(path)
         manifest = read_manifest(folder, root if root is not None else path)
         features = FeatureSpace.load(folder)
@@ -194,9 +207,13 @@ class ModelBundle:
         )
 
 
-def load_ranker(folder: Path, manifest: dict, variant: str | None) -> tuple[nn.Module, str]:
-    """The ranker as trained (`variant` None or its own name), or a compressed variant
-    rebuilt in the shape its plan records."""
+def load_ranker(
+    folder: Path, manifest: dict, choice: RankerVariantChoice | str | None
+) -> tuple[nn.Module, str]:
+    """The ranker as trained (`choice` None, "trained" or the trained variant's own name), a
+    compressed variant rebuilt in the shape its plan records, or under "auto" the one
+    `service.artifacts.ranker_variant_serves` picks."""
+    variant = None if choice is None else ranker_variant_serves(manifest, choice)
     config = dict(manifest["models"]["ranker"])
     name, stored = config.pop("type"), config.pop("variants", {})
     model = build_ranker(name, config)

@@ -25,7 +25,9 @@ CANDIDATES = Histogram(
 )
 COLD_START = Counter("recsys_cold_start_total", "Requests for users with no vector and no history.")
 MODEL_INFO = Info(
-    "recsys_model", "The artifact version being served, its retrieval strategy and ranker."
+    "recsys_model",
+    "The artifact version being served, its retrieval strategy and ranker: which copy serves "
+    "(ranker_variant), its validation AUC and float32 bytes beside the ranker as trained's.",
 )
 READY = Gauge("recsys_ready", "1 when models and index are loaded.")
 

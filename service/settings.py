@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.artifacts import RankerChoice
+from service.artifacts import RankerChoice, RankerVariantChoice
 from service.schemas import MAX_CANDIDATES, MAX_COMPONENTS, Experiment, Rules
 
 
@@ -40,7 +40,13 @@ class Settings(BaseSettings):
         ),
     ] = 32
     torch_threads: Annotated[
-        int, Field(ge=1, le=64, description="Intra-op threads per process.")
+        int,
+        Field(
+            ge=1,
+            le=64,
+            description="Intra-op threads per process, torch's and FAISS's (OpenMP): one "
+            "request's forward pass or search is too small to gain from more.",
+        ),
     ] = 1
     default_candidates: Annotated[
         int, Field(ge=1, le=MAX_CANDIDATES, description="Candidates retrieved before ranking.")
@@ -69,12 +75,31 @@ class Settings(BaseSettings):
         ),
     ] = None
     ranker_variant: Annotated[
-        Literal["output_features", "weight_svd"] | None,
+        RankerVariantChoice,
         Field(
-            description="Serve a low-rank compressed copy of the ranker the artifact holds (output_features: the "
-            "output-feature compression; weight_svd: SVD of the weights); unset: the ranker as trained."
+            description="Which copy of the artifact's ranker serves: auto: the smallest low-rank "
+            "compressed copy whose validation AUC is within 0.001 of the ranker as trained, else "
+            "the ranker as trained; trained; output_features (output-feature compression); "
+            "weight_svd (SVD of the weights).",
         ),
-    ] = None
+    ] = "auto"
+    rank_batch_delay_ms: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=100,
+            description="Ranking batched across requests: concurrent requests' candidates share "
+            "one forward pass; a forming batch waits at most this long for requests already in "
+            "flight (a request alone never waits). 0 turns batching off.",
+        ),
+    ] = 1.0
+    ranker_runtime: Annotated[
+        Literal["numpy", "torch"],
+        Field(
+            description="The ranker's forward pass: numpy (its weights copied into numpy "
+            "arrays: no per-operator dispatch; scores equal torch's within 1e-5) or torch.",
+        ),
+    ] = "numpy"
     ranker: Annotated[
         RankerChoice,
         Field(

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from service.artifacts import ranker_variant_serves
 from service.bundle import ModelBundle
 from service.data.synthetic import SyntheticConfig, generate
 from service.pipeline.in_process import RecommendPipeline
@@ -41,6 +42,12 @@ def artifact_root(tmp_path_factory, tiny_dataset) -> Path:
 @pytest.fixture(scope="session")
 def bundle(artifact_root) -> ModelBundle:
     return ModelBundle.load(artifact_root)
+
+
+@pytest.fixture(scope="session")
+def served_variant(bundle) -> str:
+    """The ranker variant a service serves by default (RECSYS_RANKER_VARIANT=auto)."""
+    return ranker_variant_serves(bundle.manifest) or bundle.ranker_variant
 
 
 @pytest.fixture(scope="session")

@@ -47,11 +47,11 @@ def recommend(http, **body):
     return response.json()
 
 
-def test_recommend_returns_k_distinct_unseen_items_sorted(http, bundle, known_user):
+def test_recommend_returns_k_distinct_unseen_items_sorted(http, bundle, known_user, served_variant):
     body = recommend(http, user_id=known_user, k=10)
     assert body["user_id"] == known_user and body["degraded"] is False
     assert body["model_version"] == bundle.version
-    assert body["ranker"] == {"model": "deepfm", "variant": "full"}
+    assert body["ranker"] == {"model": "deepfm", "variant": served_variant}
     ids = [item["item_id"] for item in body["items"]]
     scores = [item["score"] for item in body["items"]]
     assert len(ids) == 10 == len(set(ids))

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from service.artifacts import resolve_version
+from service.artifacts import ranker_variant_figures, resolve_version
 from service.bundle import ModelBundle
 from service.cli import app
 from service.data.synthetic import SyntheticConfig, generate
@@ -246,7 +246,10 @@ def test_train_with_the_dcn_v2_ranker_serves_and_reports_it(tmp_path):
         "retrieval": "two_tower",
         "ranker": "dcn_v2",
         "ranker_variant": "factorised",
+        "ranker_runtime": "numpy",
+        **ranker_variant_figures(bundle.manifest, "factorised"),
     }
+    assert info["ranker_val_auc"] == info["ranker_trained_val_auc"]  # it serves as trained
     assert REGISTRY.get_sample_value("recsys_model_info", info) == 1.0
     with pytest.raises(ValueError, match="no ranker variant 'output_features'.*'factorised'"):
         ModelBundle.load(out, ranker_variant="output_features")

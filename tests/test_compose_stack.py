@@ -182,7 +182,9 @@ def test_compose_services_start_in_dependency_order_and_pass_their_healthchecks(
     assert not_run == {"prometheus", "grafana"}  # other projects' images
 
 
-def test_the_gateway_answers_through_the_compose_topology(topology, known_user, bundle):
+def test_the_gateway_answers_through_the_compose_topology(
+    topology, known_user, bundle, served_variant
+):
     local, _ = topology
     gateway = local.environment("gateway")
     with httpx2.Client(
@@ -190,7 +192,8 @@ def test_the_gateway_answers_through_the_compose_topology(topology, known_user, 
     ) as http:
         answer = http.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
         assert answer["degraded"] is False and answer["model_version"] == bundle.version
-        assert answer["ranker"]["variant"] == "full"  # ranked by the ranking tier, not its fallback
+        # Ranked by the ranking tier, not its fallback.
+        assert answer["ranker"]["variant"] == served_variant
         shown = [item["item_id"] for item in answer["items"]]
         events = [{"user_id": known_user, "item_id": shown[0], "type": "click"}]
         assert http.post("/v1/events", json={"events": events}).json()["accepted"] == 1

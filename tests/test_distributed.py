@@ -94,13 +94,15 @@ def stack(artifact_root, redis_server):
             stop(process, signal.SIGKILL)
 
 
-def test_gateway_answers_through_the_tiers_over_http_and_grpc(stack, bundle, known_user):
+def test_gateway_answers_through_the_tiers_over_http_and_grpc(
+    stack, bundle, known_user, served_variant
+):
     http, ports, _ = stack
     body = http.post(
         "/v1/recommend", json={"user_id": known_user, "k": 8, "context": {"hour": 9}}
     ).json()
     assert body["degraded"] is False and body["model_version"] == bundle.version
-    assert body["ranker"] == {"model": "deepfm", "variant": "full"}
+    assert body["ranker"] == {"model": "deepfm", "variant": served_variant}
     assert len({i["item_id"] for i in body["items"]}) == 8
     scores = [i["score"] for i in body["items"]]
     assert scores == sorted(scores, reverse=True) and all(
@@ -113,7 +115,7 @@ def test_gateway_answers_through_the_tiers_over_http_and_grpc(stack, bundle, kno
     assert [(i.item_id, i.score) for i in answer.items] == [
         (i["item_id"], i["score"]) for i in body["items"]
     ]
-    assert answer.ranker.variant == "full" and not answer.degraded
+    assert answer.ranker.variant == served_variant and not answer.degraded
     refused = http.post("/v1/recommend", json={"user_id": known_user, "k": 0})
     assert refused.status_code == 422
     for tier in ("retrieval", "ranking"):

@@ -1,6 +1,7 @@
 """Item index lifecycle: factory strings and search knobs, versioned index files, and the
 swap to a new version while requests keep coming."""
 
+import os
 import shutil
 import threading
 
@@ -15,7 +16,8 @@ from service.metrics import INDEX_SWAPS
 from service.online.index_sync import IndexSync
 from service.online.memory_streams import InMemoryItemUpdateFeed
 from service.pipeline.in_process import RecommendPipeline
-from service.retrieval.index import ItemIndex, SearchParams, gpus_available
+from service.retrieval import index as index_module
+from service.retrieval.index import ItemIndex, SearchParams, gpus_available, set_search_threads
 from service.retrieval.index_versions import (
     INDEX_FILE,
     IndexReloader,
@@ -198,3 +200,28 @@ def test_the_gpu_index_answers_like_the_cpu_one_and_takes_upserts():
     assert gpu.search(vectors[:1], 5000)[1].shape[1] == 2048  # the GPU's k limit
     gpu.upsert(np.array([ids[0]]), -vectors[:1])
     assert gpu.search(-vectors[:1], 1)[1][0, 0] == ids[0]
+
+
+def test_serving_search_threads_hold_in_every_request_thread():
+    """OpenMP keeps its thread count per thread: a request thread the serving process did
+    not configure must still search with the serving count, not every core."""
+    ids = np.arange(1, 501, dtype=np.uint64)
+    index = ItemIndex.build(ids, unit_vectors(500), "Flat")
+    seen = {}
+
+    def request_thread() -> None:
+        seen["before"] = faiss.omp_get_max_threads()
+        index.search(unit_vectors(1, seed=3), 5)
+        seen["after"] = faiss.omp_get_max_threads()
+
+    try:
+        set_search_threads(1)
+        thread = threading.Thread(target=request_thread)
+        thread.start()
+        thread.join()
+    finally:
+        index_module._search_threads = None  # the test process trains in other tests
+        faiss.omp_set_num_threads(seen.get("before", 1))
+    assert seen["after"] == 1
+    if (os.cpu_count() or 1) > 1:  # a new thread starts at OpenMP's default, every core
+        assert seen["before"] > 1

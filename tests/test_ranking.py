@@ -5,6 +5,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from service.api.embedded import build_app
+from service.artifacts import ranker_variant_serves
 from service.bundle import ModelBundle, RankingParts
 from service.data.context import context_rows
 from service.pipeline.in_process import RankingStage
@@ -129,6 +130,59 @@ def test_compressed_ranker_variants_are_saved_measured_and_served_by_setting(
         body = client.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
         assert body["ranker"] == {"model": "deepfm", "variant": variant}
         assert f'ranker_variant="{variant}"' in client.get("/metrics").text
+
+
+def ranker_figures(trained_auc: float, variants: dict[str, tuple[float, int]]) -> dict:
+    return {
+        "metrics": {
+            "ranker": {
+                "val_auc": trained_auc,
+                "bytes": {"total": 1000},
+                "variants": {
+                    name: {"val_auc": auc, "bytes": {"total": size}}
+                    for name, (auc, size) in variants.items()
+                },
+            }
+        }
+    }
+
+
+def test_auto_serves_the_smallest_compressed_copy_that_loses_no_validation_auc():
+    both_hold = ranker_figures(0.80, {"output_features": (0.7995, 300), "weight_svd": (0.80, 250)})
+    assert ranker_variant_serves(both_hold) == "weight_svd"  # the smaller of the two
+    one_holds = ranker_figures(
+        0.80, {"output_features": (0.7991, 300), "weight_svd": (0.7989, 250)}
+    )
+    assert ranker_variant_serves(one_holds) == "output_features"
+    none_hold = ranker_figures(0.80, {"output_features": (0.798, 300), "weight_svd": (0.79, 250)})
+    assert ranker_variant_serves(none_hold) is None
+    assert ranker_variant_serves({"metrics": {"ranker": {"training": "none"}}}) is None
+    # A setting that names a copy wins over the figures.
+    assert ranker_variant_serves(none_hold, "weight_svd") == "weight_svd"
+    assert ranker_variant_serves(both_hold, "trained") is None
+
+
+def test_the_default_setting_serves_the_variant_validation_allows_and_says_why(
+    artifact_root, bundle, known_user
+):
+    chosen = ranker_variant_serves(bundle.manifest)
+    settings = Settings(artifacts=artifact_root, grpc_port=0, ranker="on")
+    assert settings.ranker_variant == "auto"
+    with TestClient(build_app(settings)) as client:
+        body = client.post("/v1/recommend", json={"user_id": known_user, "k": 5}).json()
+        metrics = client.get("/metrics").text
+    served = chosen or "full"
+    assert body["ranker"] == {"model": "deepfm", "variant": served}
+    measured = bundle.manifest["metrics"]["ranker"]
+    figures = measured["variants"].get(served, measured)
+    assert f'ranker_variant="{served}"' in metrics
+    assert f'ranker_val_auc="{figures["val_auc"]:.4f}"' in metrics
+    assert f'ranker_trained_val_auc="{measured["val_auc"]:.4f}"' in metrics
+    assert f'ranker_bytes="{figures["bytes"]["total"]}"' in metrics
+    trained = Settings(artifacts=artifact_root, grpc_port=0, ranker_variant="trained")
+    assert ModelBundle.load(
+        artifact_root, ranker_variant=trained.ranker_variant
+    ).ranker_variant == ("full")
 
 
 def test_an_unknown_ranker_variant_is_refused_at_startup(artifact_root):

@@ -24,6 +24,7 @@ def test_redis_table_answers_like_the_in_process_one(
         redis_url=server.url,
         redis_cluster=backend == "redis_cluster",
         redis_namespace=uuid.uuid4().hex[:8],
+        ranker_variant="trained",  # as `pipeline` ranks
     )
     from service.schemas import RecommendRequest
 

@@ -22,7 +22,7 @@ from service.online.runtime import make_index_sync, make_trainer
 from service.pipeline.experiments import Assignment, ExperimentPipeline
 from service.pipeline.in_process import PipelineOptions, RankingStage, RecommendPipeline
 from service.pipeline.served_log import ServedListLogger, open_served_log
-from service.retrieval.index import SearchParams
+from service.retrieval.index import SearchParams, set_search_threads
 from service.retrieval.index_versions import IndexReloader
 from service.settings import Settings
 
@@ -33,6 +33,7 @@ def load_embedded(settings: Settings) -> Served:
     """The artifact's models, index and tables, the in-process pipeline over them, online
     learning beside them, and what the Admin calls act on."""
     torch.set_num_threads(settings.torch_threads)
+    set_search_threads(settings.torch_threads)
     params = SearchParams(nprobe=settings.index_nprobe, ef_search=settings.index_ef_search)
     bundle = ModelBundle.load(
         settings.artifacts,
@@ -41,7 +42,8 @@ def load_embedded(settings: Settings) -> Served:
         ranker_variant=settings.ranker_variant,
     )
     log.info(
-        "serving artifact %s (%d items, %d users), index %s (%s on %s), ranker %s",
+        "serving artifact %s (%d items, %d users), index %s (%s on %s), ranker %s "
+        "(RECSYS_RANKER_VARIANT=%s; %s)",
         bundle.version,
         len(bundle.index),
         len(bundle.histories),
@@ -49,6 +51,8 @@ def load_embedded(settings: Settings) -> Served:
         bundle.index.description,
         bundle.index.device,
         bundle.ranker_variant,
+        settings.ranker_variant,
+        bundle.ranking_parts.figures or "no validation figures",
     )
     store = open_store(settings, bundle)
     log.info("embedding table: %s", type(store).__name__)
@@ -98,7 +102,11 @@ def with_ranker_variant(pipeline: RecommendPipeline, variant: str) -> RecommendP
     """The pipeline with another of its artifact's ranker variants: everything else (index,
     tables, catalog, online learning) shared."""
     other = copy.copy(pipeline)
-    other.ranking = RankingStage(RankingParts.load(pipeline.bundle.folder, variant))
+    other.ranking = RankingStage(
+        RankingParts.load(pipeline.bundle.folder, variant),
+        pipeline.options.rank_batch_delay,
+        pipeline.options.ranker_runtime,
+    )
     other.ranker_info = other.ranking.ranker_info
     return other
 

@@ -202,11 +202,15 @@ class RankingServicer(pb_grpc.RankingServicer):
     def Rank(self, request: pb.RankRequest, context: grpc.ServicerContext) -> pb.RankResponse:
         with answering("Rank", context):
             ranking = loaded(self.served.ranking)
-            parsed = validated(codec.rank_request_from_proto, request)
-            ids = np.array(parsed.item_ids, dtype=np.uint64)
-            scores = ranking.rank(
-                parsed.user_id, ids, np.array(parsed.retrieval_scores, np.float32), parsed.context
-            )
+            with ranking.expecting():
+                parsed = validated(codec.rank_request_from_proto, request)
+                ids = np.array(parsed.item_ids, dtype=np.uint64)
+                scores = ranking.rank(
+                    parsed.user_id,
+                    ids,
+                    np.array(parsed.retrieval_scores, np.float32),
+                    parsed.context,
+                )
             return pb.RankResponse(
                 scores=scores.tolist(),
                 ranker=codec.ranker_to_proto(ranking.ranker_info),

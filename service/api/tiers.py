@@ -68,13 +68,12 @@ def load_retrieval(settings: Settings) -> Served:
 def load_ranking(settings: Settings) -> Served:
     torch.set_num_threads(settings.torch_threads)
     parts = RankingParts.load(settings.artifacts, settings.ranker_variant)
-    ranking = RankingStage(parts)
+    ranking = RankingStage(parts, settings.rank_batch_delay_ms / 1000, settings.ranker_runtime)
     warm_up_ranking(ranking)
     MODEL_INFO.info(
         {
             "version": parts.version,
-            "ranker": ranking.ranker_info.model,
-            "ranker_variant": ranking.ranker_info.variant,
+            **ranking.info,
         }
     )
     return Served(ranking=ranking)

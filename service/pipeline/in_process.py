@@ -5,6 +5,8 @@
 whole job."""
 
 import logging
+from collections import Counter
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -29,8 +31,9 @@ from service.pipeline.interface import (
     with_default_rules,
 )
 from service.pipeline.served_log import ServedListLogger
+from service.ranking.batching import RankBatcher
 from service.ranking.models import ranker_name
-from service.ranking.ranker import Ranker
+from service.ranking.ranker import Ranker, Runtime
 from service.retrieval.candidates import (
     SOURCE_ITEM_TO_ITEM,
     SOURCE_KNN_EMBED,
@@ -69,6 +72,8 @@ class PipelineOptions:
     item_to_item_share: float | None = None  # `service.artifacts.item_to_item_share`
     filter_cache_mib: int = 256  # compiled filters kept (`service.retrieval.catalog`)
     rules: Rules | None = None  # requests' default rules (`service.pipeline.rules`)
+    rank_batch_delay: float = 0.0  # seconds a forming ranking batch waits (`RankBatcher`)
+    ranker_runtime: Runtime = "numpy"  # the ranker's forward (`service.ranking.ranker`)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "PipelineOptions":
@@ -83,6 +88,8 @@ class PipelineOptions:
             item_to_item_share=settings.item_to_item_share,
             filter_cache_mib=settings.filter_cache_mib,
             rules=settings.rules,
+            rank_batch_delay=settings.rank_batch_delay_ms / 1000,
+            ranker_runtime=settings.ranker_runtime,
         )
 
 
@@ -104,12 +111,21 @@ def mixture_knobs(manifest: dict, options: PipelineOptions) -> MixtureKnobs:
 
 class RankingStage:
     """The artifact's ranker (the configured variant) over a request's candidates: the
-    ranking tier's whole job, and the second stage in process."""
+    ranking tier's whole job, and the second stage in process. With a `batch_delay`
+    (seconds), concurrent requests' candidates share forward passes (`RankBatcher`)."""
 
-    def __init__(self, parts: RankingParts):
+    def __init__(self, parts: RankingParts, batch_delay: float = 0.0, runtime: Runtime = "numpy"):
         self.model_version = parts.version
-        self.ranker = Ranker(parts.ranker, parts.features, parts.score_scale)
+        self.ranker = Ranker(parts.ranker, parts.features, parts.score_scale, runtime)
+        self.batcher = RankBatcher(self.ranker.forward, batch_delay) if batch_delay > 0 else None
         self.ranker_info = RankerInfo(model=ranker_name(parts.ranker), variant=parts.ranker_variant)
+        # `recsys_model_info`'s ranker labels: which copy serves and what it measured.
+        self.info = {
+            "ranker": self.ranker_info.model,
+            "ranker_variant": self.ranker_info.variant,
+            "ranker_runtime": self.ranker.runtime,
+            **parts.figures,
+        }
 
     def rank(
         self,
@@ -119,13 +135,20 @@ class RankingStage:
         context: Context | None,
     ) -> np.ndarray:
         with timed(RANK):
-            return self.ranker.score(
+            if len(item_ids) == 0:
+                return np.empty(0, dtype=np.float32)
+            batch = self.ranker.encode(
                 user_id,
                 item_ids,
                 retrieval_scores,
                 hour=context.hour if context else None,
                 weekday=context.weekday if context else None,
             )
+            return self.ranker.forward(batch) if self.batcher is None else self.batcher.score(batch)
+
+    def expecting(self) -> AbstractContextManager:
+        """Around a request on its way to `rank`: a batch forming waits for it (briefly)."""
+        return nullcontext() if self.batcher is None else self.batcher.expecting()
 
 
 class RecommendPipeline:
@@ -160,7 +183,9 @@ class RecommendPipeline:
             item_to_item_share(bundle.manifest, options.item_to_item_share),
             self.catalog,
         )
-        self.ranking = RankingStage(bundle.ranking_parts)
+        self.ranking = RankingStage(
+            bundle.ranking_parts, options.rank_batch_delay, options.ranker_runtime
+        )
         self.ranker_info = self.ranking.ranker_info
         self.ranks = ranker_serves(bundle.manifest, options.ranker)
         if not self.ranks:
@@ -171,8 +196,7 @@ class RecommendPipeline:
             {
                 "version": bundle.version,
                 "retrieval": options.strategy,
-                "ranker": self.ranker_info.model,
-                "ranker_variant": self.ranker_info.variant,
+                **self.ranking.info,
             }
         )
 
@@ -200,10 +224,11 @@ class RecommendPipeline:
                 np.array(request.recent_item_ids, dtype=np.uint64),
                 allowed,
             )
-        if all(s == SOURCE_POPULAR for s in candidates.sources):
+        counts = Counter(candidates.sources.tolist())  # in C: no Python loop per candidate
+        if counts[SOURCE_POPULAR] == len(candidates.sources):
             COLD_START.inc()
         for source in (SOURCE_TWO_TOWER, SOURCE_KNN_EMBED, SOURCE_ITEM_TO_ITEM, SOURCE_POPULAR):
-            CANDIDATES.labels(source).observe(sum(s == source for s in candidates.sources))
+            CANDIDATES.labels(source).observe(counts[source])
         if candidates.degraded:
             DEGRADED.labels("embedding_store").inc()
         if needs_vectors(with_default_rules(request, self.options.rules)):
@@ -220,15 +245,17 @@ class RecommendPipeline:
         self, request: RecommendRequest, deadline: float | None = None
     ) -> RecommendResponse:
         request = with_default_rules(request, self.options.rules)
-        found = self.retrieve(request)
         if not self.ranks:  # the artifact's validation: the ranker would make answers worse
+            found = self.retrieve(request)
             answer = ranked_response(
                 request, found, None, self.model_version, None, catalog=self.catalog
             )
         else:
-            scores = self.ranking.rank(
-                request.user_id, found.item_ids, found.scores, request.context
-            )
+            with self.ranking.expecting():
+                found = self.retrieve(request)
+                scores = self.ranking.rank(
+                    request.user_id, found.item_ids, found.scores, request.context
+                )
             answer = ranked_response(
                 request, found, scores, self.model_version, self.ranker_info, catalog=self.catalog
             )

@@ -51,6 +51,26 @@ CHANGES_KEPT = 256  # upserts remembered, so a filter's vectors are patched, not
 Device = Literal["cpu", "gpu", "auto"]
 
 
+_search_threads: int | None = None  # `set_search_threads`: serving processes
+
+
+def set_search_threads(threads: int) -> None:
+    """OpenMP threads of this process's FAISS searches from now on. A serving process
+    searches one query per request: spread over two threads, a 20k-item flat search took
+    2.2x as long as in one (bench/serving_topology.py's artifact), and the idle threads spin
+    on the cores that concurrent requests need. Training keeps FAISS's default (every core)."""
+    global _search_threads
+    _search_threads = threads
+    faiss.omp_set_num_threads(threads)
+
+
+def limit_search_threads() -> None:
+    """Before a search: OpenMP keeps its thread count per calling thread, and a request
+    thread starts with the default (every core), whatever the thread that loaded set."""
+    if _search_threads is not None:
+        faiss.omp_set_num_threads(_search_threads)
+
+
 def default_lists(n_items: int) -> int:
     """IVF lists for a catalog of `n_items`: about 4 sqrt(n), a power of two."""
     return 1 << int(round(math.log2(4 * math.sqrt(max(n_items, 1)))))
@@ -331,6 +351,7 @@ class ItemIndex:
         """Top-k (scores, uint64 ids) per query, only `allowed` items if given; rows padded
         with id 0 / -inf past what the index holds."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        limit_search_threads()
         with self._lock:
             k = max(1, min(k, len(self), GPU_MAX_K if self.device == "gpu" else k))
             if allowed is not None:

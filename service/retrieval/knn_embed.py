@@ -30,6 +30,7 @@ from service.retrieval.catalog import AllowedItems
 from service.retrieval.index import (
     MISSING_SCORE,
     add_with_progress,
+    limit_search_threads,
     search_preassigned,
     selector_of,
     training_sample,
@@ -130,6 +131,7 @@ class ItemClusters:
         params.nprobe = 1
         if allowed is not None:
             params.sel = selector_of(allowed)
+        limit_search_threads()
         with self._lock:
             scores, ids = search_preassigned(
                 self.index, queries, k, clusters, centroid_scores, params
