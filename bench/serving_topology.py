@@ -2,7 +2,8 @@
 ranking tiers over gRPC), against the raw compute one request needs, all in one run.
 
     python bench/serving_topology.py [--quick] [--json PATH] [--items N]
-                                     [--concurrency C [C ...]] [--requests N] [--artifacts PATH]
+                                     [--concurrency C [C ...]] [--requests N] [--workers N]
+                                     [--artifacts PATH]
 
 A synthetic artifact (100k items; --quick: 20k) trained by `recsys train`, one Redis holding
 the embedding tables for both topologies (the local cache in front of it on, as deployed),
@@ -10,13 +11,15 @@ the online trainer off (no events are sent), the ranker on (RECSYS_RANKER=on: ev
 is ranked, whatever validation chose). Each topology runs as real processes on loopback;
 1, 4 and 16 client threads (--concurrency) send the same known users' requests (two_tower,
 k=10, 200 candidates ranked) over httpx, after a warm-up; the clients share the machine's
-CPUs with the servers. The embedded service runs twice: ranking batched across requests
-(RECSYS_RANK_BATCH_DELAY_MS, default 1) and not (0). Also reports each process's resident
-memory.
+CPUs with the servers. The embedded service runs three times: ranking batched across
+requests (RECSYS_RANK_BATCH_DELAY_MS, default 1), not batched (0), and as --workers forked
+workers (default: one per CPU). Also reports each tier's memory, workers included: RSS, PSS
+and USS, and what each worker past the first adds against one process.
 
 Raw compute is the same requests' work with no service around it, one request at a time in
-this process: one Redis MGET of the user's row and history rows, the user tower's forward
-on the decoded rows, one FAISS `Index.search` for 200 candidates, one ranker forward over
+this process (torch and FAISS in one thread, as the servers run them): one Redis MGET of
+the user's row and history rows, the user tower's forward on the decoded rows, one FAISS
+`Index.search` for 200 candidates, one ranker forward (the served copy and runtime) over
 the 200 candidates' prepared features. Reports throughput, p50/p99 and how many answers
 were degraded (a fallback answered); for one client, the mean time inside the server by
 stage (retrieve, rank) and outside them (HTTP, validation, answer building).
@@ -73,6 +76,10 @@ def train(root: Path, items: int) -> Path:
     return root
 
 
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 class Processes:
     def __init__(self, env: dict):
         self.env, self.running, self.by_tier = env, [], {}
@@ -92,25 +99,43 @@ class Processes:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"{tier} exited: {process.stderr.read().decode()[-2000:]}")
-            if grpc_status(int(ports["RECSYS_GRPC_PORT"])) == "SERVING":
+            if grpc_status(int(ports["RECSYS_GRPC_PORT"])) == "SERVING" and self.all_ready(
+                ports, int(extra.get("RECSYS_WORKERS", 1))
+            ):
                 return ports
             time.sleep(0.5)
         raise RuntimeError(f"{tier} not serving after 300 s")
 
-    def rss_mib(self) -> dict[str, float]:
-        """Resident memory of each running tier (Linux /proc)."""
+    @staticmethod
+    def all_ready(ports: dict, workers: int) -> bool:
+        """Every worker loaded (one answers health for the port as soon as it is)."""
+        if workers == 1:
+            return True
+        import httpx2
+
+        try:
+            text = httpx2.get(f"http://127.0.0.1:{ports['RECSYS_HTTP_PORT']}/metrics").text
+        except httpx2.TransportError:
+            return False
+        return f"recsys_ready {float(workers)}" in text
+
+    def memory_mib(self) -> dict[str, dict[str, float]]:
+        """Each running tier's memory, its workers included (Linux /proc): resident (RSS),
+        proportional (PSS: shared pages split among the processes mapping them) and unique
+        (USS: pages no other process maps), summed over the process tree."""
         sizes = {}
         for tier, process in self.by_tier.items():
-            status = Path(f"/proc/{process.pid}/status").read_text()
-            sizes[tier] = round(
-                int(
-                    next(
-                        line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")
-                    )
-                )
-                / 1024,
-                1,
-            )
+            tree = [process.pid, *children(process.pid)]
+            totals = {"rss": 0.0, "pss": 0.0, "uss": 0.0}
+            for pid in tree:
+                fields = {}
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+                    name, value = line.split(":", 1)
+                    fields[name] = int(value.split()[0]) / 1024
+                totals["rss"] += fields["Rss"]
+                totals["pss"] += fields["Pss"]
+                totals["uss"] += fields["Private_Clean"] + fields["Private_Dirty"]
+            sizes[tier] = {k: round(v, 1) for k, v in totals.items()} | {"processes": len(tree)}
         return sizes
 
     def stop(self) -> None:
@@ -269,7 +294,8 @@ def raw_compute(bundle: ModelBundle, redis_url: str, users: np.ndarray) -> dict:
     }
 
 
-MODES = ("embedded", "embedded_unbatched", "distributed")
+WORKERS_MODE = "embedded_workers"
+MODES = ("embedded", "embedded_unbatched", WORKERS_MODE, "distributed")
 
 
 def main() -> None:
@@ -279,6 +305,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int)
     parser.add_argument(
         "--concurrency", type=int, nargs="+", default=[1, 4, 16], help="client counts (1 first)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count(), help="workers of the workers run"
     )
     parser.add_argument(
         "--artifacts", type=Path, help="serve this artifact instead of training one"
@@ -313,6 +342,8 @@ def main() -> None:
             "concurrency": levels,
             "cpus": os.cpu_count(),
             "ranker_variant": bundle.ranker_variant,
+            "workers": args.workers,
+            "memory_mib": {},
         }
         processes = Processes(env)
         try:
@@ -323,6 +354,7 @@ def main() -> None:
             for mode, extra in (
                 ("embedded", {}),
                 ("embedded_unbatched", {"RECSYS_RANK_BATCH_DELAY_MS": "0"}),
+                (WORKERS_MODE, {"RECSYS_WORKERS": str(args.workers)}),
             ):
                 print(mode, flush=True)
                 ports = processes.start("all", **extra)
@@ -332,7 +364,7 @@ def main() -> None:
                     levels,
                     warmup,
                 )
-                results.setdefault("rss_mib", {}).update(processes.rss_mib())
+                results["memory_mib"][mode] = processes.memory_mib()["all"]
                 processes.stop()
             print("distributed", flush=True)
             retrieval, ranking = processes.start("retrieval"), processes.start("ranking")
@@ -347,22 +379,41 @@ def main() -> None:
                 levels,
                 warmup,
             )
-            results["rss_mib"].update(processes.rss_mib())
+            results["memory_mib"].update(processes.memory_mib())
         finally:
             processes.stop()
             redis.stop()
 
+    memory = results["memory_mib"]
+    results["rss_mib"] = {
+        tier: memory[mode]["rss"]
+        for tier, mode in (
+            ("all", "embedded"),
+            ("retrieval", "retrieval"),
+            ("ranking", "ranking"),
+            ("gateway", "gateway"),
+        )
+    }
     raw = results["raw_compute"]
     for mode in MODES:
         for level in results[mode].values():
             level["p50_over_raw"] = round(level["p50"] / raw["p50"], 2)
     top = f"c{levels[-1]}"
     # Saturation throughput against what the cores could do at the raw single-thread rate.
-    results["saturation_over_cores_x_raw"] = round(
-        results["embedded"][top]["throughput_rps"]
-        / (results["cpus"] * raw["throughput_rps_one_thread"]),
-        3,
-    )
+    results["saturation_over_cores_x_raw"] = {
+        mode: round(
+            results[mode][top]["throughput_rps"]
+            / (results["cpus"] * raw["throughput_rps_one_thread"]),
+            3,
+        )
+        for mode in ("embedded", WORKERS_MODE)
+    }
+    # What each worker past the first adds, against one embedded process, by PSS and USS.
+    one, several = results["memory_mib"]["embedded"], results["memory_mib"][WORKERS_MODE]
+    results["memory_per_extra_worker_over_one_process"] = {
+        kind: round((several[kind] - one[kind]) / max(args.workers - 1, 1) / one[kind], 3)
+        for kind in ("pss", "uss")
+    }
     results["distributed_over_embedded"] = {
         level: {
             metric: round(results["distributed"][level][key] / results["embedded"][level][key], 2)
@@ -396,13 +447,17 @@ def main() -> None:
                 f"{r['p99']} | {r['degraded']} | {r['p50_over_raw']} |"
             )
     print(f"raw parts p50 ms: {raw['parts_p50_ms']}")
-    print(f"resident memory after the run, MiB: {results['rss_mib']}")
+    print(f"memory after the run, MiB: {results['memory_mib']}")
+    print(
+        f"each extra worker adds, as a share of one process: "
+        f"{results['memory_per_extra_worker_over_one_process']}"
+    )
     for mode in MODES:
         print(
             f"{mode}, one client, mean inside the server (warm-up included), ms: "
             f"{results[mode]['c1']['server_mean_ms']}"
         )
-    print(f"embedded at {top} / (cpus x raw): {results['saturation_over_cores_x_raw']}")
+    print(f"throughput at {top} / (cpus x raw): {results['saturation_over_cores_x_raw']}")
     print(f"distributed / embedded: {results['distributed_over_embedded']}")
     print(f"batched / unbatched ranking (embedded): {results['batched_over_unbatched']}")
     if args.json:

@@ -3,6 +3,8 @@
 import contextlib
 import json
 import logging
+import os
+import shutil
 import tempfile
 from dataclasses import replace
 from enum import Enum
@@ -250,12 +252,30 @@ def serve(
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port.")] = None,
     grpc_port: Annotated[int | None, typer.Option(help="gRPC port; 0 turns gRPC off.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="all, gateway: serving processes on the same ports, forked after loading "
+            "(RECSYS_WORKERS; more than one needs RECSYS_REDIS_URL)."
+        ),
+    ] = None,
 ) -> None:
     """Serve every tier in one process (embedded, the default) or one tier of the distributed
     topology. Flags override RECSYS_* settings; a tier's --port serves its /metrics."""
-    overrides = {"artifacts": artifacts, "host": host, "http_port": port, "grpc_port": grpc_port}
+    overrides = {
+        "artifacts": artifacts,
+        "host": host,
+        "http_port": port,
+        "grpc_port": grpc_port,
+        "workers": workers,
+    }
     settings = _settings(**overrides)
     _setup_logging(settings.log_level)
+    if settings.workers > 1 and tier not in (Tier.all, Tier.gateway):
+        raise typer.BadParameter(
+            "--workers is for `serve all` and `serve gateway`; scale a tier with replicas",
+            param_hint="--workers",
+        )
     if tier in (Tier.retrieval, Tier.ranking, Tier.online_train):
         from service.api.tiers import serve_tier
 
@@ -269,6 +289,22 @@ def serve(
             "needs neither",
             param_hint="TIER",
         )
+    if settings.workers > 1:
+        # Before the metrics are imported: every worker writes its values there (a folder
+        # given in PROMETHEUS_MULTIPROC_DIR is emptied of an earlier run's files first).
+        given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        metrics = Path(given or tempfile.mkdtemp(prefix="recsys-metrics-"))
+        for stale in metrics.glob("*.db"):
+            stale.unlink()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
+        from service.api.workers import serve_workers
+
+        try:
+            code = serve_workers(settings, gateway=tier == Tier.gateway)
+        finally:
+            if not given:
+                shutil.rmtree(metrics, ignore_errors=True)
+        raise typer.Exit(code)
     import uvicorn
 
     if tier == Tier.gateway:
@@ -290,7 +326,9 @@ def online_train(
     """Learn from the event stream until SIGTERM: read it in a consumer group, update user
     and item vectors in the Redis table, announce new item vectors to the serving processes
     (the same as `recsys serve online-train`)."""
-    serve(Tier.online_train, artifacts=artifacts, host=None, port=None, grpc_port=None)
+    serve(
+        Tier.online_train, artifacts=artifacts, host=None, port=None, grpc_port=None, workers=None
+    )
 
 
 class Protocol(str, Enum):

@@ -1,6 +1,24 @@
-"""Prometheus metrics, all under the `recsys_` prefix, in base units, no ids as labels."""
+"""Prometheus metrics, all under the `recsys_` prefix, in base units, no ids as labels.
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+Several workers on one port (`recsys serve --workers N`) keep their values in files under
+PROMETHEUS_MULTIPROC_DIR, set before this module is imported, and each one's /metrics
+answers for all of them (`exposition`): counters and histograms summed, each gauge by its
+`multiprocess_mode` over the live workers. Info metrics are per process (every worker's
+are the same).
+"""
+
+import os
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+    multiprocess,
+)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -29,7 +47,11 @@ MODEL_INFO = Info(
     "The artifact version being served, its retrieval strategy and ranker: which copy serves "
     "(ranker_variant), its validation AUC and float32 bytes beside the ranker as trained's.",
 )
-READY = Gauge("recsys_ready", "1 when models and index are loaded.")
+READY = Gauge(
+    "recsys_ready",
+    "1 when models and index are loaded (several workers: how many have them loaded).",
+    multiprocess_mode="livesum",
+)
 
 SHED = Counter(
     "recsys_shed_requests_total",
@@ -62,6 +84,7 @@ ARTIFACT_MEMORY = Gauge(
     "recsys_artifact_memory_bytes",
     "Resident memory an artifact version added when it was loaded beside the served one.",
     ["version"],
+    multiprocess_mode="livesum",
 )
 RULES_APPLIED = Counter(
     "recsys_rules_applied_total",
@@ -72,6 +95,7 @@ TIER_BREAKER_OPEN = Gauge(
     "recsys_tier_breaker_open",
     "Gateway: 1 while the circuit breaker of a tier is open (its calls fail at once).",
     ["tier"],
+    multiprocess_mode="livemax",
 )
 
 EMBEDDING_LOOKUPS = Counter(
@@ -108,7 +132,9 @@ EVENTS_LOST = Counter(
     "Events trimmed from the event log before the trainer processed them.",
 )
 EVENTS_BACKLOG = Gauge(
-    "recsys_events_backlog", "Events appended and not yet acked by the online trainer."
+    "recsys_events_backlog",
+    "Events appended and not yet acked by the online trainer.",
+    multiprocess_mode="livemax",
 )
 ONLINE_UPDATE_DELAY = Histogram(
     "recsys_online_update_delay_seconds",
@@ -134,4 +160,18 @@ FRESHNESS = Gauge(
     "recsys_online_freshness_seconds",
     "Seconds since the last online update: trainer (vectors written) or index (items re-embedded here).",
     ["component"],
+    multiprocess_mode="livemax",
 )
+
+
+INFO_SAMPLES = ("recsys_model_info", "recsys_index_info")
+
+
+def exposition() -> bytes:
+    """What /metrics answers: this process's metrics, or with several workers every live
+    worker's (aggregated from PROMETHEUS_MULTIPROC_DIR) and this one's info metrics."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return generate_latest(REGISTRY)
+    workers = CollectorRegistry()
+    multiprocess.MultiProcessCollector(workers)
+    return generate_latest(workers) + generate_latest(REGISTRY.restricted_registry(INFO_SAMPLES))

@@ -22,6 +22,16 @@ class Settings(BaseSettings):
     http_port: Annotated[int, Field(ge=1, le=65535)] = 8000
     grpc_port: Annotated[int, Field(ge=0, le=65535, description="0 turns gRPC off.")] = 50051
     grpc_workers: Annotated[int, Field(ge=1, le=256)] = 8
+    workers: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=64,
+            description="Serving processes of `recsys serve all|gateway` on the same ports "
+            "(SO_REUSEPORT), forked after the artifact is loaded so they share its memory; more "
+            "than one needs RECSYS_REDIS_URL (the table, event log and catalog feed they share).",
+        ),
+    ] = 1
     max_body_bytes: Annotated[
         int,
         Field(
@@ -367,6 +377,11 @@ class Settings(BaseSettings):
         if self.inspector and self.admin_token is None:
             raise ValueError(
                 "RECSYS_INSPECTOR needs RECSYS_ADMIN_TOKEN: its calls show users' data"
+            )
+        if self.workers > 1 and self.redis_url is None:
+            raise ValueError(
+                "RECSYS_WORKERS > 1 needs RECSYS_REDIS_URL: the workers share the embedding "
+                "table, the event log and the catalog feed through it"
             )
         if self.served_log == "redis" and self.redis_url is None:
             raise ValueError("RECSYS_SERVED_LOG=redis needs RECSYS_REDIS_URL")

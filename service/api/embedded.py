@@ -3,6 +3,7 @@ in-process pipeline behind HTTP and gRPC, and the online-learning parts (event l
 sync, and the trainer when it runs in process). The retrieval tier loads the same parts."""
 
 import copy
+import functools
 import logging
 from pathlib import Path
 
@@ -29,18 +30,32 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def load_embedded(settings: Settings) -> Served:
-    """The artifact's models, index and tables, the in-process pipeline over them, online
-    learning beside them, and what the Admin calls act on."""
+def load_bundle(settings: Settings) -> ModelBundle:
+    """The artifact version the settings name, as the embedded service serves it."""
     torch.set_num_threads(settings.torch_threads)
     set_search_threads(settings.torch_threads)
-    params = SearchParams(nprobe=settings.index_nprobe, ef_search=settings.index_ef_search)
-    bundle = ModelBundle.load(
+    return ModelBundle.load(
         settings.artifacts,
-        index_params=params,
+        index_params=search_params(settings),
         index_device=settings.index_device,
         ranker_variant=settings.ranker_variant,
     )
+
+
+def search_params(settings: Settings) -> SearchParams:
+    return SearchParams(nprobe=settings.index_nprobe, ef_search=settings.index_ef_search)
+
+
+def load_embedded(settings: Settings, bundle: ModelBundle | None = None) -> Served:
+    """The artifact's models, index and tables (`bundle`: loaded already, by the process
+    the workers were forked from), the in-process pipeline over them, online learning
+    beside them, and what the Admin calls act on."""
+    if bundle is None:
+        bundle = load_bundle(settings)
+    else:  # thread counts are per process: the forked worker sets its own
+        torch.set_num_threads(settings.torch_threads)
+        set_search_threads(settings.torch_threads)
+    params = search_params(settings)
     log.info(
         "serving artifact %s (%d items, %d users), index %s (%s on %s), ranker %s "
         "(RECSYS_RANKER_VARIANT=%s; %s)",
@@ -165,8 +180,9 @@ def with_experiment(settings: Settings, pipeline: RecommendPipeline, params: Sea
     return ExperimentPipeline(Assignment(settings.experiment), pipeline, by_arm, owned)
 
 
-def build_app(settings: Settings) -> FastAPI:
-    """HTTP on the app, gRPC Recommender (and Admin, with a token) beside it."""
+def build_app(settings: Settings, bundle: ModelBundle | None = None) -> FastAPI:
+    """HTTP on the app, gRPC Recommender (and Admin, with a token) beside it; `bundle`: the
+    artifact loaded already (a worker forked after loading it), else loaded at startup."""
     if settings.remote_tiers:
         raise ValueError(
             "settings name remote tiers: that is a gateway (`service.api.gateway.build_app`)"
@@ -179,4 +195,4 @@ def build_app(settings: Settings) -> FastAPI:
     routers = [admin_router(token)] if token else []
     if settings.inspector:
         routers.append(inspector_router(token))
-    return http_app(settings, load_embedded, services, routers)
+    return http_app(settings, functools.partial(load_embedded, bundle=bundle), services, routers)

@@ -267,6 +267,8 @@ class GrpcServer:
                 # balancing over a headless Service finds the replicas added since.
                 ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
                 ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_MS),
+                # Workers of one box share the port (`recsys serve --workers`).
+                ("grpc.so_reuseport", 1),
             ],
         )
         self.names = []

@@ -8,10 +8,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from service.api.middleware import BodyLimit, InFlightLimit, RequestMetrics
+from service.metrics import exposition
 from service.online.streams import EventLog, EventLogUnavailable, accept_events
 from service.pipeline.experiments import count_events
 from service.pipeline.interface import Pipeline
@@ -142,7 +143,7 @@ def readyz(request: Request, response: Response) -> dict:
 
 @router.get("/metrics", tags=["health"], include_in_schema=False)
 def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def invalid_filter(request: Request, exc: InvalidFilter) -> JSONResponse:
