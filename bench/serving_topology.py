@@ -9,9 +9,11 @@ A synthetic artifact (100k items; --quick: 20k) trained by `recsys train`, one R
 the embedding tables for both topologies (the local cache in front of it on, as deployed),
 the online trainer off (no events are sent), the ranker on (RECSYS_RANKER=on: every request
 is ranked, whatever validation chose). Each topology runs as real processes on loopback;
-1, 4 and 16 client threads (--concurrency) send the same known users' requests (two_tower,
-k=10, 200 candidates ranked) over httpx, after a warm-up; the clients share the machine's
-CPUs with the servers. The embedded service runs three times: ranking batched across
+1, 4 and 16 clients (--concurrency) send the same known users' requests (two_tower, k=10,
+200 candidates ranked), after a warm-up: one client thread over httpx (its answers checked,
+degraded ones counted), more as wrk connections for 5 s (--quick) or 15 s each (--client
+httpx: Python client threads, which take a core of their own); the clients share the
+machine's CPUs with the servers. The embedded service runs three times: ranking batched across
 requests (RECSYS_RANK_BATCH_DELAY_MS, default 1), not batched (0), and as --workers forked
 workers (default: one per CPU). Also reports each tier's memory, workers included: RSS, PSS
 and USS, and what each worker past the first adds against one process.
@@ -21,13 +23,15 @@ this process (torch and FAISS in one thread, as the servers run them): one Redis
 the user's row and history rows, the user tower's forward on the decoded rows, one FAISS
 `Index.search` for 200 candidates, one ranker forward (the served copy and runtime) over
 the 200 candidates' prepared features. Reports throughput, p50/p99 and how many answers
-were degraded (a fallback answered); for one client, the mean time inside the server by
-stage (retrieve, rank) and outside them (HTTP, validation, answer building).
+were degraded (a fallback answered), the servers' CPU time over the wall time (cores
+used); for one client, the mean time inside the server by stage (retrieve, rank) and
+outside them (HTTP, validation, answer building).
 """
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -105,6 +109,16 @@ class Processes:
                 return ports
             time.sleep(0.5)
         raise RuntimeError(f"{tier} not serving after 300 s")
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of every running tier, workers included, so far."""
+        ticks = 0
+        for process in self.by_tier.values():
+            for pid in (process.pid, *children(process.pid)):
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                    ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     @staticmethod
     def all_ready(ports: dict, workers: int) -> bool:
@@ -232,14 +246,77 @@ def server_means_ms(before: dict, after: dict) -> dict[str, float]:
     return means
 
 
-def load_levels(url: str, users: np.ndarray, levels: list[int], warmup: int) -> dict:
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local users = {%s}
+local sent = 0
+request = function()
+  sent = sent + 1
+  return wrk.format(nil, nil, nil, '{"user_id": ' .. users[(sent %% #users) + 1] ..
+    ', "k": %d, "candidates": %d}')
+end
+"""
+
+
+def wrk_milliseconds(text: str) -> float:
+    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if text.endswith(unit):
+            return round(float(text[: -len(unit)]) * scale, 3)
+    raise ValueError(text)
+
+
+def drive_wrk(url: str, users: np.ndarray, concurrency: int, seconds: float) -> dict:
+    """`concurrency` connections from wrk (C, a thread per core): a load generator that
+    takes little of the CPUs the servers share with it. User ids are strings in the script:
+    Lua's numbers would round ids past 2**53."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(WRK_SCRIPT % (",".join(f'"{int(u)}"' for u in users), K, CANDIDATES))
+        script.flush()
+        threads = min(concurrency, os.cpu_count() or 1)
+        out = subprocess.run(
+            ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{seconds}s", "--latency"]
+            + ["-s", script.name, url],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    fields = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if parts[:1] in (["50%"], ["99%"]):
+            fields["p" + parts[0][:-1]] = wrk_milliseconds(parts[1])
+        elif line.startswith("Requests/sec:"):
+            fields["throughput_rps"] = float(parts[1])
+        elif "requests in" in line:
+            fields["requests"] = int(parts[0])
+        elif line.strip().startswith("Non-2xx"):
+            fields["failed"] = int(parts[-1])
+    return {"failed": 0, **fields, "degraded": None}
+
+
+def load_levels(
+    url: str,
+    users: np.ndarray,
+    levels: list[int],
+    warmup: int,
+    wrk_seconds: float | None,
+    cpu_seconds,
+) -> dict:
     """Each client count in turn: one client (latency without queueing), more (throughput);
     for the one-client run also the mean time inside the server and in each stage (the
-    gateway's stages are its calls to the tiers)."""
+    gateway's stages are its calls to the tiers). With `wrk_seconds`, wrk drives the levels
+    past one client (the Python client would take a core of its own from the servers).
+    `server_cores`: the servers' CPU time over the level's wall time (`cpu_seconds()`)."""
     results = {}
     for clients in levels:
-        before = latency_sums(url)
-        results[f"c{clients}"] = drive(url, users, clients, warmup)
+        before, cpu, started = latency_sums(url), cpu_seconds(), time.perf_counter()
+        if clients > 1 and wrk_seconds:
+            results[f"c{clients}"] = drive_wrk(url, users, clients, wrk_seconds)
+        else:
+            results[f"c{clients}"] = drive(url, users, clients, warmup)
+        results[f"c{clients}"]["server_cores"] = round(
+            (cpu_seconds() - cpu) / (time.perf_counter() - started), 2
+        )
         if clients == 1:
             results["c1"]["server_mean_ms"] = server_means_ms(before, latency_sums(url))
     return results
@@ -312,11 +389,18 @@ def main() -> None:
     parser.add_argument(
         "--artifacts", type=Path, help="serve this artifact instead of training one"
     )
+    parser.add_argument(
+        "--client",
+        choices=("wrk", "httpx"),
+        default="wrk" if shutil.which("wrk") else "httpx",
+        help="what drives the levels past one client (default: wrk where installed)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     items = args.items or (20_000 if args.quick else 100_000)
     n_requests = args.requests or (400 if args.quick else 3000)
     levels = sorted({1, *args.concurrency})
+    wrk_seconds = (5 if args.quick else 15) if args.client == "wrk" else None
     warmup = 50
     torch.set_num_threads(1)  # raw compute in one thread, as each server is configured
     set_search_threads(1)
@@ -343,6 +427,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "ranker_variant": bundle.ranker_variant,
             "workers": args.workers,
+            "client": args.client,
             "memory_mib": {},
         }
         processes = Processes(env)
@@ -363,6 +448,8 @@ def main() -> None:
                     users,
                     levels,
                     warmup,
+                    wrk_seconds,
+                    processes.cpu_seconds,
                 )
                 results["memory_mib"][mode] = processes.memory_mib()["all"]
                 processes.stop()
@@ -378,6 +465,8 @@ def main() -> None:
                 users,
                 levels,
                 warmup,
+                wrk_seconds,
+                processes.cpu_seconds,
             )
             results["memory_mib"].update(processes.memory_mib())
         finally:
@@ -434,17 +523,21 @@ def main() -> None:
         f"\n{results['items']:,} items, {results['cpus']} CPUs, client threads on the same "
         f"machine, ranker {results['ranker_variant']}"
     )
-    print("| path | clients | requests/s | p50 ms | p99 ms | degraded | p50 / raw p50 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| path | clients | requests/s | p50 ms | p99 ms | degraded | failed | server cores "
+        "| p50 / raw p50 |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(
         f"| raw compute (MGET + user tower + FAISS search + ranker forward) | 1 | "
-        f"{raw['throughput_rps_one_thread']} | {raw['p50']} | {raw['p99']} | - | 1.00 |"
+        f"{raw['throughput_rps_one_thread']} | {raw['p50']} | {raw['p99']} | - | - | 1 | 1.00 |"
     )
     for mode in MODES:
         for level, r in results[mode].items():
             print(
                 f"| {mode} /v1/recommend | {level[1:]} | {r['throughput_rps']} | {r['p50']} | "
-                f"{r['p99']} | {r['degraded']} | {r['p50_over_raw']} |"
+                f"{r['p99']} | {'-' if r['degraded'] is None else r['degraded']} | "
+                f"{r.get('failed', 0)} | {r['server_cores']} | {r['p50_over_raw']} |"
             )
     print(f"raw parts p50 ms: {raw['parts_p50_ms']}")
     print(f"memory after the run, MiB: {results['memory_mib']}")

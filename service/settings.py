@@ -54,8 +54,8 @@ class Settings(BaseSettings):
         Field(
             ge=1,
             le=64,
-            description="Intra-op threads per process, torch's and FAISS's (OpenMP): one "
-            "request's forward pass or search is too small to gain from more.",
+            description="Intra-op threads per process, torch's, numpy's BLAS and FAISS's "
+            "(OpenMP): one request's forward pass or search is too small to gain from more.",
         ),
     ] = 1
     default_candidates: Annotated[

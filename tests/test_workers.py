@@ -32,6 +32,13 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+def alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
 def recommend_counts(metrics_dir: Path) -> dict[int, float]:
     """/v1/recommend requests each process counted, from its multiprocess file."""
     counts = {}
@@ -80,10 +87,15 @@ def workers(tmp_path, artifact_root, redis_server):
     else:
         pytest.fail("the workers did not get ready")
     yield supervisor, url, grpc_port, tmp_path
+    pids = children(supervisor.pid) if supervisor.poll() is None else []
     if supervisor.poll() is None:
-        supervisor.kill()
+        supervisor.kill()  # outright: its workers must stop with it
         supervisor.wait(30)
     supervisor.stderr.close()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in pids), "workers outlived their supervisor"
 
 
 def test_every_worker_answers_on_the_shared_ports_and_metrics_count_them_all(workers, known_user):
@@ -140,10 +152,7 @@ def test_sigterm_drains_every_worker_and_the_supervisor_exits_cleanly(workers, k
         thread.join(15)
     assert codes and set(codes) <= {200, 503}  # answered or told to go elsewhere, never a 500
     assert codes.count(200) > 0
-    for pid in pids:
-        assert (
-            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
-        )
+    assert not any(alive(pid) for pid in pids)
 
 
 def test_more_than_one_worker_needs_redis_and_an_http_process(artifact_root):

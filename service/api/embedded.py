@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from fastapi import FastAPI
+from threadpoolctl import threadpool_limits
 
 from service.api.admin import AdminServicer, IndexAdmin, admin_router
 from service.api.grpc_server import RecommenderServicer
@@ -30,10 +31,19 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def limit_compute_threads(threads: int) -> None:
+    """Threads one request's arithmetic may use in a serving process: torch's intra-op
+    pool, numpy's BLAS (OpenBLAS's idle threads spin between calls, on the cores concurrent
+    requests need; docs/deployment.md has what that cost) and FAISS's OpenMP
+    (`set_search_threads`). Concurrent requests, and workers, use the other cores."""
+    torch.set_num_threads(threads)
+    threadpool_limits(threads, user_api="blas")
+    set_search_threads(threads)
+
+
 def load_bundle(settings: Settings) -> ModelBundle:
     """The artifact version the settings name, as the embedded service serves it."""
-    torch.set_num_threads(settings.torch_threads)
-    set_search_threads(settings.torch_threads)
+    limit_compute_threads(settings.torch_threads)
     return ModelBundle.load(
         settings.artifacts,
         index_params=search_params(settings),
@@ -53,8 +63,7 @@ def load_embedded(settings: Settings, bundle: ModelBundle | None = None) -> Serv
     if bundle is None:
         bundle = load_bundle(settings)
     else:  # thread counts are per process: the forked worker sets its own
-        torch.set_num_threads(settings.torch_threads)
-        set_search_threads(settings.torch_threads)
+        limit_compute_threads(settings.torch_threads)
     params = search_params(settings)
     log.info(
         "serving artifact %s (%d items, %d users), index %s (%s on %s), ranker %s "

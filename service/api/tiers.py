@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from service.api.admin import AdminServicer
-from service.api.embedded import load_embedded
+from service.api.embedded import limit_compute_threads, load_embedded
 from service.api.grpc_server import RankingServicer, RetrievalServicer
 from service.api.process import ServingProcess, run_until_stopped
 from service.api.served import Served
@@ -66,7 +66,7 @@ def load_retrieval(settings: Settings) -> Served:
 
 
 def load_ranking(settings: Settings) -> Served:
-    torch.set_num_threads(settings.torch_threads)
+    limit_compute_threads(settings.torch_threads)
     parts = RankingParts.load(settings.artifacts, settings.ranker_variant)
     ranking = RankingStage(parts, settings.rank_batch_delay_ms / 1000, settings.ranker_runtime)
     warm_up_ranking(ranking)

@@ -13,17 +13,20 @@ the first runs the in-process online trainer. Every worker's /metrics answers fo
 them (PROMETHEUS_MULTIPROC_DIR, `service.metrics.exposition`).
 
 SIGTERM or SIGINT to the supervisor goes to every worker as SIGTERM; each drains as a single
-process does, and the supervisor exits once they all have (0 when every one exited 0). A
+process does, and the supervisor exits once they all have (0 when every one exited 0); a
+supervisor killed outright takes its workers with it (SIGTERM on the parent's death). A
 worker that dies while serving is replaced by a new fork of the supervisor; one that dies
 within `STARTUP_SECONDS` of its start stops them all (a port in use, an artifact that does
 not load: another fork would fail alike).
 """
 
+import ctypes
 import gc
 import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 STARTUP_SECONDS = 10.0
 RESTART_DELAY_SECONDS = 1.0
 LISTEN_BACKLOG = 2048  # uvicorn's default
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
@@ -48,6 +52,15 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     sock.bind((host, port))
     sock.listen(LISTEN_BACKLOG)
     return sock
+
+
+def stop_with_parent() -> None:
+    """SIGTERM to this process when its parent dies (Linux's PR_SET_PDEATHSIG): a
+    supervisor killed outright (SIGKILL, out of memory) leaves no worker serving alone."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
 
 
 def serve_http(app: FastAPI, settings: Settings) -> int:
@@ -68,6 +81,7 @@ class Supervisor:
         self.stopping = False
 
     def _fork(self, index: int) -> None:
+        supervisor = os.getpid()
         pid = os.fork()
         if pid:
             self.pids[pid] = (index, time.monotonic())
@@ -76,6 +90,9 @@ class Supervisor:
         try:
             for signum in (signal.SIGTERM, signal.SIGINT):  # the worker's server sets its own
                 signal.signal(signum, signal.SIG_DFL)
+            stop_with_parent()
+            if os.getppid() != supervisor:  # it died before the line above took effect
+                os._exit(1)
             code = self.run(index)
         except BaseException:
             log.exception("worker %d failed", index)
