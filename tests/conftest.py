@@ -1,12 +1,16 @@
+import os
 from dataclasses import replace
 from pathlib import Path
 
+import faiss
 import pytest
+from threadpoolctl import threadpool_limits
 
 from service.artifacts import ranker_variant_serves
 from service.bundle import ModelBundle
 from service.data.synthetic import SyntheticConfig, generate
 from service.pipeline.in_process import RecommendPipeline
+from service.retrieval import index as index_module
 from service.testing.redis_servers import RedisClusterServers, RedisServer
 from service.training.artifact import TrainConfig, train_and_save
 
@@ -25,6 +29,17 @@ def tiny_train_config() -> TrainConfig:
         two_tower=replace(config.two_tower, epochs=3, batch_size=256),
         ranker=replace(config.ranker, epochs=2, batch_size=512),
     )
+
+
+@pytest.fixture(autouse=True)
+def training_threads():
+    """A serving app limits its process to one compute thread a request
+    (`limit_compute_threads`); this process trains in later tests, as no serving process
+    does: give training its cores back."""
+    yield
+    index_module._search_threads = None
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    threadpool_limits(os.cpu_count() or 1, user_api="blas")
 
 
 @pytest.fixture(scope="session")
