@@ -56,9 +56,9 @@ _search_threads: int | None = None  # `set_search_threads`: serving processes
 
 def set_search_threads(threads: int) -> None:
     """OpenMP threads of this process's FAISS searches from now on. A serving process
-    searches one query per request: spread over two threads, a 20k-item flat search took
-    2.2x as long as in one (bench/serving_topology.py's artifact), and the idle threads spin
-    on the cores that concurrent requests need. Training keeps FAISS's default (every core)."""
+    searches one query per request, too small to gain from more threads, and idle OpenMP
+    threads spin on the cores that concurrent requests need. Training keeps FAISS's default
+    (every core)."""
     global _search_threads
     _search_threads = threads
     faiss.omp_set_num_threads(threads)
